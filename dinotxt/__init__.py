@@ -1,0 +1,17 @@
+"""dinotxt: give language to frozen self-supervised vision encoders (dino.txt / LiT).
+
+``import dinotxt`` needs torch, timm and sentencepiece only; Lightning, faiss and the
+training stack load where they are used.
+"""
+from .config import ConfigError, list_models, model_config
+from .models import DinoTxt, FrozenBackbone, TextTower, VisionHead, create_model
+from .tokenizer import Tokenizer, train_tokenizer
+from .loss import ClipLoss, clip_loss
+from .zero_shot import load_templates, zero_shot_classifier
+from .checkpoint import load, save_checkpoint
+
+__version__ = "0.1.0"
+
+__all__ = ["ConfigError", "list_models", "model_config", "DinoTxt", "FrozenBackbone", "TextTower", "VisionHead",
+           "create_model", "Tokenizer", "train_tokenizer", "ClipLoss", "clip_loss", "load_templates",
+           "zero_shot_classifier", "load", "save_checkpoint"]

@@ -1,0 +1,267 @@
+"""Typed configuration for models and training runs.
+
+All defaults live here (model architecture) and in ``dinotxt/configs/defaults.yaml``
+(training). Registered architectures (``dinotxt/configs/models/*.yaml``) and recipes
+(``recipes/*.yaml``) are short diffs merged over them with OmegaConf, in the order
+defaults -> model registry entry -> recipe -> command line, as DINOv2 does.
+
+Unknown keys are rejected with a message that names the key and the closest valid
+one, so a typo (``optim.lrr=1e-3``) stops a run before it starts.
+"""
+from __future__ import annotations
+
+import difflib
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+from omegaconf import DictConfig, ListConfig, OmegaConf
+
+CONFIG_DIR = Path(__file__).parent / "configs"
+MODEL_CONFIG_DIR = CONFIG_DIR / "models"
+TRAIN_DEFAULTS = CONFIG_DIR / "defaults.yaml"
+
+
+class ConfigError(ValueError):
+    """A configuration the user wrote cannot be used; the message says what to fix."""
+
+
+# --------------------------------------------------------------------------- model
+
+
+@dataclass
+class BackboneConfig:
+    # timm model name (any ViT; e.g. vit_large_patch14_reg4_dinov2, vit_large_patch16_dinov3)
+    # or an import path "package.module:factory" returning a module that maps
+    # images (B,3,H,W) to tokens (B, 1+R+N, D) ordered [CLS, registers, patches].
+    name: str = "vit_large_patch14_reg4_dinov2"
+    # local weights file (.pth / .pt / .safetensors) in official or timm layout; None = random init
+    weights: Optional[str] = None
+    # training resolution; position embeddings are resized to it and any multiple of the patch works at inference
+    img_size: int = 224
+    # seed of the random init when no weights are given, so a random-weight model rebuilds identically on load
+    init_seed: int = 0
+    # extra constructor arguments for timm / the factory (e.g. depth=4 for tests)
+    kwargs: Dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class VisionHeadConfig:
+    num_blocks: int = 2  # trainable transformer blocks over the frozen tokens (0 allowed)
+    num_heads: Optional[int] = None  # default: backbone width // 64 (16 for ViT-L)
+    mlp_ratio: float = 4.0  # SwiGLU hidden = ceil64(int(width * mlp_ratio * 2/3))
+    drop_path: float = 0.3  # stochastic depth, linearly spread over the blocks
+    layer_scale_init: float = 1e-5
+    pooling: str = "mean"  # pooler for patch tokens: mean | max | gem
+    gem_p: float = 3.0  # GeM exponent
+    use_patch_tokens: bool = True  # False: CLS-only embedding (the LiT baseline)
+    final_norm: bool = True  # LayerNorm over all head tokens (dino.txt's ln_final)
+    attn_impl: str = "sdpa"  # sdpa (torch) | xformers
+
+
+@dataclass
+class TextConfig:
+    vocab_size: int = 49408  # set from the tokenizer when training with our own
+    context_length: int = 77
+    width: int = 1280
+    depth: int = 24
+    heads: int = 20
+    mlp_ratio: float = 4.0
+    output_dim: Optional[int] = None  # default: the image embedding width (2D, or D for CLS-only)
+    grad_checkpointing: bool = False
+
+
+@dataclass
+class ModelConfig:
+    arch: str = ""  # registry entry this config was built from (informational)
+    backbone: BackboneConfig = field(default_factory=BackboneConfig)
+    vision_head: VisionHeadConfig = field(default_factory=VisionHeadConfig)
+    text: TextConfig = field(default_factory=TextConfig)
+    init_logit_scale: float = math.log(1 / 0.07)
+    max_logit_scale: float = math.log(100.0)
+
+
+# ------------------------------------------------------------------------ training
+
+
+@dataclass
+class DataConfig:
+    # webdataset shards ("dir/{00000..00099}.tar", a directory, or a list) or a
+    # manifest (.csv / .parquet with columns image_path, caption)
+    train: Any = None
+    image_keys: List[str] = field(default_factory=lambda: ["jpg", "jpeg", "png", "webp"])
+    caption_key: str = "txt"  # caption file extension inside a shard
+    caption_json_field: str = "caption"  # fallback: field of key.json holding the caption
+    manifest_image_column: str = "image_path"
+    manifest_caption_column: str = "caption"
+    batch_size: int = 256  # per device
+    num_workers: int = 4
+    shuffle_buffer: int = 2000
+    crop_scale: List[float] = field(default_factory=lambda: [0.08, 1.0])
+    hflip: float = 0.5
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 7e-4
+    weight_decay: float = 1e-4
+    betas: List[float] = field(default_factory=lambda: [0.9, 0.99])
+    eps: float = 1e-8
+    warmup_steps: int = 2000
+    max_steps: int = 50000
+    min_lr_ratio: float = 0.0  # cosine decays to lr * min_lr_ratio
+    grad_clip: Optional[float] = None
+
+
+@dataclass
+class TokenizerConfig:
+    path: Optional[str] = None  # existing SentencePiece .model; None = train one on the captions
+    vocab_size: int = 32000
+    max_sentences: int = 1_000_000  # captions read to train the tokenizer
+
+
+@dataclass
+class TrainerConfig:
+    accelerator: str = "auto"
+    devices: Any = "auto"
+    num_nodes: int = 1
+    strategy: str = "auto"
+    precision: str = "auto"  # auto = bf16-mixed on GPU, 32-true on CPU
+    accumulate_grad_batches: int = 1
+    log_every_n_steps: int = 50
+    checkpoint_every_n_steps: int = 1000
+    val_every_n_steps: int = 1000
+    compile: bool = False
+    deterministic: bool = False
+
+
+@dataclass
+class EvalConfig:
+    zeroshot_dir: Optional[str] = None  # image folder (one sub-folder per class) validated during training
+    classnames: Optional[str] = None  # text file, one name per line (default: folder names)
+    templates: str = "imagenet"  # imagenet (80 OpenAI templates) | simple | path to a text file with {}
+    batch_size: int = 64
+
+
+@dataclass
+class TrainConfig:
+    name: Optional[str] = None  # run name; default: the recipe file's stem
+    output_dir: str = "runs"
+    seed: int = 0
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+# ---------------------------------------------------------------------- merging
+
+
+def _flat_keys(node: Any, prefix: str = "") -> List[str]:
+    keys = []
+    if isinstance(node, (DictConfig, dict)):
+        items = node.items() if isinstance(node, dict) else node.items_ex(resolve=False)
+        for k, v in items:
+            path = f"{prefix}{k}"
+            keys.append(path)
+            if isinstance(v, (DictConfig, dict)) and not path.endswith("kwargs"):
+                keys.extend(_flat_keys(v, path + "."))
+    return keys
+
+
+def check_keys(schema: Any, update: Any, source: str) -> None:
+    """Raise ConfigError naming the first key of ``update`` that ``schema`` lacks."""
+    valid = set(_flat_keys(schema))
+    for key in _flat_keys(update):
+        if key in valid or any(key.startswith(v + ".") for v in valid if v.endswith("kwargs")):
+            continue
+        close = difflib.get_close_matches(key, sorted(valid), n=1, cutoff=0.5)
+        hint = f"; did you mean '{close[0]}'?" if close else ""
+        raise ConfigError(f"unknown config key '{key}' in {source}{hint}")
+
+
+def _merge(base: DictConfig, update: Any, source: str) -> DictConfig:
+    check_keys(base, update, source)
+    try:
+        return OmegaConf.merge(base, update)
+    except Exception as e:  # type errors (e.g. lr=abc) from OmegaConf
+        msg = str(e).splitlines()[0]
+        raise ConfigError(f"invalid value in {source}: {msg}") from None
+
+
+def _read_yaml(path: Path) -> DictConfig:
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        cfg = OmegaConf.load(path)
+    except Exception as e:
+        raise ConfigError(f"cannot parse YAML {path}: {str(e).splitlines()[0]}") from None
+    return cfg if cfg is not None else OmegaConf.create({})
+
+
+def list_models() -> List[str]:
+    """Names of the registered model configs (files in dinotxt/configs/models)."""
+    return sorted(p.stem for p in MODEL_CONFIG_DIR.glob("*.yaml"))
+
+
+def model_config(arch: str, overrides: Any = None) -> DictConfig:
+    """ModelConfig of registry entry ``arch`` (a name or a YAML path), with optional overrides."""
+    path = Path(arch)
+    if not path.suffix:
+        path = MODEL_CONFIG_DIR / f"{arch}.yaml"
+        if not path.is_file():
+            close = difflib.get_close_matches(arch, list_models(), n=1, cutoff=0.4)
+            hint = f"; did you mean '{close[0]}'?" if close else f"; registered: {', '.join(list_models())}"
+            raise ConfigError(f"unknown model '{arch}'{hint}")
+    cfg = OmegaConf.structured(ModelConfig)
+    cfg = _merge(cfg, _read_yaml(path), str(path))
+    cfg.arch = path.stem
+    if overrides:
+        cfg = _merge(cfg, overrides, "model overrides")
+    return cfg
+
+
+def _parse_dotlist(overrides: List[str]) -> DictConfig:
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"command-line override '{item}' must look like key=value (e.g. optim.lr=3e-4)")
+    return OmegaConf.from_dotlist(list(overrides))
+
+
+def load_train_config(recipe: Optional[str] = None, overrides: Optional[List[str]] = None) -> DictConfig:
+    """Resolve defaults -> model registry entry -> recipe -> command-line overrides."""
+    cfg = OmegaConf.structured(TrainConfig)
+    cfg = _merge(cfg, _read_yaml(TRAIN_DEFAULTS), str(TRAIN_DEFAULTS))
+    recipe_cfg = _read_yaml(Path(recipe)) if recipe else OmegaConf.create({})
+    cli_cfg = _parse_dotlist(overrides or [])
+    # the architecture chosen last wins; its registry file is the base the recipe's model section edits
+    arch = OmegaConf.select(cli_cfg, "model.arch") or OmegaConf.select(recipe_cfg, "model.arch") or cfg.model.arch
+    if arch:
+        cfg.model = model_config(arch)
+    cfg = _merge(cfg, recipe_cfg, str(recipe) if recipe else "recipe")
+    cfg = _merge(cfg, cli_cfg, "command line")
+    if cfg.name is None:
+        cfg.name = Path(recipe).stem if recipe else "run"
+    return cfg
+
+
+def resolve_model_dims(cfg: DictConfig, embed_dim: int) -> None:
+    """Fill derived model fields (head heads, text output width) from the backbone width."""
+    if cfg.vision_head.num_heads is None:
+        cfg.vision_head.num_heads = max(1, embed_dim // 64)
+    if cfg.text.output_dim is None:
+        cfg.text.output_dim = embed_dim * (2 if cfg.vision_head.use_patch_tokens else 1)
+
+
+def to_yaml(cfg: Any) -> str:
+    return OmegaConf.to_yaml(cfg, resolve=True)
+
+
+__all__ = [
+    "BackboneConfig", "VisionHeadConfig", "TextConfig", "ModelConfig", "TrainConfig",
+    "ConfigError", "list_models", "model_config", "load_train_config", "check_keys",
+    "resolve_model_dims", "to_yaml", "ListConfig",
+]

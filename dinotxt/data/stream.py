@@ -1,0 +1,216 @@
+"""A deterministic, resumable stream of (image, caption) training pairs.
+
+Every (rank, dataloader worker) reads its own disjoint part of the data: shards are
+split across all ``world_size * num_workers`` readers (or, with fewer shards than
+readers, every reader scans all shards and keeps every n-th sample). Each pass over
+the data ("epoch") reshuffles the shard order with ``seed + epoch`` and mixes samples
+in a seeded shuffle buffer holding *undecoded* bytes, so the stream is a pure function
+of the seed. Decoding happens after the buffer; a sample that fails to decode (corrupt
+image, missing or empty caption) is skipped and counted by reason.
+
+Each yielded sample carries ``(reader id, position)``: the number of raw samples that
+reader has taken from its buffer. Resuming with those positions replays the stream up
+to them without decoding images, which continues the data exactly where it stopped.
+"""
+from __future__ import annotations
+
+import io
+import json
+import random
+from collections import Counter
+from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
+
+import torch
+from torch.utils.data import IterableDataset, get_worker_info
+
+from .sources import iter_tar_samples
+
+SKIP_REASONS = ("bad_image", "no_image", "no_caption", "corrupt_shard")
+
+
+def decode_image(data: bytes):
+    from PIL import Image
+
+    img = Image.open(io.BytesIO(data))
+    img.load()  # force full decode so truncated files fail here, not in the transform
+    return img.convert("RGB")
+
+
+class ImageTextStream(IterableDataset):
+    """Infinite stream of ``{"image", "text", "reader", "position", "skipped"}`` dicts.
+
+    Args:
+        shards: tar shard paths (img2dataset layout), or None with ``manifest``.
+        manifest: list of (image_path, caption) rows instead of shards.
+        transform: image transform (PIL -> tensor).
+        tokenizer: callable mapping a list of captions to (B, L) ids.
+        image_keys: extensions tried for the image, in order.
+        caption_key: extension of the caption member (``txt``).
+        caption_json_field: caption field inside ``key.json`` when there is no txt.
+        seed: base seed; the stream is a pure function of it.
+        shuffle_buffer: samples held for mixing (0 disables shuffling within shards).
+        rank, world_size: distributed position (defaults: torch.distributed, else 0/1).
+        start_positions: reader id -> raw samples already consumed (resume).
+    """
+
+    def __init__(self, shards: Optional[Sequence[str]] = None, manifest: Optional[List[Tuple[str, str]]] = None,
+                 transform: Callable = None, tokenizer: Callable = None,
+                 image_keys: Sequence[str] = ("jpg", "jpeg", "png", "webp"), caption_key: str = "txt",
+                 caption_json_field: str = "caption", seed: int = 0, shuffle_buffer: int = 2000,
+                 rank: Optional[int] = None, world_size: Optional[int] = None,
+                 start_positions: Optional[Dict[int, int]] = None):
+        super().__init__()
+        if (shards is None) == (manifest is None):
+            raise ValueError("give exactly one of shards or manifest")
+        self.shards = list(shards) if shards is not None else None
+        self.manifest = manifest
+        self.transform = transform
+        self.tokenizer = tokenizer
+        self.image_keys = [k.lower() for k in image_keys]
+        self.caption_key = caption_key
+        self.caption_json_field = caption_json_field
+        self.seed = seed
+        self.shuffle_buffer = shuffle_buffer
+        self.rank, self.world_size = rank, world_size
+        self.start_positions = dict(start_positions or {})
+
+    # ------------------------------------------------------------------ layout
+    def _reader(self) -> Tuple[int, int]:
+        rank, world = self.rank, self.world_size
+        if rank is None or world is None:
+            import torch.distributed as dist
+
+            ok = dist.is_available() and dist.is_initialized()
+            rank, world = (dist.get_rank(), dist.get_world_size()) if ok else (0, 1)
+        info = get_worker_info()
+        wid, nw = (info.id, info.num_workers) if info else (0, 1)
+        return rank * nw + wid, world * nw
+
+    def _raw_epoch(self, epoch: int, reader: int, readers: int, errors: Counter) -> Iterator[Dict]:
+        rng = random.Random(self.seed * 1_000_003 + epoch)
+        if self.manifest is not None:
+            order = list(range(len(self.manifest)))
+            rng.shuffle(order)
+            for i in order[reader::readers]:
+                path, caption = self.manifest[i]
+                yield {"__key__": path, "__path__": path, "__caption__": caption}
+            return
+        order = list(self.shards)
+        rng.shuffle(order)
+        if len(order) >= readers:
+            for shard in order[reader::readers]:
+                yield from iter_tar_samples(shard, errors)
+        else:  # fewer shards than readers: everyone scans, each keeps every n-th sample
+            n = 0
+            for shard in order:
+                for sample in iter_tar_samples(shard, errors):
+                    if n % readers == reader:
+                        yield sample
+                    n += 1
+
+    def raw_stream(self, reader: int, readers: int, errors: Counter) -> Iterator[Dict]:
+        """Undecoded samples of this reader, shuffled, epoch after epoch, forever."""
+        epoch = 0
+        while True:
+            rng = random.Random((self.seed * 7919 + reader) * 104729 + epoch)
+            buffer: List[Dict] = []
+            produced = 0
+            for sample in self._raw_epoch(epoch, reader, readers, errors):
+                produced += 1
+                if self.shuffle_buffer <= 1:
+                    yield sample
+                    continue
+                if len(buffer) < self.shuffle_buffer:
+                    buffer.append(sample)
+                    continue
+                j = rng.randrange(len(buffer))
+                buffer[j], sample = sample, buffer[j]
+                yield sample
+            rng.shuffle(buffer)
+            yield from buffer
+            if produced == 0:
+                raise RuntimeError(f"reader {reader}/{readers} got no samples from the data; check data.train")
+            epoch += 1
+
+    # ------------------------------------------------------------------ decoding
+    def _caption(self, sample: Dict, rng: random.Random) -> Optional[str]:
+        if "__caption__" in sample:
+            caption = sample["__caption__"]
+        elif self.caption_key in sample:
+            caption = sample[self.caption_key].decode("utf-8", errors="replace")
+        elif "json" in sample:
+            try:
+                caption = json.loads(sample["json"]).get(self.caption_json_field)
+            except (ValueError, AttributeError):
+                caption = None
+        else:
+            caption = None
+        if isinstance(caption, (list, tuple)):  # several captions: one at random per step
+            caption = rng.choice(caption) if caption else None
+        if isinstance(caption, str) and "\n" in caption.strip():
+            caption = rng.choice([c for c in caption.strip().splitlines() if c.strip()])
+        return caption.strip() if isinstance(caption, str) and caption.strip() else None
+
+    def _image(self, sample: Dict):
+        if "__path__" in sample:
+            with open(sample["__path__"], "rb") as f:
+                return decode_image(f.read())
+        for key in self.image_keys:
+            if key in sample:
+                return decode_image(sample[key])
+        return None
+
+    def decode(self, sample: Dict, rng: random.Random) -> Tuple[Optional[Dict], Optional[str]]:
+        """(decoded sample, None) or (None, skip reason)."""
+        caption = self._caption(sample, rng)
+        if caption is None:
+            return None, "no_caption"
+        try:
+            image = self._image(sample)
+        except Exception:  # PIL raises many types for broken files; all mean "skip it"
+            return None, "bad_image"
+        if image is None:
+            return None, "no_image"
+        out = {"image": self.transform(image) if self.transform else image, "caption": caption}
+        if self.tokenizer is not None:
+            out["text"] = self.tokenizer([caption])[0]
+        return out, None
+
+    def __iter__(self):
+        reader, readers = self._reader()
+        errors: Counter = Counter()
+        start = int(self.start_positions.get(reader, 0))
+        torch.manual_seed(self.seed * 9973 + reader + 1000 * start)  # augmentations of a resumed run stay seeded
+        rng = random.Random(self.seed * 31 + reader)
+        position = 0
+        reported: Counter = Counter()
+        for sample in self.raw_stream(reader, readers, errors):
+            position += 1
+            if position <= start:
+                continue
+            decoded, reason = self.decode(sample, rng)
+            if decoded is None:
+                errors[reason] += 1
+                if errors[reason] <= 3 or errors[reason] % 1000 == 0:
+                    print(f"[dinotxt] skipping sample {sample.get('__key__')!r}: {reason} "
+                          f"({errors[reason]} so far on reader {reader})", flush=True)
+                continue
+            delta = {k: errors[k] - reported[k] for k in SKIP_REASONS}
+            reported.update(delta)
+            decoded.update(reader=reader, position=position, skipped=delta)
+            yield decoded
+
+
+def collate_image_text(samples: List[Dict]) -> Dict:
+    """Stack a list of stream samples; skip counts are summed, reader positions kept as the max."""
+    batch = {
+        "image": torch.stack([s["image"] for s in samples]),
+        "caption": [s["caption"] for s in samples],
+        "skipped": {k: sum(s["skipped"].get(k, 0) for s in samples) for k in SKIP_REASONS},
+        "positions": {},
+    }
+    if "text" in samples[0]:
+        batch["text"] = torch.stack([s["text"] for s in samples])
+    for s in samples:
+        batch["positions"][s["reader"]] = max(batch["positions"].get(s["reader"], 0), s["position"])
+    return batch

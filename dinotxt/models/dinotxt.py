@@ -1,0 +1,123 @@
+"""The aligned model: frozen backbone + trainable vision head + text tower.
+
+``DinoTxt`` exposes the interface the CLIP ecosystem plugs into (open_clip's
+``encode_image`` / ``encode_text(normalize=...)`` / ``get_logits``), plus
+``encode_patches`` for dense prediction, which pairs the head patch tokens with the
+second half ``text[:, D:]`` of the text embedding (dino.txt, section 4 of METHOD.md).
+``forward`` is inference only; the loss lives in ``dinotxt.loss``.
+"""
+from __future__ import annotations
+
+import math
+from typing import Dict, Iterator, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .backbone import FrozenBackbone
+from .text_tower import TextTower
+from .vision_head import VisionHead
+
+
+class DinoTxt(nn.Module):
+    """Args:
+        backbone: the frozen encoder.
+        vision_head: trainable head over its tokens.
+        text: text tower whose output width equals ``vision_head.output_dim``.
+        init_logit_scale: initial log temperature (ln(1/0.07)).
+        max_logit_scale: upper clamp of the log temperature (ln 100).
+    """
+
+    def __init__(self, backbone: FrozenBackbone, vision_head: VisionHead, text: TextTower,
+                 init_logit_scale: float = math.log(1 / 0.07), max_logit_scale: float = math.log(100.0)):
+        super().__init__()
+        if text.output_dim != vision_head.output_dim:
+            raise ValueError(f"text output_dim {text.output_dim} != image embedding dim {vision_head.output_dim}")
+        self.backbone = backbone
+        self.visual = vision_head
+        self.text = text
+        self.logit_scale = nn.Parameter(torch.tensor(float(init_logit_scale)))
+        self.max_logit_scale = float(max_logit_scale)
+        self.config = None  # the resolved ModelConfig, set by the factory
+
+    @property
+    def embed_dim(self) -> int:
+        return self.visual.output_dim
+
+    @property
+    def patch_size(self) -> int:
+        return self.backbone.patch_size
+
+    # ------------------------------------------------------------------ encoders
+    def encode_image_tokens(self, tokens: torch.Tensor, normalize: bool = False) -> torch.Tensor:
+        """Image embedding from precomputed frozen tokens (the cached-feature path)."""
+        x = self.visual(tokens)
+        return F.normalize(x, dim=-1) if normalize else x
+
+    def encode_image(self, images: torch.Tensor, normalize: bool = False) -> torch.Tensor:
+        return self.encode_image_tokens(self.backbone(images), normalize)
+
+    def encode_text(self, ids: torch.Tensor, normalize: bool = False) -> torch.Tensor:
+        x = self.text(ids)
+        return F.normalize(x, dim=-1) if normalize else x
+
+    def encode_patches(self, images: torch.Tensor, normalize: bool = False) -> torch.Tensor:
+        """Dense head patch tokens (B, h, w, D), to be compared with ``dense_text(text)``."""
+        tokens = self.backbone(images)
+        _, patches = self.visual.forward_tokens(tokens)
+        h, w = images.shape[-2] // self.patch_size, images.shape[-1] // self.patch_size
+        patches = patches.reshape(patches.shape[0], h, w, -1)
+        return F.normalize(patches, dim=-1) if normalize else patches
+
+    def dense_text(self, text_features: torch.Tensor, normalize: bool = True) -> torch.Tensor:
+        """The half of the text embedding aligned with the patch tokens: ``text[:, D:]``."""
+        x = text_features[..., self.visual.dim:]
+        return F.normalize(x, dim=-1) if normalize else x
+
+    # ------------------------------------------------------------------ scoring
+    def clamp_logit_scale_(self) -> None:
+        """Keep the log temperature in [0, ln 100]; called after every optimizer step."""
+        with torch.no_grad():
+            self.logit_scale.clamp_(0.0, self.max_logit_scale)
+
+    def get_logits(self, images: torch.Tensor, ids: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        img = self.encode_image(images, normalize=True)
+        txt = self.encode_text(ids, normalize=True)
+        logits = self.logit_scale.exp() * img @ txt.t()
+        return logits, logits.t()
+
+    def forward(self, images: Optional[torch.Tensor] = None, ids: Optional[torch.Tensor] = None) -> Dict[str, torch.Tensor]:
+        out = {"logit_scale": self.logit_scale.exp()}
+        if images is not None:
+            out["image_features"] = self.encode_image(images, normalize=True)
+        if ids is not None:
+            out["text_features"] = self.encode_text(ids, normalize=True)
+        return out
+
+    # ------------------------------------------------------------------ weights
+    def trainable_state_dict(self) -> Dict[str, torch.Tensor]:
+        """Everything except the frozen backbone (what checkpoints hold)."""
+        return {k: v for k, v in self.state_dict().items() if not k.startswith("backbone.")}
+
+    def load_trainable_state_dict(self, state: Dict[str, torch.Tensor]) -> None:
+        own = self.trainable_state_dict()
+        missing = sorted(set(own) - set(state))
+        unexpected = sorted(set(state) - set(own))
+        wrong = sorted(k for k in set(own) & set(state) if own[k].shape != state[k].shape)
+        if missing or unexpected or wrong:
+            detail = []
+            if missing:
+                detail.append(f"missing {missing[:3]}")
+            if unexpected:
+                detail.append(f"unexpected {unexpected[:3]}")
+            if wrong:
+                detail.append(f"shape of {wrong[0]}: checkpoint {tuple(state[wrong[0]].shape)} vs model {tuple(own[wrong[0]].shape)}")
+            raise ValueError("checkpoint does not fit this model config: " + "; ".join(detail))
+        self.load_state_dict({**self.backbone_state(), **state}, strict=True)
+
+    def backbone_state(self) -> Dict[str, torch.Tensor]:
+        return {k: v for k, v in self.state_dict().items() if k.startswith("backbone.")}
+
+    def trainable_parameters(self) -> Iterator[Tuple[str, nn.Parameter]]:
+        return ((n, p) for n, p in self.named_parameters() if p.requires_grad)

@@ -1,0 +1,49 @@
+"""Build a ``DinoTxt`` from a registered architecture name or a ModelConfig."""
+from __future__ import annotations
+
+from typing import Any, Optional, Union
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+
+from ..config import model_config, resolve_model_dims
+from .backbone import FrozenBackbone
+from .dinotxt import DinoTxt
+from .text_tower import TextTower
+from .vision_head import VisionHead
+
+
+def create_model(arch: Union[str, DictConfig, dict], backbone_module: Optional[nn.Module] = None, **overrides: Any) -> DinoTxt:
+    """Create a model from a registry name (see ``list_models()``) or a config.
+
+    ``overrides`` are nested dicts merged over the config (e.g. ``text={"depth": 2}``).
+    ``backbone_module`` plugs in a user encoder instead of building one by name.
+    """
+    if isinstance(arch, str):
+        cfg = model_config(arch, overrides or None)
+    else:
+        cfg = model_config_from(arch)
+        if overrides:
+            cfg = OmegaConf.merge(cfg, overrides)
+    bcfg = cfg.backbone
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(bcfg.init_seed)  # a random-weight backbone is rebuilt identically on load
+        backbone = FrozenBackbone(bcfg.name, weights=bcfg.weights, img_size=bcfg.img_size, module=backbone_module,
+                                  **OmegaConf.to_container(bcfg.kwargs))
+    resolve_model_dims(cfg, backbone.embed_dim)
+    h = cfg.vision_head
+    head = VisionHead(backbone.embed_dim, backbone.num_prefix_tokens, h.num_blocks, h.num_heads, h.mlp_ratio,
+                      h.drop_path, h.layer_scale_init, h.pooling, h.gem_p, h.use_patch_tokens, h.final_norm, h.attn_impl)
+    t = cfg.text
+    text = TextTower(t.vocab_size, t.context_length, t.width, t.depth, t.heads, t.mlp_ratio, t.output_dim)
+    text.set_grad_checkpointing(t.grad_checkpointing)
+    model = DinoTxt(backbone, head, text, cfg.init_logit_scale, cfg.max_logit_scale)
+    model.config = cfg
+    return model
+
+
+def model_config_from(cfg: Union[DictConfig, dict]) -> DictConfig:
+    from ..config import ModelConfig, _merge
+
+    return _merge(OmegaConf.structured(ModelConfig), cfg, "model config")

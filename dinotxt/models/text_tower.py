@@ -1,0 +1,141 @@
+"""Text tower of dino.txt, trained from scratch (CLIP-style causal transformer).
+
+Causal pre-LN transformer with token + learned positional embeddings, exact-GELU MLP,
+no qkv bias, a final LayerNorm, then a bias-free linear projection applied to every
+token and pooled at the end-of-text token (the argmax of the token ids: EOT carries
+the largest id in both the CLIP BPE and dinotxt's SentencePiece tokenizer). Because
+attention is causal, padding after EOT cannot change the result.
+
+Module names follow the official release (``backbone.blocks.{i}.attention.qkv``,
+``backbone.ln_final``, ``head.linear_projection``) so its weights load 1:1.
+The first D output dims align with the image CLS half, the last D with the patch half.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .vision_head import attention
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, width: int, heads: int):
+        super().__init__()
+        if width % heads:
+            raise ValueError(f"text width {width} is not divisible by heads={heads}")
+        self.heads = heads
+        self.qkv = nn.Linear(width, 3 * width, bias=False)
+        self.proj = nn.Linear(width, width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, L, C = x.shape
+        qkv = self.qkv(x).reshape(B, L, 3, self.heads, C // self.heads).permute(2, 0, 3, 1, 4)
+        out = attention(qkv[0], qkv[1], qkv[2], "sdpa", causal=True)
+        return self.proj(out.transpose(1, 2).reshape(B, L, C))
+
+
+class FeedForward(nn.Module):
+    def __init__(self, width: int, hidden: int):
+        super().__init__()
+        self.fc1 = nn.Linear(width, hidden)
+        self.fc2 = nn.Linear(hidden, width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(F.gelu(self.fc1(x)))  # exact (erf) GELU
+
+
+class TextBlock(nn.Module):
+    def __init__(self, width: int, heads: int, mlp_ratio: float = 4.0):
+        super().__init__()
+        self.attention_norm = nn.LayerNorm(width, eps=1e-5)
+        self.attention = CausalSelfAttention(width, heads)
+        self.ffn_norm = nn.LayerNorm(width, eps=1e-5)
+        self.feed_forward = FeedForward(width, int(width * mlp_ratio))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attention(self.attention_norm(x))
+        return x + self.feed_forward(self.ffn_norm(x))
+
+
+class TextTransformer(nn.Module):
+    def __init__(self, vocab_size: int, context_length: int, width: int, depth: int, heads: int, mlp_ratio: float):
+        super().__init__()
+        self.context_length = context_length
+        self.token_embedding = nn.Embedding(vocab_size, width)
+        self.positional_embedding = nn.Parameter(torch.empty(context_length, width))
+        self.blocks = nn.ModuleList(TextBlock(width, heads, mlp_ratio) for _ in range(depth))
+        self.ln_final = nn.LayerNorm(width, eps=1e-5)
+        self.grad_checkpointing = False
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        L = ids.shape[1]
+        if L > self.context_length:
+            raise ValueError(f"text has {L} tokens; the context length is {self.context_length}")
+        x = self.token_embedding(ids) + self.positional_embedding[:L]
+        for block in self.blocks:
+            if self.grad_checkpointing and self.training:
+                x = torch.utils.checkpoint.checkpoint(block, x, use_reentrant=False)
+            else:
+                x = block(x)
+        return self.ln_final(x)
+
+
+class TextHead(nn.Module):
+    def __init__(self, width: int, output_dim: int):
+        super().__init__()
+        self.linear_projection = nn.Linear(width, output_dim, bias=False)
+
+    def forward(self, tokens: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        x = self.linear_projection(tokens)
+        return x[torch.arange(x.shape[0], device=x.device), ids.argmax(dim=-1)]
+
+
+class TextTower(nn.Module):
+    """Token ids (B, L) -> text embedding (B, output_dim).
+
+    Args:
+        vocab_size: tokenizer vocabulary size (ids must be < vocab_size; EOT is the largest id).
+        context_length: maximum number of tokens (positional embeddings).
+        width, depth, heads: transformer size (dino.txt: 1280, 24, 20).
+        mlp_ratio: MLP hidden width / width.
+        output_dim: embedding width, 2D to match ``concat(CLS, pooled patches)``.
+    """
+
+    def __init__(self, vocab_size: int = 49408, context_length: int = 77, width: int = 1280, depth: int = 24,
+                 heads: int = 20, mlp_ratio: float = 4.0, output_dim: int = 2048):
+        super().__init__()
+        self.vocab_size = vocab_size
+        self.context_length = context_length
+        self.output_dim = output_dim
+        self.backbone = TextTransformer(vocab_size, context_length, width, depth, heads, mlp_ratio)
+        self.head = TextHead(width, output_dim)
+        self.init_weights()
+
+    def init_weights(self) -> None:
+        bb = self.backbone
+        width, depth = bb.positional_embedding.shape[1], len(bb.blocks)
+        attn_std = width ** -0.5
+        proj_std = width ** -0.5 * (2 * depth) ** -0.5
+        fc_std = (2 * width) ** -0.5
+        nn.init.normal_(bb.token_embedding.weight, std=0.02)
+        nn.init.normal_(bb.positional_embedding, std=0.01)
+        for block in bb.blocks:
+            nn.init.normal_(block.attention.qkv.weight, std=attn_std)
+            nn.init.normal_(block.attention.proj.weight, std=proj_std)
+            nn.init.zeros_(block.attention.proj.bias)
+            nn.init.normal_(block.feed_forward.fc1.weight, std=fc_std)
+            nn.init.zeros_(block.feed_forward.fc1.bias)
+            nn.init.normal_(block.feed_forward.fc2.weight, std=proj_std)
+            nn.init.zeros_(block.feed_forward.fc2.bias)
+        nn.init.normal_(self.head.linear_projection.weight, std=attn_std)
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.backbone.grad_checkpointing = enable
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        if ids.numel() and int(ids.max()) >= self.vocab_size:
+            raise ValueError(
+                f"token id {int(ids.max())} >= text vocab_size {self.vocab_size}: the tokenizer does not match this model"
+            )
+        return self.head(self.backbone(ids), ids)

@@ -1,0 +1,207 @@
+"""Trainable vision head of dino.txt ("vision blocks" on top of the frozen backbone).
+
+Follows dino.txt (Jose et al., "DINOv2 Meets Text", CVPR 2025): N pre-LN transformer
+blocks at the backbone width over all frozen tokens ``[CLS, registers, patches]``
+(no qkv bias, SwiGLU FFN, LayerScale, stochastic depth), a final LayerNorm, then the
+image embedding ``concat(c', pool(f'))`` where ``c'`` is the head CLS token and
+``f'`` are the head patch tokens (registers dropped). With ``use_patch_tokens=False``
+and no blocks it is the LiT baseline (CLS only). Module names follow the official
+release (``block_list``, ``ln_final``, ``mlp.w1/w2/w3``) so its weights map 1:1.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def swiglu_hidden_dim(dim: int, mlp_ratio: float = 4.0, multiple: int = 64) -> int:
+    """int(dim * mlp_ratio * 2/3) rounded up to a multiple of 64 (2752 for dim 1024)."""
+    hidden = int(dim * mlp_ratio * 2 / 3)
+    return multiple * math.ceil(hidden / multiple)
+
+
+class DropPath(nn.Module):
+    """Stochastic depth per sample."""
+
+    def __init__(self, p: float = 0.0):
+        super().__init__()
+        self.p = p
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.p == 0.0 or not self.training:
+            return x
+        keep = 1.0 - self.p
+        mask = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(keep)
+        return x * mask / keep
+
+
+class LayerScale(nn.Module):
+    def __init__(self, dim: int, init_value: float = 1e-5):
+        super().__init__()
+        self.gamma = nn.Parameter(torch.full((dim,), init_value))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.gamma
+
+
+class SwiGLU(nn.Module):
+    """``w3(silu(w1 x) * w2 x)`` with biases (official key names w1, w2, w3)."""
+
+    def __init__(self, dim: int, hidden_dim: int):
+        super().__init__()
+        self.w1 = nn.Linear(dim, hidden_dim)
+        self.w2 = nn.Linear(dim, hidden_dim)
+        self.w3 = nn.Linear(hidden_dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w3(F.silu(self.w1(x)) * self.w2(x))
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, impl: str = "sdpa", causal: bool = False) -> torch.Tensor:
+    """Multi-head attention on (B, H, L, Dh) tensors; torch SDPA by default, xformers optional."""
+    if impl == "xformers":
+        try:
+            from xformers.ops import LowerTriangularMask, memory_efficient_attention
+        except ImportError:
+            raise ImportError("attn_impl=xformers needs the xformers extra: pip install 'dinotxt[xformers]'") from None
+        bias = LowerTriangularMask() if causal else None
+        out = memory_efficient_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_bias=bias)
+        return out.transpose(1, 2)
+    if impl != "sdpa":
+        raise ValueError(f"unknown attention implementation '{impl}' (use sdpa or xformers)")
+    return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention, qkv without bias, output projection with bias."""
+
+    def __init__(self, dim: int, num_heads: int, impl: str = "sdpa"):
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"head width {dim} is not divisible by num_heads={num_heads}")
+        self.num_heads = num_heads
+        self.impl = impl
+        self.qkv = nn.Linear(dim, 3 * dim, bias=False)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, L, C = x.shape
+        qkv = self.qkv(x).reshape(B, L, 3, self.num_heads, C // self.num_heads).permute(2, 0, 3, 1, 4)
+        out = attention(qkv[0], qkv[1], qkv[2], self.impl)
+        return self.proj(out.transpose(1, 2).reshape(B, L, C))
+
+
+class HeadBlock(nn.Module):
+    """Pre-LN block: x + ls1(attn(norm1 x)), x + ls2(mlp(norm2 x)), each with drop path.
+
+    Args:
+        dim: token width (the backbone's D).
+        num_heads: attention heads.
+        mlp_ratio: SwiGLU width ratio before the 2/3 factor.
+        drop_path: stochastic depth probability of this block.
+        layer_scale_init: initial LayerScale value on both branches.
+        attn_impl: ``sdpa`` or ``xformers``.
+    """
+
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, drop_path: float = 0.0,
+                 layer_scale_init: float = 1e-5, attn_impl: str = "sdpa"):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=1e-5)
+        self.attn = Attention(dim, num_heads, attn_impl)
+        self.ls1 = LayerScale(dim, layer_scale_init)
+        self.norm2 = nn.LayerNorm(dim, eps=1e-5)
+        self.mlp = SwiGLU(dim, swiglu_hidden_dim(dim, mlp_ratio))
+        self.ls2 = LayerScale(dim, layer_scale_init)
+        self.drop_path = DropPath(drop_path)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.drop_path(self.ls1(self.attn(self.norm1(x))))
+        return x + self.drop_path(self.ls2(self.mlp(self.norm2(x))))
+
+
+def pool_patches(patches: torch.Tensor, kind: str = "mean", p: float = 3.0) -> torch.Tensor:
+    """Pool (B, N, D) patch tokens to (B, D): mean | max | gem (generalised mean of clamped values)."""
+    if kind == "mean":
+        return patches.mean(dim=1)
+    if kind == "max":
+        return patches.amax(dim=1)
+    if kind == "gem":
+        return patches.clamp(min=1e-6).pow(p).mean(dim=1).pow(1.0 / p)
+    raise ValueError(f"unknown pooling '{kind}' (use mean, max or gem)")
+
+
+class VisionHead(nn.Module):
+    """Trainable head over frozen tokens, producing the image embedding and dense tokens.
+
+    Args:
+        dim: backbone width D.
+        num_prefix_tokens: 1 + number of registers in the input token sequence.
+        num_blocks: trainable blocks (dino.txt: 2; LiT: 0).
+        num_heads: attention heads (default D // 64).
+        mlp_ratio, drop_path, layer_scale_init, attn_impl: block settings (see HeadBlock);
+            ``drop_path`` is the rate of the last block, spread linearly from 0.
+        pooling: mean | max | gem pooling of head patch tokens.
+        gem_p: GeM exponent.
+        use_patch_tokens: embedding = concat(CLS, pooled patches) (2D) if True, else CLS (D).
+        final_norm: apply ``ln_final`` to all tokens after the blocks.
+    """
+
+    def __init__(self, dim: int, num_prefix_tokens: int = 1, num_blocks: int = 2, num_heads: Optional[int] = None,
+                 mlp_ratio: float = 4.0, drop_path: float = 0.3, layer_scale_init: float = 1e-5,
+                 pooling: str = "mean", gem_p: float = 3.0, use_patch_tokens: bool = True,
+                 final_norm: bool = True, attn_impl: str = "sdpa"):
+        super().__init__()
+        num_heads = num_heads or max(1, dim // 64)
+        if pooling not in ("mean", "max", "gem"):
+            raise ValueError(f"unknown pooling '{pooling}' (use mean, max or gem)")
+        self.dim = dim
+        self.num_prefix_tokens = num_prefix_tokens
+        self.pooling = pooling
+        self.gem_p = gem_p
+        self.use_patch_tokens = use_patch_tokens
+        rates = [drop_path * i / max(1, num_blocks - 1) for i in range(num_blocks)] if num_blocks > 1 else [drop_path] * num_blocks
+        self.block_list = nn.ModuleList(
+            HeadBlock(dim, num_heads, mlp_ratio, r, layer_scale_init, attn_impl) for r in rates
+        )
+        self.ln_final = nn.LayerNorm(dim, eps=1e-5) if final_norm else nn.Identity()
+        self.grad_checkpointing = False
+        self.apply(self._init_weights)
+
+    @property
+    def output_dim(self) -> int:
+        return self.dim * (2 if self.use_patch_tokens else 1)
+
+    @staticmethod
+    def _init_weights(m: nn.Module) -> None:
+        if isinstance(m, nn.Linear):
+            nn.init.trunc_normal_(m.weight, std=0.02)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.LayerNorm):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+
+    def forward_tokens(self, tokens: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Run the blocks; return (head CLS (B, D), head patch tokens (B, N, D))."""
+        x = tokens
+        for block in self.block_list:
+            if self.grad_checkpointing and self.training:
+                x = torch.utils.checkpoint.checkpoint(block, x, use_reentrant=False)
+            else:
+                x = block(x)
+        x = self.ln_final(x)
+        return x[:, 0], x[:, self.num_prefix_tokens:]
+
+    def embed(self, cls: torch.Tensor, patches: torch.Tensor) -> torch.Tensor:
+        if not self.use_patch_tokens:
+            return cls
+        return torch.cat([cls, pool_patches(patches, self.pooling, self.gem_p)], dim=-1)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Frozen tokens (B, 1+R+N, D) -> image embedding (B, 2D) or (B, D) for CLS-only."""
+        cls, patches = self.forward_tokens(tokens)
+        return self.embed(cls, patches)

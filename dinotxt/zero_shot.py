@@ -1,0 +1,76 @@
+"""Zero-shot classification (OpenAI CLIP protocol, METHOD.md section 4).
+
+Each class embedding is the average of the L2-normalised embeddings of the class name
+in every template, renormalised (on the full text embedding). ``half="patch"`` uses
+``text[:, D:]`` instead, the half aligned with patch tokens, for dense prediction.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable, List, Optional, Sequence, Union
+
+import torch
+import torch.nn.functional as F
+
+DATA_DIR = Path(__file__).parent / "assets"
+
+
+def load_templates(name_or_path: str = "imagenet") -> List[str]:
+    """``imagenet`` (the 80 OpenAI templates), ``simple`` ("a photo of a {}."), or a file with one template per line."""
+    if name_or_path == "simple":
+        return ["a photo of a {}."]
+    path = DATA_DIR / f"{name_or_path}_templates.txt" if name_or_path in ("imagenet",) else Path(name_or_path)
+    if not path.is_file():
+        raise FileNotFoundError(f"template set '{name_or_path}' not found: use imagenet, simple, or a text file path")
+    templates = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    bad = [t for t in templates if "{}" not in t]
+    if bad:
+        raise ValueError(f"template {bad[0]!r} in {path} has no '{{}}' placeholder for the class name")
+    return templates
+
+
+def load_classnames(path: Union[str, Path]) -> List[str]:
+    names = [line.strip() for line in Path(path).read_text().splitlines() if line.strip()]
+    if not names:
+        raise ValueError(f"class-name file {path} is empty")
+    return names
+
+
+@torch.no_grad()
+def zero_shot_classifier(model, tokenizer: Callable, classnames: Sequence[str], templates: Optional[Sequence[str]] = None,
+                         half: str = "full", batch_size: int = 256, device: Union[str, torch.device] = None) -> torch.Tensor:
+    """Class embeddings (num_classes, E), one column per class after ``.t()``.
+
+    Works with any model exposing ``encode_text`` (ours or an open_clip model).
+    """
+    if not classnames:
+        raise ValueError("zero-shot classifier needs at least one class name")
+    templates = list(templates) if templates is not None else load_templates("imagenet")
+    device = device or next(model.parameters()).device
+    weights = []
+    for name in classnames:
+        texts = [t.format(name) for t in templates]
+        feats = []
+        for i in range(0, len(texts), batch_size):
+            feats.append(model.encode_text(tokenizer(texts[i:i + batch_size]).to(device)).float())
+        feats = torch.cat(feats)
+        if half == "patch":
+            feats = model.dense_text(feats, normalize=False)
+        elif half != "full":
+            raise ValueError(f"half must be 'full' or 'patch', got {half!r}")
+        weights.append(F.normalize(F.normalize(feats, dim=-1).mean(0), dim=-1))
+    return torch.stack(weights)
+
+
+def accuracy(logits: torch.Tensor, targets: torch.Tensor, topk=(1, 5)) -> List[float]:
+    """Fraction of samples whose target is among the top-k logits, for each k."""
+    maxk = min(max(topk), logits.shape[1])
+    pred = logits.topk(maxk, dim=1).indices
+    hit = pred == targets[:, None]
+    return [hit[:, : min(k, maxk)].any(1).float().mean().item() for k in topk]
+
+
+def mean_per_class_recall(logits: torch.Tensor, targets: torch.Tensor, num_classes: int) -> float:
+    pred = logits.argmax(1)
+    recalls = [(pred[targets == c] == c).float().mean().item() for c in range(num_classes) if (targets == c).any()]
+    return float(sum(recalls) / max(1, len(recalls)))
