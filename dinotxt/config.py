@@ -145,6 +145,18 @@ class EvalConfig:
 
 
 @dataclass
+class WorldConfig:
+    # the procedural demo world (dinotxt.demo.world); used by the demo and debug recipes
+    generate: bool = False  # write it to ``root`` before training when it is not there yet
+    root: str = "runs/world"
+    num_train: int = 4096
+    num_eval: int = 480
+    image_size: int = 128
+    samples_per_shard: int = 512
+    seed: int = 0
+
+
+@dataclass
 class TrainConfig:
     name: Optional[str] = None  # run name; default: the recipe file's stem
     output_dir: str = "runs"
@@ -155,6 +167,7 @@ class TrainConfig:
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    world: WorldConfig = field(default_factory=WorldConfig)
 
 
 # ---------------------------------------------------------------------- merging
@@ -245,6 +258,10 @@ def load_train_config(recipe: Optional[str] = None, overrides: Optional[List[str
     cfg = _merge(cfg, cli_cfg, "command line")
     if cfg.name is None:
         cfg.name = Path(recipe).stem if recipe else "run"
+    try:
+        OmegaConf.resolve(cfg)  # ${...} interpolations become plain values, saved as such
+    except Exception as e:
+        raise ConfigError(f"cannot resolve config: {str(e).splitlines()[0]}") from None
     return cfg
 
 

@@ -1,0 +1,3 @@
+from .zeroshot import evaluate_zeroshot
+
+__all__ = ["evaluate_zeroshot"]

@@ -1,0 +1,44 @@
+"""Zero-shot classification on an image-folder dataset (one sub-folder per class)."""
+from __future__ import annotations
+
+from typing import Dict, List, Optional
+
+import torch
+from torch.utils.data import DataLoader
+
+from ..data.folder import ImageFolderDataset
+from ..zero_shot import accuracy, load_classnames, load_templates, mean_per_class_recall, zero_shot_classifier
+
+
+@torch.no_grad()
+def evaluate_zeroshot(model, transform, tokenizer, data_dir: str, classnames: Optional[List[str]] = None,
+                      templates: str = "imagenet", batch_size: int = 64, num_workers: int = 2,
+                      device: Optional[str] = None) -> Dict[str, float]:
+    """Top-1 / top-5 / mean per-class recall. Class names default to the folder names
+    (underscores read as spaces); ``classnames`` may be a list or a file path."""
+    dataset = ImageFolderDataset(data_dir, transform)
+    if classnames is None:
+        classnames = [c.replace("_", " ") for c in dataset.classes]
+    elif isinstance(classnames, str):
+        classnames = load_classnames(classnames)
+    if len(classnames) != len(dataset.classes):
+        raise ValueError(f"{len(classnames)} class names for {len(dataset.classes)} class folders in {data_dir}")
+    device = device or next(model.parameters()).device
+    template_list = load_templates(templates) if isinstance(templates, str) else list(templates)
+    classifier = zero_shot_classifier(model, tokenizer, classnames, template_list, device=device)
+    logits, targets = [], []
+    loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers)
+    for images, labels in loader:
+        feats = model.encode_image(images.to(device), normalize=True).float()
+        logits.append((feats @ classifier.t()).cpu())
+        targets.append(labels)
+    logits, targets = torch.cat(logits), torch.cat(targets)
+    top1, top5 = accuracy(logits, targets, (1, 5))
+    return {
+        "top1": top1,
+        "top5": top5,
+        "mean_per_class_recall": mean_per_class_recall(logits, targets, len(classnames)),
+        "chance_top1": 1.0 / len(classnames),
+        "num_images": len(dataset),
+        "num_classes": len(classnames),
+    }

@@ -1,0 +1,227 @@
+"""``dinotxt train``: turn a resolved recipe into a run folder.
+
+    runs/<name>/
+      config.yaml           resolved training config (written before training starts)
+      tokenizer.model       SentencePiece model (trained on the captions unless given)
+      checkpoints/last.ckpt Lightning checkpoint for --resume (trainable weights,
+                            optimizer, scheduler, step, data positions)
+      checkpoint/           dinotxt checkpoint for dinotxt.load (safetensors + config + tokenizer)
+      logs/                 TensorBoard and CSV logs
+      metrics.json          final numbers; loss_curve.png
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import Callback, TQDMProgressBar
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+from omegaconf import DictConfig, OmegaConf
+
+from ..checkpoint import save_checkpoint
+from ..config import ConfigError, TrainConfig, _merge, _parse_dotlist, load_train_config
+from ..data.sources import expand_shards, is_manifest, iter_tar_samples, read_manifest
+from ..data.stream import ImageTextStream
+from ..tokenizer import Tokenizer, atomic_write_bytes, train_tokenizer
+from .datamodule import ImageTextDataModule
+from .system import DinoTxtSystem
+
+
+class PeriodicCheckpoint(Callback):
+    """Every N steps and at the end: an atomic Lightning checkpoint for --resume, and a
+    dinotxt checkpoint folder for use, so a killed run always leaves a usable model."""
+
+    def __init__(self, run_dir: Path, every_n_steps: int, tokenizer: Tokenizer, cfg: DictConfig):
+        self.run_dir, self.every, self.tokenizer, self.cfg = run_dir, every_n_steps, tokenizer, cfg
+
+    def save(self, trainer: L.Trainer, module: DinoTxtSystem) -> None:
+        path = self.run_dir / "checkpoints" / "last.ckpt"
+        tmp = path.with_name(f".last.ckpt.tmp{os.getpid()}")
+        trainer.save_checkpoint(tmp)
+        if trainer.is_global_zero:
+            os.replace(tmp, path)
+            save_checkpoint(self.run_dir / "checkpoint", module.model, self.tokenizer, self.cfg)
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
+        if self.every > 0 and trainer.global_step % self.every == 0 and trainer.global_step < trainer.max_steps:
+            self.save(trainer, module)
+
+    def on_train_end(self, trainer, module) -> None:
+        self.save(trainer, module)
+
+
+def _captions_for_tokenizer(cfg: DictConfig, limit: int) -> List[str]:
+    d = cfg.data
+    if is_manifest(d.train):
+        return [c for _, c in read_manifest(d.train, d.manifest_image_column, d.manifest_caption_column)[:limit]]
+    stream = ImageTextStream(shards=expand_shards(d.train), caption_key=d.caption_key,
+                             caption_json_field=d.caption_json_field, shuffle_buffer=0, rank=0, world_size=1)
+    import random
+
+    rng, errors, captions = random.Random(0), {}, []
+    for shard in stream.shards:
+        for sample in iter_tar_samples(shard, errors):
+            caption = stream._caption(sample, rng)
+            if caption:
+                captions.append(caption)
+            if len(captions) >= limit:
+                return captions
+    return captions
+
+
+def prepare_tokenizer(cfg: DictConfig, run_dir: Path) -> Tokenizer:
+    path = run_dir / "tokenizer.model"
+    ctx = cfg.model.text.context_length
+    if path.is_file():
+        tok = Tokenizer(path, ctx)
+    elif cfg.tokenizer.path:
+        tok = Tokenizer(cfg.tokenizer.path, ctx)
+        tok.save(path)
+    else:
+        captions = _captions_for_tokenizer(cfg, cfg.tokenizer.max_sentences)
+        print(f"[dinotxt] training a SentencePiece tokenizer on {len(captions):,} captions "
+              f"(vocab_size {cfg.tokenizer.vocab_size})", flush=True)
+        tok = train_tokenizer(captions, cfg.tokenizer.vocab_size, ctx)
+        tok.save(path)
+    cfg.model.text.vocab_size = tok.vocab_size
+    return tok
+
+
+def plot_loss_curve(run_dir: Path) -> Optional[Path]:
+    import csv
+
+    steps, losses = [], []
+    for f in sorted((run_dir / "logs").glob("csv/*/metrics.csv")):
+        with open(f, newline="") as fh:
+            for row in csv.DictReader(fh):
+                if row.get("train/loss"):
+                    steps.append(int(row["step"]))
+                    losses.append(float(row["train/loss"]))
+    if not steps:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot(steps, losses, lw=1.2)
+    ax.set_xlabel("step")
+    ax.set_ylabel("contrastive loss")
+    ax.set_title(f"{run_dir.name}: training loss")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    out = run_dir / "loss_curve.png"
+    tmp = run_dir / ".loss_curve.tmp.png"
+    fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    os.replace(tmp, out)
+    return out
+
+
+def resolve_run(recipe: Optional[str], overrides: List[str], resume: bool) -> DictConfig:
+    cfg = load_train_config(recipe, overrides)
+    run_dir = Path(cfg.output_dir) / cfg.name
+    last = run_dir / "checkpoints" / "last.ckpt"
+    if resume:
+        if not last.is_file():
+            raise ConfigError(f"--resume: no checkpoint at {last}; start the run without --resume first")
+        saved = _merge(OmegaConf.structured(TrainConfig), OmegaConf.load(run_dir / "config.yaml"), str(run_dir / "config.yaml"))
+        # a resumed run keeps its saved config; only command-line overrides (e.g. a longer schedule) apply
+        cfg = _merge(saved, _parse_dotlist(overrides), "command line")
+    elif last.is_file():
+        raise ConfigError(
+            f"{run_dir} already holds a run; continue it with --resume, or pick a new folder with name=NEW_NAME"
+        )
+    return cfg
+
+
+def _quiet_expected_warnings() -> None:
+    import warnings
+
+    # the frozen backbone is in eval mode on purpose (FrozenBackbone pins it)
+    warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode.*")
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
+
+
+def run_training(recipe: Optional[str], overrides: List[str] = (), resume: bool = False) -> Dict:
+    _quiet_expected_warnings()
+    cfg = resolve_run(recipe, list(overrides), resume)
+    run_dir = Path(cfg.output_dir) / cfg.name
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if cfg.world.generate:
+        from ..demo.world import write_world
+
+        w = cfg.world
+        print(f"[dinotxt] writing the procedural demo world to {w.root} ({w.num_train} train / {w.num_eval} eval)", flush=True)
+        write_world(w.root, w.num_train, w.num_eval, w.image_size, w.samples_per_shard, w.seed)
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+    tokenizer = prepare_tokenizer(cfg, run_dir)
+    atomic_write_bytes(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True).encode())
+
+    classnames, templates = None, None
+    val_dir = cfg.eval.zeroshot_dir
+    if val_dir:
+        from ..data.folder import ImageFolderDataset
+        from ..zero_shot import load_classnames, load_templates
+
+        folder = ImageFolderDataset(val_dir)
+        classnames = load_classnames(cfg.eval.classnames) if cfg.eval.classnames else [c.replace("_", " ") for c in folder.classes]
+        templates = load_templates(cfg.eval.templates)
+    datamodule = ImageTextDataModule(cfg, tokenizer, val_dir if cfg.trainer.val_every_n_steps > 0 else None)
+    system = DinoTxtSystem(cfg, tokenizer, classnames, templates)
+    if cfg.trainer.compile:
+        system.model.text = torch.compile(system.model.text)
+        system.model.visual = torch.compile(system.model.visual)
+
+    t = cfg.trainer
+    precision = t.precision
+    if precision == "auto":
+        precision = "bf16-mixed" if torch.cuda.is_available() else "32-true"
+    val_every = t.val_every_n_steps if (val_dir and t.val_every_n_steps > 0) else None
+    launch = len(list((run_dir / "logs" / "csv").glob("*"))) if (run_dir / "logs" / "csv").exists() else 0
+    loggers = [
+        TensorBoardLogger(str(run_dir / "logs"), name="tensorboard", version=f"v{launch}"),
+        CSVLogger(str(run_dir / "logs"), name="csv", version=f"v{launch}"),
+    ]
+    trainer = L.Trainer(
+        accelerator=t.accelerator, devices=t.devices, num_nodes=t.num_nodes, strategy=t.strategy,
+        precision=precision, max_steps=cfg.optim.max_steps, max_epochs=-1,
+        accumulate_grad_batches=t.accumulate_grad_batches, gradient_clip_val=cfg.optim.grad_clip,
+        log_every_n_steps=t.log_every_n_steps, val_check_interval=val_every, check_val_every_n_epoch=None,
+        num_sanity_val_steps=0, limit_val_batches=1.0 if val_every else 0, logger=loggers,
+        callbacks=[TQDMProgressBar(refresh_rate=max(1, t.log_every_n_steps // 5)),
+                   PeriodicCheckpoint(run_dir, t.checkpoint_every_n_steps, tokenizer, cfg)],
+        enable_checkpointing=False, deterministic=t.deterministic, default_root_dir=str(run_dir),
+        enable_model_summary=False,
+    )
+    start = time.time()
+    last = run_dir / "checkpoints" / "last.ckpt"
+    trainer.fit(system, datamodule=datamodule, ckpt_path=str(last) if resume else None)
+    elapsed = time.time() - start
+
+    metrics: Dict = {
+        "steps": trainer.global_step,
+        "train_seconds": round(elapsed, 1),
+        "final_train_loss": float(trainer.callback_metrics.get("train/loss", float("nan"))),
+        "logit_scale": float(system.model.logit_scale.detach().exp()),
+        "skipped_samples": dict(system.skipped),
+    }
+    if val_dir and trainer.is_global_zero:
+        from ..evaluation.zeroshot import evaluate_zeroshot
+        from ..transforms import eval_transform
+
+        system.model.eval()
+        res = evaluate_zeroshot(system.model, eval_transform(cfg.model.backbone.img_size), tokenizer, val_dir,
+                                classnames, templates, cfg.eval.batch_size, num_workers=0)
+        metrics["zeroshot"] = res
+    if trainer.is_global_zero:
+        plot_loss_curve(run_dir)
+        atomic_write_bytes(run_dir / "metrics.json", json.dumps(metrics, indent=2).encode())
+    metrics["run_dir"] = str(run_dir)
+    return metrics
