@@ -111,8 +111,23 @@ def iter_tar_samples(path: str, errors: Dict[str, int]) -> Iterator[Dict[str, by
                     current = {}
                 current["__key__"] = key
                 current[ext.lower()] = data
+        problem = None if _has_end_marker(path) else "no end-of-archive marker"
     except (tarfile.TarError, OSError, EOFError) as e:
-        errors["corrupt_shard"] = errors.get("corrupt_shard", 0) + 1
-        print(f"[dinotxt] warning: shard {path} is corrupt or truncated ({e}); skipping the rest of it", flush=True)
+        problem = str(e)
+        current = {}  # the sample being read when the shard broke may be incomplete
     if current:
         yield current
+    if problem:
+        errors["corrupt_shard"] = errors.get("corrupt_shard", 0) + 1
+        print(f"[dinotxt] warning: shard {path} is corrupt or truncated ({problem}); "
+              "used the samples before the damage", flush=True)
+
+
+def _has_end_marker(path: str) -> bool:
+    """A complete tar ends with two zero blocks; a truncated copy usually does not."""
+    with open(path, "rb") as f:
+        f.seek(0, 2)
+        if f.tell() < 1024:
+            return False
+        f.seek(-1024, 2)
+        return f.read(1024) == bytes(1024)

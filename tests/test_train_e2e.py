@@ -1,0 +1,94 @@
+"""The real CLI, end to end on CPU, on a tiny procedural world (recipes/debug.yaml)."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import dinotxt
+
+ROOT = Path(__file__).parents[1]
+
+
+def cli(*args, cwd):
+    env = dict(os.environ, PYTHONWARNINGS="ignore")
+    return subprocess.run([sys.executable, "-m", "dinotxt.cli", *args], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def debug_run(tmp_path_factory):
+    work = tmp_path_factory.mktemp("e2e")
+    recipe = str(ROOT / "recipes" / "debug.yaml")
+    first = cli("train", recipe, "optim.max_steps=12", "trainer.checkpoint_every_n_steps=6", cwd=work)
+    assert first.returncode == 0, first.stderr[-3000:]
+    return work, recipe, first
+
+
+def test_train_writes_a_complete_run_folder(debug_run):
+    work, _, first = debug_run
+    run = work / "runs" / "debug"
+    for name in ["config.yaml", "tokenizer.model", "metrics.json", "loss_curve.png", "checkpoints/last.ckpt",
+                 "checkpoint/model.safetensors", "checkpoint/config.yaml", "checkpoint/tokenizer.model"]:
+        assert (run / name).is_file(), name
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["steps"] == 12 and 0 <= metrics["zeroshot"]["top1"] <= 1
+    assert list((run / "logs" / "tensorboard").rglob("events.out.tfevents*"))
+    # checkpoints hold only trainable weights
+    ckpt = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert not any(k.startswith("model.backbone.") for k in ckpt["state_dict"])
+    assert "positions" in str(ckpt.get("ImageTextDataModule", ckpt.keys()))
+    from safetensors.torch import load_file
+
+    assert not any(k.startswith("backbone.") for k in load_file(str(run / "checkpoint" / "model.safetensors")))
+
+
+def test_checkpoint_loads_and_classifies_and_backbone_unchanged(debug_run):
+    work, _, _ = debug_run
+    model, transform, tokenizer = dinotxt.load(work / "runs" / "debug" / "checkpoint")
+    fresh = dinotxt.create_model(model.config)  # same config, same init seed
+    for k, v in fresh.backbone_state().items():  # training + validation never touched the frozen backbone
+        assert torch.equal(v, model.backbone_state()[k]), k
+    names = ["red circle", "blue square", "green star"]
+    clf = dinotxt.zero_shot_classifier(model, tokenizer, names, ["a photo of a {}."])
+    from PIL import Image
+
+    img = transform(Image.new("RGB", (64, 64), (200, 20, 20)))[None]
+    probs = (100 * model.encode_image(img, normalize=True) @ clf.t()).softmax(-1)
+    assert probs.shape == (1, 3) and torch.allclose(probs.sum(), torch.tensor(1.0))
+
+
+def test_resume_continues_the_run(debug_run):
+    work, recipe, _ = debug_run
+    again = cli("train", recipe, cwd=work)
+    assert again.returncode == 2 and "--resume" in again.stderr
+    resumed = cli("train", recipe, "--resume", "optim.max_steps=16", cwd=work)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "Restored all states" in resumed.stdout + resumed.stderr
+    metrics = json.loads((work / "runs" / "debug" / "metrics.json").read_text())
+    assert metrics["steps"] == 16
+
+
+def test_eval_zeroshot_cli(debug_run):
+    work, _, _ = debug_run
+    out = cli("eval", "zeroshot", "--checkpoint", "runs/debug/checkpoint", "--data", "runs/debug_world/eval/classes",
+              "--templates", "simple", "--json", cwd=work)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "top-1" in out.stdout and "chance" in out.stdout
+    res = json.loads(out.stdout.strip().splitlines()[-1])
+    assert res["num_classes"] == 24 and res["num_images"] == 48
+
+
+@pytest.mark.parametrize("args, message", [
+    (["train", "RECIPE", "optim.lrr=1"], "did you mean 'optim.lr'"),
+    (["train", "RECIPE", "data.train=/nonexistent/{000..003}.tar", "world.generate=false", "name=x"], "shard not found"),
+    (["eval", "zeroshot", "--checkpoint", "/nonexistent", "--data", "."], "not a dinotxt checkpoint"),
+])
+def test_user_errors_are_one_line(debug_run, args, message):
+    work, recipe, _ = debug_run
+    out = cli(*[recipe if a == "RECIPE" else a for a in args], cwd=work)
+    assert out.returncode == 2
+    assert message in out.stderr and len(out.stderr.strip().splitlines()) == 1, out.stderr
