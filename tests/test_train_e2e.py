@@ -92,3 +92,13 @@ def test_user_errors_are_one_line(debug_run, args, message):
     out = cli(*[recipe if a == "RECIPE" else a for a in args], cwd=work)
     assert out.returncode == 2
     assert message in out.stderr and len(out.stderr.strip().splitlines()) == 1, out.stderr
+
+
+def test_tokenizer_train_cli(debug_run, tmp_path):
+    work, _, _ = debug_run
+    out = cli("tokenizer", "train", "--data", "runs/debug_world/train", "--out", str(tmp_path / "t.model"),
+              "--vocab-size", "128", "--context-length", "20", cwd=work)
+    assert out.returncode == 0, out.stderr[-2000:]
+    tok = dinotxt.Tokenizer(tmp_path / "t.model", context_length=20)
+    ids = tok(["a red circle"])
+    assert ids.shape == (1, 20) and ids.argmax(-1).item() == (ids[0] != 0).sum().item() - 1
