@@ -19,13 +19,32 @@ import torch.nn.functional as F
 from torch import nn
 
 
+class _AllGatherWithGrad(torch.autograd.Function):
+    """Concatenate equal-sized tensors of all ranks; the backward pass sums the incoming
+    gradients over ranks and hands each rank the slice of its own rows."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, x.contiguous())
+        return torch.cat(parts, 0)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad)
+        n = grad.shape[0] // dist.get_world_size()
+        rank = dist.get_rank()
+        return grad[rank * n:(rank + 1) * n]
+
+
 def gather_features(image_features: torch.Tensor, text_features: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-    """All-gather features from every rank, keeping the autograd graph (rank order)."""
+    """All-gather features from every rank, keeping the autograd graph (rank order).
+    Every rank must hold the same number of rows (the loaders drop nothing unevenly:
+    each rank yields full batches)."""
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return image_features, text_features
-    from torch.distributed.nn.functional import all_gather
-
-    return torch.cat(all_gather(image_features), 0), torch.cat(all_gather(text_features), 0)
+    return _AllGatherWithGrad.apply(image_features), _AllGatherWithGrad.apply(text_features)
 
 
 def clip_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit_scale: torch.Tensor,
