@@ -40,3 +40,10 @@ def test_shards_in_img2dataset_layout(tmp_path):
     assert seg.size == (32, 32)
     assert sum(1 for _ in (tmp_path / "w" / "classes").rglob("*.jpg")) == 10
     assert len(list((tmp_path / "w" / "classes").iterdir())) == len(class_names())
+
+
+def test_demo_attribute_accuracy_from_confusion():
+    from dinotxt.demo.run import attribute_accuracy
+
+    zs = {"classnames": ["red circle", "red star", "blue circle"], "confusion": [[2, 1, 0], [0, 1, 1], [1, 0, 2]]}
+    assert attribute_accuracy(zs) == {"color_top1": 0.75, "shape_top1": 0.75}

@@ -36,6 +36,29 @@ def decode_image(data: bytes):
     return img.convert("RGB")
 
 
+def extract_caption(sample: Dict, caption_key: str = "txt", json_field: str = "caption",
+                    rng: Optional[random.Random] = None) -> Optional[str]:
+    """The caption of a raw sample (``key.txt``, else ``key.json[json_field]``), or None if
+    missing or empty. Several captions (a JSON list, or lines of text) give one at random."""
+    rng = rng or random.Random(0)
+    if "__caption__" in sample:
+        caption = sample["__caption__"]
+    elif caption_key in sample:
+        caption = sample[caption_key].decode("utf-8", errors="replace")
+    elif "json" in sample:
+        try:
+            caption = json.loads(sample["json"]).get(json_field)
+        except (ValueError, AttributeError):
+            caption = None
+    else:
+        caption = None
+    if isinstance(caption, (list, tuple)):
+        caption = rng.choice(caption) if caption else None
+    if isinstance(caption, str) and "\n" in caption.strip():
+        caption = rng.choice([c for c in caption.strip().splitlines() if c.strip()])
+    return caption.strip() if isinstance(caption, str) and caption.strip() else None
+
+
 class ImageTextStream(IterableDataset):
     """Infinite stream of ``{"image", "text", "reader", "position", "skipped"}`` dicts.
 
@@ -133,24 +156,6 @@ class ImageTextStream(IterableDataset):
             epoch += 1
 
     # ------------------------------------------------------------------ decoding
-    def _caption(self, sample: Dict, rng: random.Random) -> Optional[str]:
-        if "__caption__" in sample:
-            caption = sample["__caption__"]
-        elif self.caption_key in sample:
-            caption = sample[self.caption_key].decode("utf-8", errors="replace")
-        elif "json" in sample:
-            try:
-                caption = json.loads(sample["json"]).get(self.caption_json_field)
-            except (ValueError, AttributeError):
-                caption = None
-        else:
-            caption = None
-        if isinstance(caption, (list, tuple)):  # several captions: one at random per step
-            caption = rng.choice(caption) if caption else None
-        if isinstance(caption, str) and "\n" in caption.strip():
-            caption = rng.choice([c for c in caption.strip().splitlines() if c.strip()])
-        return caption.strip() if isinstance(caption, str) and caption.strip() else None
-
     def _image(self, sample: Dict):
         if "__path__" in sample:
             with open(sample["__path__"], "rb") as f:
@@ -162,7 +167,7 @@ class ImageTextStream(IterableDataset):
 
     def decode(self, sample: Dict, rng: random.Random) -> Tuple[Optional[Dict], Optional[str]]:
         """(decoded sample, None) or (None, skip reason)."""
-        caption = self._caption(sample, rng)
+        caption = extract_caption(sample, self.caption_key, self.caption_json_field, rng)
         if caption is None:
             return None, "no_caption"
         try:

@@ -12,8 +12,6 @@ import time
 from pathlib import Path
 from typing import List
 
-import torch
-
 from ..config import ConfigError, load_train_config
 from ..tokenizer import atomic_write_bytes
 
@@ -39,26 +37,14 @@ def find_demo_recipe() -> Path:
     raise ConfigError("recipes/demo.yaml not found: run the demo from the dinotxt source tree")
 
 
-def _per_attribute_accuracy(run_dir: Path, eval_dir: Path, img_size: int) -> dict:
-    """Split zero-shot errors into colour and shape mistakes (colour is easy for a random backbone)."""
-    from ..checkpoint import load
-    from ..data.folder import ImageFolderDataset
-    from ..zero_shot import load_templates, zero_shot_classifier
-
-    model, transform, tokenizer = load(run_dir / "checkpoint")
-    ds = ImageFolderDataset(str(eval_dir), transform)
-    names = ds.classes
-    clf = zero_shot_classifier(model, tokenizer, names, load_templates("simple"))
-    loader = torch.utils.data.DataLoader(ds, batch_size=96)
-    preds, targets = [], []
-    with torch.no_grad():
-        for x, y in loader:
-            preds.append((model.encode_image(x, normalize=True) @ clf.t()).argmax(1))
-            targets.append(y)
-    p, t = torch.cat(preds).tolist(), torch.cat(targets).tolist()
-    color = sum(names[a].split()[0] == names[b].split()[0] for a, b in zip(p, t)) / len(t)
-    shape = sum(names[a].split()[1] == names[b].split()[1] for a, b in zip(p, t)) / len(t)
-    return {"color_top1": color, "shape_top1": shape}
+def attribute_accuracy(zeroshot: dict) -> dict:
+    """Split zero-shot top-1 into "colour right" and "shape right" from the confusion matrix
+    (class names are "<colour> <shape>")."""
+    names, conf = zeroshot["classnames"], zeroshot["confusion"]
+    total = sum(map(sum, conf))
+    same = lambda part: sum(conf[i][j] for i in range(len(names)) for j in range(len(names))  # noqa: E731
+                            if names[i].split()[part] == names[j].split()[part])
+    return {"color_top1": same(0) / total, "shape_top1": same(1) / total}
 
 
 def run_demo(overrides: List[str] = (), fresh: bool = False) -> dict:
@@ -83,7 +69,7 @@ def run_demo(overrides: List[str] = (), fresh: bool = False) -> dict:
     start = time.time()
     metrics = run_training(str(recipe), list(overrides), resume=resume)
     zs = metrics["zeroshot"]
-    attrs = _per_attribute_accuracy(run_dir, Path(cfg.eval.zeroshot_dir), cfg.model.backbone.img_size)
+    attrs = attribute_accuracy(zs)
     metrics["zeroshot"].update(attrs)
     total = time.time() - start
     chance = zs["chance_top1"]

@@ -14,7 +14,7 @@ from ..zero_shot import accuracy, load_classnames, load_templates, mean_per_clas
 def evaluate_zeroshot(model, transform, tokenizer, data_dir: str, classnames: Optional[List[str]] = None,
                       templates: str = "imagenet", batch_size: int = 64, num_workers: int = 2,
                       device: Optional[str] = None) -> Dict[str, float]:
-    """Top-1 / top-5 / mean per-class recall. Class names default to the folder names
+    """Top-1 / top-5 / mean per-class recall and the confusion matrix. Class names default to the folder names
     (underscores read as spaces); ``classnames`` may be a list or a file path."""
     dataset = ImageFolderDataset(data_dir, transform)
     if classnames is None:
@@ -34,6 +34,8 @@ def evaluate_zeroshot(model, transform, tokenizer, data_dir: str, classnames: Op
         targets.append(labels)
     logits, targets = torch.cat(logits), torch.cat(targets)
     top1, top5 = accuracy(logits, targets, (1, 5))
+    confusion = torch.zeros(len(classnames), len(classnames), dtype=torch.long)
+    confusion.index_put_((targets, logits.argmax(1)), torch.ones_like(targets), accumulate=True)
     return {
         "top1": top1,
         "top5": top5,
@@ -41,4 +43,6 @@ def evaluate_zeroshot(model, transform, tokenizer, data_dir: str, classnames: Op
         "chance_top1": 1.0 / len(classnames),
         "num_images": len(dataset),
         "num_classes": len(classnames),
+        "classnames": list(classnames),
+        "confusion": confusion.tolist(),  # rows: true class, columns: predicted class
     }

@@ -26,7 +26,7 @@ from omegaconf import DictConfig, OmegaConf
 from ..checkpoint import save_checkpoint
 from ..config import ConfigError, TrainConfig, _merge, _parse_dotlist, load_train_config
 from ..data.sources import expand_shards, is_manifest, iter_tar_samples, read_manifest
-from ..data.stream import ImageTextStream
+from ..data.stream import extract_caption
 from ..tokenizer import Tokenizer, atomic_write_bytes, train_tokenizer
 from .datamodule import ImageTextDataModule
 from .system import DinoTxtSystem
@@ -56,17 +56,15 @@ class PeriodicCheckpoint(Callback):
 
 
 def _captions_for_tokenizer(cfg: DictConfig, limit: int) -> List[str]:
+    """Up to ``limit`` captions of the training data, read in order (no images decoded)."""
     d = cfg.data
     if is_manifest(d.train):
-        return [c for _, c in read_manifest(d.train, d.manifest_image_column, d.manifest_caption_column)[:limit]]
-    stream = ImageTextStream(shards=expand_shards(d.train), caption_key=d.caption_key,
-                             caption_json_field=d.caption_json_field, shuffle_buffer=0, rank=0, world_size=1)
-    import random
-
-    rng, errors, captions = random.Random(0), {}, []
-    for shard in stream.shards:
+        return [c for _, c in read_manifest(d.train, d.manifest_image_column, d.manifest_caption_column)[:limit] if c]
+    errors: Dict[str, int] = {}
+    captions: List[str] = []
+    for shard in expand_shards(d.train):
         for sample in iter_tar_samples(shard, errors):
-            caption = stream._caption(sample, rng)
+            caption = extract_caption(sample, d.caption_key, d.caption_json_field)
             if caption:
                 captions.append(caption)
             if len(captions) >= limit:
