@@ -90,7 +90,7 @@ def prepare_tokenizer(cfg: DictConfig, run_dir: Path) -> Tokenizer:
     return tok
 
 
-def plot_loss_curve(run_dir: Path) -> Optional[Path]:
+def plot_loss_curve(run_dir: Path, batch_size: Optional[int] = None) -> Optional[Path]:
     import csv
 
     steps, losses = [], []
@@ -108,7 +108,12 @@ def plot_loss_curve(run_dir: Path) -> Optional[Path]:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 4))
-    ax.plot(steps, losses, lw=1.2)
+    ax.plot(steps, losses, lw=1.2, label="training loss")
+    if batch_size:  # an untrained model scores every pair alike: loss = ln(global batch)
+        import math
+
+        ax.axhline(math.log(batch_size), ls="--", color="gray", lw=1, label=f"chance: ln {batch_size}")
+        ax.legend()
     ax.set_xlabel("step")
     ax.set_ylabel("contrastive loss")
     ax.set_title(f"{run_dir.name}: training loss")
@@ -219,7 +224,7 @@ def run_training(recipe: Optional[str], overrides: List[str] = (), resume: bool 
                                 classnames, templates, cfg.eval.batch_size, num_workers=0)
         metrics["zeroshot"] = res
     if trainer.is_global_zero:
-        plot_loss_curve(run_dir)
+        plot_loss_curve(run_dir, cfg.data.batch_size * trainer.world_size)  # the contrastive batch
         atomic_write_bytes(run_dir / "metrics.json", json.dumps(metrics, indent=2).encode())
     metrics["run_dir"] = str(run_dir)
     return metrics
