@@ -11,14 +11,14 @@ leaves a half-written checkpoint. Loading never unpickles objects.
 """
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Optional, Tuple, Union
 
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from .tokenizer import Tokenizer, atomic_write_bytes
+from .fileio import atomic_output, atomic_write_bytes
+from .tokenizer import Tokenizer
 
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.yaml"
@@ -31,9 +31,8 @@ def save_checkpoint(directory: Union[str, Path], model, tokenizer: Tokenizer, tr
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in model.trainable_state_dict().items()}
-    tmp = directory / f".{WEIGHTS_NAME}.tmp{os.getpid()}"
-    save_file(state, str(tmp), metadata={"format": "dinotxt", "arch": str(model.config.arch)})
-    os.replace(tmp, directory / WEIGHTS_NAME)
+    with atomic_output(directory / WEIGHTS_NAME) as tmp:
+        save_file(state, str(tmp), metadata={"format": "dinotxt", "arch": str(model.config.arch)})
     cfg = OmegaConf.create({"model": model.config})
     if train_config is not None:
         cfg["train"] = train_config

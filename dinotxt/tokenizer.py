@@ -16,6 +16,8 @@ from typing import Iterable, List, Sequence, Union
 
 import torch
 
+from .fileio import atomic_write_bytes
+
 
 class Tokenizer:
     """Wraps a SentencePiece model. ``tokenizer(texts) -> LongTensor (B, context_length)``."""
@@ -61,14 +63,6 @@ class Tokenizer:
 
     def save(self, path: Union[str, Path]) -> None:
         atomic_write_bytes(Path(path), self.model_bytes)
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write via a temporary file and rename, so readers never see half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
 
 
 def train_tokenizer(captions: Iterable[str], vocab_size: int = 32000, context_length: int = 77,

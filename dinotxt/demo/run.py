@@ -13,12 +13,12 @@ from pathlib import Path
 from typing import List
 
 from ..config import ConfigError, load_train_config
-from ..tokenizer import atomic_write_bytes
+from ..fileio import atomic_write_bytes
 
 BANNER = """\
 dinotxt demo: align a text tower to a frozen vision encoder, end to end, on CPU.
 
-  The frozen backbone is a DINOv2-architecture ViT-S/14 (4 registers, cut to 6 blocks at
+  The frozen backbone is a DINOv2-architecture ViT-S/14 (4 registers, cut to 4 blocks at
   112 px) with RANDOM weights: no pretrained weights can be downloaded on this machine.
   Everything else is the real pipeline (webdataset shards, SentencePiece tokenizer,
   trainable vision block + text tower, global-batch InfoNCE, zero-shot evaluation).

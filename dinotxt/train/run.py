@@ -27,7 +27,8 @@ from ..checkpoint import save_checkpoint
 from ..config import ConfigError, TrainConfig, _merge, _parse_dotlist, load_train_config
 from ..data.sources import expand_shards, is_manifest, iter_tar_samples, read_manifest
 from ..data.stream import extract_caption
-from ..tokenizer import Tokenizer, atomic_write_bytes, train_tokenizer
+from ..fileio import atomic_write_bytes
+from ..tokenizer import Tokenizer, train_tokenizer
 from .datamodule import ImageTextDataModule
 from .system import DinoTxtSystem
 
