@@ -58,6 +58,7 @@ class VisionHeadConfig:
     use_patch_tokens: bool = True  # False: CLS-only embedding (the LiT baseline)
     final_norm: bool = True  # LayerNorm over all head tokens (dino.txt's ln_final)
     attn_impl: str = "sdpa"  # sdpa (torch) | xformers
+    grad_checkpointing: bool = False  # recompute head blocks in the backward pass (activation memory for compute)
 
 
 @dataclass
@@ -126,14 +127,19 @@ class TrainerConfig:
     accelerator: str = "auto"
     devices: Any = "auto"
     num_nodes: int = 1
+    # auto | ddp | fsdp | any Lightning strategy name; fsdp shards the text tower, the head blocks
+    # and the frozen backbone's blocks across GPUs, one FSDP unit per block (dinotxt/train/strategy.py)
     strategy: str = "auto"
     precision: str = "auto"  # auto = bf16-mixed on GPU, 32-true on CPU
     accumulate_grad_batches: int = 1
     log_every_n_steps: int = 50
     checkpoint_every_n_steps: int = 1000
     val_every_n_steps: int = 1000
-    compile: bool = False
+    compile: bool = False  # torch.compile the text tower and the vision head
     deterministic: bool = False
+    # run the frozen backbone under bf16 autocast even when the rest trains in fp32 (CPUs with
+    # AMX / avx512_bf16, or GPUs): much faster, NOT bit-exact (tokens differ by ~1e-2 relative)
+    backbone_autocast: Optional[str] = None  # None | bfloat16
 
 
 @dataclass
@@ -157,6 +163,19 @@ class WorldConfig:
 
 
 @dataclass
+class CacheConfig:
+    # feature cache (dinotxt/cache.py): `dinotxt cache RECIPE` writes it; training reads it
+    # instead of running the frozen backbone when `path` is set
+    path: Optional[str] = None  # cache folder; None = run the frozen backbone online every step
+    views: int = 1  # augmented views stored per image; each step draws one of them
+    augment: bool = True  # views are training crops (data.crop_scale, data.hflip); False: one eval crop
+    tokens: str = "all"  # all = every output token [CLS, regs, patches]; pooled = [CLS, pooled patches] (LiT: 0 head blocks)
+    dtype: str = "float16"  # storage precision: float16 | bfloat16
+    batch_size: int = 64  # images per backbone forward while writing
+    samples_per_shard: int = 10000  # rows per cache shard for manifests (tar shards map 1:1)
+
+
+@dataclass
 class TrainConfig:
     name: Optional[str] = None  # run name; default: the recipe file's stem
     output_dir: str = "runs"
@@ -168,6 +187,7 @@ class TrainConfig:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     world: WorldConfig = field(default_factory=WorldConfig)
+    cache: CacheConfig = field(default_factory=CacheConfig)
 
 
 # ---------------------------------------------------------------------- merging

@@ -11,6 +11,9 @@ image, missing or empty caption) is skipped and counted by reason.
 Each yielded sample carries ``(reader id, position)``: the number of raw samples that
 reader has taken from its buffer. Resuming with those positions replays the stream up
 to them without decoding images, which continues the data exactly where it stopped.
+Every random draw made for a sample (its crop, flip and caption) comes from a seed that
+is a pure function of ``(seed, reader, position)``, never from a running generator, so a
+resumed stream yields the very same tensors as an uninterrupted one.
 """
 from __future__ import annotations
 
@@ -26,6 +29,30 @@ from torch.utils.data import IterableDataset, get_worker_info
 from .sources import iter_tar_samples
 
 SKIP_REASONS = ("bad_image", "no_image", "no_caption", "corrupt_shard")
+_MASK64 = (1 << 64) - 1
+
+
+def mix_seed(*parts: int) -> int:
+    """A 63-bit seed that is a pure function of integers (splitmix64 finaliser per part).
+
+    Neighbouring inputs (position 41 vs 42) give unrelated seeds, so every sample draws
+    independent augmentations, and the result never depends on Python's hash salt.
+    """
+    h = 0x9E3779B97F4A7C15
+    for part in parts:
+        h = (h ^ (int(part) & _MASK64)) & _MASK64
+        h = ((h ^ (h >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+        h = ((h ^ (h >> 27)) * 0x94D049BB133111EB) & _MASK64
+        h ^= h >> 31
+    return h >> 1
+
+
+def seeded_transform(transform: Callable, image, seed: int):
+    """Apply a torchvision-style random transform with its draws taken from ``seed``
+    (the global torch RNG is restored afterwards)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return transform(image)
 
 
 def decode_image(data: bytes):
@@ -36,11 +63,9 @@ def decode_image(data: bytes):
     return img.convert("RGB")
 
 
-def extract_caption(sample: Dict, caption_key: str = "txt", json_field: str = "caption",
-                    rng: Optional[random.Random] = None) -> Optional[str]:
-    """The caption of a raw sample (``key.txt``, else ``key.json[json_field]``), or None if
-    missing or empty. Several captions (a JSON list, or lines of text) give one at random."""
-    rng = rng or random.Random(0)
+def raw_caption(sample: Dict, caption_key: str = "txt", json_field: str = "caption"):
+    """The caption field of a raw sample as stored (``key.txt``, else ``key.json[json_field]``):
+    a string (possibly several lines), a list of strings, or None."""
     if "__caption__" in sample:
         caption = sample["__caption__"]
     elif caption_key in sample:
@@ -52,6 +77,15 @@ def extract_caption(sample: Dict, caption_key: str = "txt", json_field: str = "c
             caption = None
     else:
         caption = None
+    return caption
+
+
+def extract_caption(sample: Dict, caption_key: str = "txt", json_field: str = "caption",
+                    rng: Optional[random.Random] = None) -> Optional[str]:
+    """The caption of a raw sample (``key.txt``, else ``key.json[json_field]``), or None if
+    missing or empty. Several captions (a JSON list, or lines of text) give one at random."""
+    rng = rng or random.Random(0)
+    caption = raw_caption(sample, caption_key, json_field)
     if isinstance(caption, (list, tuple)):
         caption = rng.choice(caption) if caption else None
     if isinstance(caption, str) and "\n" in caption.strip():
@@ -74,6 +108,10 @@ class ImageTextStream(IterableDataset):
         shuffle_buffer: samples held for mixing (0 disables shuffling within shards).
         rank, world_size: distributed position (defaults: torch.distributed, else 0/1).
         start_positions: reader id -> raw samples already consumed (resume).
+        reader_offset: dataloader worker ``w`` plays reader ``(w + reader_offset) % workers``.
+            A DataLoader takes batches from its workers in turn starting at worker 0, so a
+            resumed run passes the number of batches already consumed here to make the
+            reader that was next before the interruption deliver the first batch again.
     """
 
     def __init__(self, shards: Optional[Sequence[str]] = None, manifest: Optional[List[Tuple[str, str]]] = None,
@@ -81,7 +119,7 @@ class ImageTextStream(IterableDataset):
                  image_keys: Sequence[str] = ("jpg", "jpeg", "png", "webp"), caption_key: str = "txt",
                  caption_json_field: str = "caption", seed: int = 0, shuffle_buffer: int = 2000,
                  rank: Optional[int] = None, world_size: Optional[int] = None,
-                 start_positions: Optional[Dict[int, int]] = None):
+                 start_positions: Optional[Dict[int, int]] = None, reader_offset: int = 0):
         super().__init__()
         if (shards is None) == (manifest is None):
             raise ValueError("give exactly one of shards or manifest")
@@ -96,6 +134,7 @@ class ImageTextStream(IterableDataset):
         self.shuffle_buffer = shuffle_buffer
         self.rank, self.world_size = rank, world_size
         self.start_positions = dict(start_positions or {})
+        self.reader_offset = int(reader_offset)
 
     # ------------------------------------------------------------------ layout
     def _reader(self) -> Tuple[int, int]:
@@ -107,7 +146,11 @@ class ImageTextStream(IterableDataset):
             rank, world = (dist.get_rank(), dist.get_world_size()) if ok else (0, 1)
         info = get_worker_info()
         wid, nw = (info.id, info.num_workers) if info else (0, 1)
-        return rank * nw + wid, world * nw
+        return rank * nw + (wid + self.reader_offset) % nw, world * nw
+
+    def _iter_shard(self, shard: str, errors: Counter) -> Iterator[Dict]:
+        """Raw samples of one shard, in stored order (subclasses read other shard formats)."""
+        return iter_tar_samples(shard, errors)
 
     def _raw_epoch(self, epoch: int, reader: int, readers: int, errors: Counter) -> Iterator[Dict]:
         rng = random.Random(self.seed * 1_000_003 + epoch)
@@ -122,11 +165,11 @@ class ImageTextStream(IterableDataset):
         rng.shuffle(order)
         if len(order) >= readers:
             for shard in order[reader::readers]:
-                yield from iter_tar_samples(shard, errors)
+                yield from self._iter_shard(shard, errors)
         else:  # fewer shards than readers: everyone scans, each keeps every n-th sample
             n = 0
             for shard in order:
-                for sample in iter_tar_samples(shard, errors):
+                for sample in self._iter_shard(shard, errors):
                     if n % readers == reader:
                         yield sample
                     n += 1
@@ -156,27 +199,18 @@ class ImageTextStream(IterableDataset):
             epoch += 1
 
     # ------------------------------------------------------------------ decoding
-    def _image(self, sample: Dict):
-        if "__path__" in sample:
-            with open(sample["__path__"], "rb") as f:
-                return decode_image(f.read())
-        for key in self.image_keys:
-            if key in sample:
-                return decode_image(sample[key])
-        return None
-
-    def decode(self, sample: Dict, rng: random.Random) -> Tuple[Optional[Dict], Optional[str]]:
-        """(decoded sample, None) or (None, skip reason)."""
-        caption = extract_caption(sample, self.caption_key, self.caption_json_field, rng)
+    def decode(self, sample: Dict, seed: int) -> Tuple[Optional[Dict], Optional[str]]:
+        """(decoded sample, None) or (None, skip reason); every random draw comes from ``seed``."""
+        caption = extract_caption(sample, self.caption_key, self.caption_json_field, random.Random(seed))
         if caption is None:
             return None, "no_caption"
         try:
-            image = self._image(sample)
+            image = sample_image(sample, self.image_keys)
         except Exception:  # PIL raises many types for broken files; all mean "skip it"
             return None, "bad_image"
         if image is None:
             return None, "no_image"
-        out = {"image": self.transform(image) if self.transform else image, "caption": caption}
+        out = {"image": seeded_transform(self.transform, image, seed) if self.transform else image, "caption": caption}
         if self.tokenizer is not None:
             out["text"] = self.tokenizer([caption])[0]
         return out, None
@@ -185,15 +219,13 @@ class ImageTextStream(IterableDataset):
         reader, readers = self._reader()
         errors: Counter = Counter()
         start = int(self.start_positions.get(reader, 0))
-        torch.manual_seed(self.seed * 9973 + reader + 1000 * start)  # augmentations of a resumed run stay seeded
-        rng = random.Random(self.seed * 31 + reader)
         position = 0
         reported: Counter = Counter()
         for sample in self.raw_stream(reader, readers, errors):
             position += 1
             if position <= start:
                 continue
-            decoded, reason = self.decode(sample, rng)
+            decoded, reason = self.decode(sample, mix_seed(self.seed, reader, position))
             if decoded is None:
                 errors[reason] += 1
                 if errors[reason] <= 3 or errors[reason] % 1000 == 0:
@@ -206,16 +238,28 @@ class ImageTextStream(IterableDataset):
             yield decoded
 
 
+def sample_image(sample: Dict, image_keys: Sequence[str] = ("jpg", "jpeg", "png", "webp")):
+    """Decoded RGB image of a raw sample (a shard member or a manifest path), or None if it has none."""
+    if "__path__" in sample:
+        with open(sample["__path__"], "rb") as f:
+            return decode_image(f.read())
+    for key in image_keys:
+        if key in sample:
+            return decode_image(sample[key])
+    return None
+
+
 def collate_image_text(samples: List[Dict]) -> Dict:
-    """Stack a list of stream samples; skip counts are summed, reader positions kept as the max."""
+    """Stack a list of stream samples (images, or cached ``tokens``, and token ids); skip
+    counts are summed, reader positions kept as the max."""
     batch = {
-        "image": torch.stack([s["image"] for s in samples]),
         "caption": [s["caption"] for s in samples],
         "skipped": {k: sum(s["skipped"].get(k, 0) for s in samples) for k in SKIP_REASONS},
         "positions": {},
     }
-    if "text" in samples[0]:
-        batch["text"] = torch.stack([s["text"] for s in samples])
+    for field in ("image", "tokens", "text"):
+        if field in samples[0]:
+            batch[field] = torch.stack([s[field] for s in samples])
     for s in samples:
         batch["positions"][s["reader"]] = max(batch["positions"].get(s["reader"], 0), s["position"])
     return batch

@@ -26,21 +26,26 @@ def create_model(arch: Union[str, DictConfig, dict], backbone_module: Optional[n
         cfg = model_config_from(arch)
         if overrides:
             cfg = OmegaConf.merge(cfg, overrides)
-    bcfg = cfg.backbone
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(bcfg.init_seed)  # a random-weight backbone is rebuilt identically on load
-        backbone = FrozenBackbone(bcfg.name, weights=bcfg.weights, img_size=bcfg.img_size, module=backbone_module,
-                                  **OmegaConf.to_container(bcfg.kwargs))
+    backbone = create_backbone(cfg.backbone, backbone_module)
     resolve_model_dims(cfg, backbone.embed_dim)
     h = cfg.vision_head
     head = VisionHead(backbone.embed_dim, backbone.num_prefix_tokens, h.num_blocks, h.num_heads, h.mlp_ratio,
                       h.drop_path, h.layer_scale_init, h.pooling, h.gem_p, h.use_patch_tokens, h.final_norm, h.attn_impl)
+    head.grad_checkpointing = bool(h.grad_checkpointing)
     t = cfg.text
     text = TextTower(t.vocab_size, t.context_length, t.width, t.depth, t.heads, t.mlp_ratio, t.output_dim)
     text.set_grad_checkpointing(t.grad_checkpointing)
     model = DinoTxt(backbone, head, text, cfg.init_logit_scale, cfg.max_logit_scale)
     model.config = cfg
     return model
+
+
+def create_backbone(bcfg: DictConfig, backbone_module: Optional[nn.Module] = None) -> FrozenBackbone:
+    """The frozen backbone of a model config alone (the feature cache needs nothing else)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(bcfg.init_seed)  # a random-weight backbone is rebuilt identically on load
+        return FrozenBackbone(bcfg.name, weights=bcfg.weights, img_size=bcfg.img_size, module=backbone_module,
+                              **OmegaConf.to_container(bcfg.kwargs))
 
 
 def model_config_from(cfg: Union[DictConfig, dict]) -> DictConfig:
