@@ -15,14 +15,27 @@ import torch.nn.functional as F
 DATA_DIR = Path(__file__).parent / "assets"
 
 
+TEMPLATE_SETS = ("imagenet", "ovseg")  # files dinotxt/assets/<name>_templates.txt
+
+
+def read_lines(path: Union[str, Path]) -> List[str]:
+    """Non-empty lines of a text data file, without ``#`` comment lines (asset files name their source there)."""
+    return [line.strip() for line in Path(path).read_text(encoding="utf-8").splitlines()
+            if line.strip() and not line.lstrip().startswith("#")]
+
+
 def load_templates(name_or_path: str = "imagenet") -> List[str]:
-    """``imagenet`` (the 80 OpenAI templates), ``simple`` ("a photo of a {}."), or a file with one template per line."""
+    """``imagenet`` (the 80 OpenAI templates), ``ovseg`` (OVSeg's 14 ViLD templates), ``simple``
+    ("a photo of a {}."), or a file with one template per line."""
     if name_or_path == "simple":
         return ["a photo of a {}."]
-    path = DATA_DIR / f"{name_or_path}_templates.txt" if name_or_path in ("imagenet",) else Path(name_or_path)
+    path = DATA_DIR / f"{name_or_path}_templates.txt" if name_or_path in TEMPLATE_SETS else Path(name_or_path)
     if not path.is_file():
-        raise FileNotFoundError(f"template set '{name_or_path}' not found: use imagenet, simple, or a text file path")
-    templates = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+        raise FileNotFoundError(f"template set '{name_or_path}' not found: use {', '.join(TEMPLATE_SETS)}, simple, "
+                                "or a text file path with one template per line")
+    templates = read_lines(path)
+    if not templates:
+        raise ValueError(f"template file {path} is empty")
     bad = [t for t in templates if "{}" not in t]
     if bad:
         raise ValueError(f"template {bad[0]!r} in {path} has no '{{}}' placeholder for the class name")
@@ -30,7 +43,17 @@ def load_templates(name_or_path: str = "imagenet") -> List[str]:
 
 
 def load_classnames(path: Union[str, Path]) -> List[str]:
-    names = [line.strip() for line in Path(path).read_text().splitlines() if line.strip()]
+    """Class names, one per line (``#`` lines are comments). Accepts a file path or the name of a
+    list shipped in ``dinotxt/assets`` (``ade20k``, ``imagenet``, ``voc21``, ... = ``<name>_classes.txt``)."""
+    path = Path(path)
+    if not path.is_file():
+        for shipped in (DATA_DIR / f"{path.name}_classes.txt", DATA_DIR / f"{path.name}_classnames.txt"):
+            if shipped.is_file() and len(path.parts) == 1:
+                path = shipped
+                break
+        else:
+            raise FileNotFoundError(f"class-name file not found: {path}")
+    names = read_lines(path)
     if not names:
         raise ValueError(f"class-name file {path} is empty")
     return names
