@@ -75,6 +75,15 @@ class DinoTxt(nn.Module):
         x = text_features[..., self.visual.dim:]
         return F.normalize(x, dim=-1) if normalize else x
 
+    def segment(self, image, class_names, tokenizer=None, **kwargs):
+        """Open-vocabulary segmentation of one image (PIL, path or normalised tensor) into
+        ``class_names``: returns ``SegmentationResult(labels (H, W), scores (C, H, W), class_names)``.
+        ``tokenizer`` is the one ``dinotxt.load`` returns; see ``dinotxt.segmentation.segment``
+        for the options (mode slide|whole, templates, background_threshold, ...)."""
+        from ..segmentation import segment
+
+        return segment(self, tokenizer, image, class_names, **kwargs)
+
     # ------------------------------------------------------------------ scoring
     def clamp_logit_scale_(self) -> None:
         """Keep the log temperature in [0, ln 100]; called after every optimizer step."""
