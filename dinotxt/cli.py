@@ -26,6 +26,18 @@ def _cmd_train(args) -> int:
     return 0
 
 
+def _cmd_cache(args) -> int:
+    from .cache import build_cache
+    from .config import load_train_config
+    from .train.run import generate_world
+
+    cfg = load_train_config(args.recipe, args.overrides)
+    generate_world(cfg)
+    summary = build_cache(cfg, device=args.device)
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
 def _cmd_tokenizer_train(args) -> int:
     from omegaconf import OmegaConf
 
@@ -82,6 +94,12 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("overrides", nargs="*", help="key=value overrides (e.g. optim.lr=3e-4)")
     t.add_argument("--resume", action="store_true", help="continue the run in the recipe's run folder")
     t.set_defaults(func=_cmd_train)
+
+    c = sub.add_parser("cache", help="run the frozen backbone once over data.train and store its tokens (feature cache)")
+    c.add_argument("recipe", help="recipe YAML; cache.* settings say where and how (e.g. cache.path=runs/cache)")
+    c.add_argument("overrides", nargs="*", help="key=value overrides (e.g. cache.views=4 cache.dtype=bfloat16)")
+    c.add_argument("--device", default=None, help="cpu | cuda (default: cuda when available)")
+    c.set_defaults(func=_cmd_cache)
 
     tok = sub.add_parser("tokenizer", help="tokenizer tools").add_subparsers(dest="action", required=True)
     tt = tok.add_parser("train", help="train a SentencePiece tokenizer on captions")

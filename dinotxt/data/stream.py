@@ -210,7 +210,8 @@ class ImageTextStream(IterableDataset):
             return None, "bad_image"
         if image is None:
             return None, "no_image"
-        out = {"image": seeded_transform(self.transform, image, seed) if self.transform else image, "caption": caption}
+        out = {"image": seeded_transform(self.transform, image, seed) if self.transform else image, "caption": caption,
+               "key": sample.get("__key__")}
         if self.tokenizer is not None:
             out["text"] = self.tokenizer([caption])[0]
         return out, None

@@ -134,6 +134,27 @@ def pool_patches(patches: torch.Tensor, kind: str = "mean", p: float = 3.0) -> t
     raise ValueError(f"unknown pooling '{kind}' (use mean, max or gem)")
 
 
+def pool_frozen_tokens(tokens: torch.Tensor, num_prefix_tokens: int, kind: str = "mean", p: float = 3.0) -> torch.Tensor:
+    """Frozen tokens (B, 1+R+N, D) -> (B, 2, D) ``[CLS, pool(patches)]``: all a head without
+    blocks reads (the LiT setting), so the feature cache can store 2 tokens per image."""
+    return torch.stack([tokens[:, 0], pool_patches(tokens[:, num_prefix_tokens:], kind, p)], dim=1)
+
+
+def pooled_tokens_problem(num_blocks: int, use_patch_tokens: bool, final_norm: bool) -> Optional[str]:
+    """Why a head of this configuration cannot train on pooled ``[CLS, pool(patches)]`` tokens
+    (the LiT feature cache), or None if it can.
+
+    Pooling before the head is exact only when nothing mixes or normalises patch tokens
+    before the pooling: no head blocks, and no final LayerNorm on the pooled half.
+    """
+    if num_blocks:
+        return f"the vision head has {num_blocks} blocks (pooled tokens need vision_head.num_blocks=0)"
+    if use_patch_tokens and final_norm:
+        return ("the head normalises each patch token before pooling (set vision_head.final_norm=false, "
+                "or vision_head.use_patch_tokens=false for CLS only)")
+    return None
+
+
 class VisionHead(nn.Module):
     """Trainable head over frozen tokens, producing the image embedding and dense tokens.
 
@@ -205,3 +226,21 @@ class VisionHead(nn.Module):
         """Frozen tokens (B, 1+R+N, D) -> image embedding (B, 2D) or (B, D) for CLS-only."""
         cls, patches = self.forward_tokens(tokens)
         return self.embed(cls, patches)
+
+    # ------------------------------------------------------------------ pooled (LiT) cache path
+    def pooled_cache_problem(self) -> Optional[str]:
+        """Why this head cannot train on pooled ``[CLS, pool(patches)]`` tokens, or None if it can."""
+        return pooled_tokens_problem(len(self.block_list), self.use_patch_tokens,
+                                     not isinstance(self.ln_final, nn.Identity))
+
+    def pool_frozen_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Frozen tokens (B, 1+R+N, D) -> (B, 2, D) ``[CLS, pool(patches)]`` with this head's pooler."""
+        return pool_frozen_tokens(tokens, self.num_prefix_tokens, self.pooling, self.gem_p)
+
+    def forward_pooled(self, pooled: torch.Tensor) -> torch.Tensor:
+        """Image embedding from ``pool_frozen_tokens`` output; equals ``forward`` on the full tokens."""
+        problem = self.pooled_cache_problem()
+        if problem:
+            raise ValueError(f"cannot train on pooled cached tokens: {problem}; rebuild the cache with cache.tokens=all")
+        cls = self.ln_final(pooled[:, 0])
+        return torch.cat([cls, pooled[:, 1]], dim=-1) if self.use_patch_tokens else cls

@@ -1,7 +1,9 @@
-"""LightningDataModule over webdataset shards (img2dataset layout) or a manifest.
+"""LightningDataModule over webdataset shards (img2dataset layout), a manifest, or the
+feature cache (``cache.path``: frozen tokens instead of images).
 
-It owns the stream positions of every reader and saves them in Lightning checkpoints
-(``state_dict``), so ``--resume`` continues the data where the run stopped.
+It owns the stream positions of every reader (gathered from all ranks) and the number of
+batches consumed, and saves them in Lightning checkpoints (``state_dict``), so
+``--resume`` continues the data exactly where the run stopped.
 """
 from __future__ import annotations
 
@@ -9,6 +11,7 @@ from typing import Dict, List, Optional
 
 import lightning as L
 import torch
+import torch.distributed as dist
 from omegaconf import DictConfig
 from torch.utils.data import DataLoader
 
@@ -19,35 +22,55 @@ from ..transforms import eval_transform, train_transform
 
 
 class ImageTextDataModule(L.LightningDataModule):
+    """Args:
+        cfg: the resolved training config (``data``, ``cache``, ``seed`` are used).
+        tokenizer: maps captions to token ids.
+        val_dir: zero-shot validation image folder (optional).
+    """
+
     def __init__(self, cfg: DictConfig, tokenizer, val_dir: Optional[str] = None):
         super().__init__()
         self.cfg = cfg
         self.tokenizer = tokenizer
         self.val_dir = val_dir
         self.positions: Dict[int, int] = {}
+        self.batches = 0  # training batches consumed on this rank
         d = cfg.data
-        # resolve sources now so a missing shard or manifest stops the run before training starts
-        if is_manifest(d.train):
-            self.shards, self.manifest = None, read_manifest(d.train, d.manifest_image_column, d.manifest_caption_column)
+        self.cache = None
+        self.shards, self.manifest = None, None
+        # resolve sources now so a missing shard, manifest or cache stops the run before training starts
+        if cfg.cache.path:
+            from ..cache import FeatureCache
+
+            self.cache = FeatureCache(cfg.cache.path)
+        elif is_manifest(d.train):
+            self.manifest = read_manifest(d.train, d.manifest_image_column, d.manifest_caption_column)
         else:
-            self.shards, self.manifest = expand_shards(d.train), None
+            self.shards = expand_shards(d.train)
 
     def record_positions(self, positions: Dict[int, int]) -> None:
         for reader, pos in positions.items():
             self.positions[int(reader)] = max(self.positions.get(int(reader), 0), int(pos))
+        self.batches += 1
 
     def train_dataloader(self) -> DataLoader:
         d = self.cfg.data
-        size = self.cfg.model.backbone.img_size
         rank = self.trainer.global_rank if self.trainer else 0
         world = self.trainer.world_size if self.trainer else 1
-        dataset = ImageTextStream(
-            shards=self.shards, manifest=self.manifest,
-            transform=train_transform(size, d.crop_scale, d.hflip), tokenizer=self.tokenizer,
-            image_keys=list(d.image_keys), caption_key=d.caption_key, caption_json_field=d.caption_json_field,
-            seed=self.cfg.seed, shuffle_buffer=d.shuffle_buffer, rank=rank, world_size=world,
-            start_positions=self.positions,
-        )
+        common = dict(tokenizer=self.tokenizer, seed=self.cfg.seed, shuffle_buffer=d.shuffle_buffer, rank=rank,
+                      world_size=world, start_positions=self.positions,
+                      reader_offset=self.batches % max(1, d.num_workers))
+        if self.cache is not None:
+            from ..cache import CachedFeatureStream
+
+            dataset = CachedFeatureStream(self.cache, **common)
+        else:
+            dataset = ImageTextStream(
+                shards=self.shards, manifest=self.manifest,
+                transform=train_transform(self.cfg.model.backbone.img_size, d.crop_scale, d.hflip),
+                image_keys=list(d.image_keys), caption_key=d.caption_key, caption_json_field=d.caption_json_field,
+                **common,
+            )
         return DataLoader(dataset, batch_size=d.batch_size, num_workers=d.num_workers, collate_fn=collate_image_text,
                           persistent_workers=False, pin_memory=torch.cuda.is_available(),
                           prefetch_factor=2 if d.num_workers > 0 else None)
@@ -59,7 +82,16 @@ class ImageTextDataModule(L.LightningDataModule):
         return DataLoader(ds, batch_size=self.cfg.eval.batch_size, num_workers=min(2, self.cfg.data.num_workers))
 
     def state_dict(self) -> Dict:
-        return {"positions": dict(self.positions)}
+        positions = dict(self.positions)
+        # Lightning writes rank 0's copy only: merge every rank's readers into it
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            parts: List[Dict[int, int]] = [None] * dist.get_world_size()
+            dist.all_gather_object(parts, positions)
+            for part in parts:
+                for reader, pos in part.items():
+                    positions[reader] = max(positions.get(reader, 0), pos)
+        return {"positions": positions, "batches": self.batches}
 
     def load_state_dict(self, state: Dict) -> None:
         self.positions = {int(k): int(v) for k, v in state.get("positions", {}).items()}
+        self.batches = int(state.get("batches", 0))

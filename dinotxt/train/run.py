@@ -30,6 +30,7 @@ from ..data.stream import extract_caption
 from ..fileio import atomic_write_bytes
 from ..tokenizer import Tokenizer, train_tokenizer
 from .datamodule import ImageTextDataModule
+from .strategy import build_strategy
 from .system import DinoTxtSystem
 
 
@@ -39,6 +40,7 @@ class PeriodicCheckpoint(Callback):
 
     def __init__(self, run_dir: Path, every_n_steps: int, tokenizer: Tokenizer, cfg: DictConfig):
         self.run_dir, self.every, self.tokenizer, self.cfg = run_dir, every_n_steps, tokenizer, cfg
+        self._last_step = -1
 
     def save(self, trainer: L.Trainer, module: DinoTxtSystem) -> None:
         path = self.run_dir / "checkpoints" / "last.ckpt"
@@ -49,7 +51,13 @@ class PeriodicCheckpoint(Callback):
             save_checkpoint(self.run_dir / "checkpoint", module.model, self.tokenizer, self.cfg)
 
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
-        if self.every > 0 and trainer.global_step % self.every == 0 and trainer.global_step < trainer.max_steps:
+        step = trainer.global_step
+        # only on the batch that completed an optimizer step: with gradient accumulation the
+        # other batches of a step hold half-accumulated gradients a checkpoint cannot carry
+        if step == self._last_step:
+            return
+        self._last_step = step
+        if self.every > 0 and step % self.every == 0 and 0 < step < trainer.max_steps:
             self.save(trainer, module)
 
     def on_train_end(self, trainer, module) -> None:
@@ -59,6 +67,19 @@ class PeriodicCheckpoint(Callback):
 def _captions_for_tokenizer(cfg: DictConfig, limit: int) -> List[str]:
     """Up to ``limit`` captions of the training data, read in order (no images decoded)."""
     d = cfg.data
+    if d.train is None and cfg.cache.path:  # training on the feature cache alone
+        from ..cache import FeatureCache
+
+        cache = FeatureCache(cfg.cache.path)
+        captions = []
+        for name in cache.names:
+            for raw in cache.index(name)["captions"]:
+                caption = extract_caption({"__caption__": raw})
+                if caption:
+                    captions.append(caption)
+                if len(captions) >= limit:
+                    return captions
+        return captions
     if is_manifest(d.train):
         return [c for _, c in read_manifest(d.train, d.manifest_image_column, d.manifest_caption_column)[:limit] if c]
     errors: Dict[str, int] = {}
@@ -153,17 +174,22 @@ def _quiet_expected_warnings() -> None:
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
 
 
-def run_training(recipe: Optional[str], overrides: List[str] = (), resume: bool = False) -> Dict:
-    _quiet_expected_warnings()
-    cfg = resolve_run(recipe, list(overrides), resume)
-    run_dir = Path(cfg.output_dir) / cfg.name
-    run_dir.mkdir(parents=True, exist_ok=True)
+def generate_world(cfg: DictConfig) -> None:
+    """Write the procedural demo world the recipe trains on, when it asks for it (world.generate)."""
     if cfg.world.generate:
         from ..demo.world import write_world
 
         w = cfg.world
         print(f"[dinotxt] writing the procedural demo world to {w.root} ({w.num_train} train / {w.num_eval} eval)", flush=True)
         write_world(w.root, w.num_train, w.num_eval, w.image_size, w.samples_per_shard, w.seed)
+
+
+def run_training(recipe: Optional[str], overrides: List[str] = (), resume: bool = False) -> Dict:
+    _quiet_expected_warnings()
+    cfg = resolve_run(recipe, list(overrides), resume)
+    run_dir = Path(cfg.output_dir) / cfg.name
+    run_dir.mkdir(parents=True, exist_ok=True)
+    generate_world(cfg)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     tokenizer = prepare_tokenizer(cfg, run_dir)
     atomic_write_bytes(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True).encode())
@@ -179,6 +205,11 @@ def run_training(recipe: Optional[str], overrides: List[str] = (), resume: bool 
         templates = load_templates(cfg.eval.templates)
     datamodule = ImageTextDataModule(cfg, tokenizer, val_dir if cfg.trainer.val_every_n_steps > 0 else None)
     system = DinoTxtSystem(cfg, tokenizer, classnames, templates)
+    if datamodule.cache is not None:  # refuse features of another backbone, image size, transform or data
+        datamodule.cache.check_fits(cfg, system.model.backbone)
+        print(f"[dinotxt] training on the feature cache {cfg.cache.path} ({len(datamodule.cache.names)} shards, "
+              f"{datamodule.cache.views} view(s), tokens={datamodule.cache.spec['tokens']}): the backbone runs only "
+              "for validation", flush=True)
     if cfg.trainer.compile:
         system.model.text = torch.compile(system.model.text)
         system.model.visual = torch.compile(system.model.visual)
@@ -194,7 +225,7 @@ def run_training(recipe: Optional[str], overrides: List[str] = (), resume: bool 
         CSVLogger(str(run_dir / "logs"), name="csv", version=f"v{launch}"),
     ]
     trainer = L.Trainer(
-        accelerator=t.accelerator, devices=t.devices, num_nodes=t.num_nodes, strategy=t.strategy,
+        accelerator=t.accelerator, devices=t.devices, num_nodes=t.num_nodes, strategy=build_strategy(t.strategy),
         precision=precision, max_steps=cfg.optim.max_steps, max_epochs=-1,
         accumulate_grad_batches=t.accumulate_grad_batches, gradient_clip_val=cfg.optim.grad_clip,
         log_every_n_steps=t.log_every_n_steps, val_check_interval=val_every, check_val_every_n_epoch=None,

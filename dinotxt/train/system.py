@@ -4,6 +4,12 @@ Method order follows Lightning's style guide: init -> forward -> training ->
 validation -> optimizers -> checkpoint hooks. The frozen backbone pins its own eval
 mode, and its weights are stripped from every Lightning checkpoint (and put back from
 the live model on resume), so checkpoints hold only what trains.
+
+Exact resume: the data stream seeds every sample from ``(seed, reader, position)``, and
+the model's own random draws (drop path) are reseeded every step from ``(seed, step
+counter, rank)``, so a run killed and resumed from its last checkpoint ends with the
+same weights as an uninterrupted one. A non-finite loss or gradient stops the step
+before the optimizer touches the weights.
 """
 from __future__ import annotations
 
@@ -14,10 +20,12 @@ import lightning as L
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from ..data.stream import mix_seed
 from ..loss import ClipLoss
 from ..models.factory import create_model
 from ..zero_shot import accuracy, mean_per_class_recall, zero_shot_classifier
 from .optim import build_optimizer
+from .step import backbone_autocast_dtype, contrastive_loss
 
 
 class DinoTxtSystem(L.LightningModule):
@@ -37,6 +45,9 @@ class DinoTxtSystem(L.LightningModule):
         self.classnames = classnames
         self.templates = templates
         self.skipped: Counter = Counter()
+        self.backbone_autocast = cfg.trainer.get("backbone_autocast")
+        backbone_autocast_dtype(self.backbone_autocast)  # an unsupported value stops the run before it starts
+        self.micro_batches = 0  # training batches seen (all ranks see the same number); saved for resume
         self._val_logits: List[torch.Tensor] = []
         self._val_targets: List[torch.Tensor] = []
         self._classifier: Optional[torch.Tensor] = None
@@ -47,9 +58,11 @@ class DinoTxtSystem(L.LightningModule):
 
     # ------------------------------------------------------------------ training
     def training_step(self, batch: Dict[str, Any], batch_idx: int) -> torch.Tensor:
-        image_features = self.model.encode_image(batch["image"])
-        text_features = self.model.encode_text(batch["text"])
-        loss = self.loss_fn(image_features, text_features, self.model.logit_scale)
+        # drop path draws from the global RNG: reseed it from the step counter so a resumed run
+        # (whose RNG state is not in the checkpoint) draws the same masks as an uninterrupted one
+        torch.manual_seed(mix_seed(self.cfg.seed, self.micro_batches, self.global_rank))
+        self.micro_batches += 1
+        loss = contrastive_loss(self.model, self.loss_fn, batch, self.backbone_autocast)
         if not torch.isfinite(loss):
             raise FloatingPointError(
                 f"loss is {loss.item()} at step {self.global_step}; the weights were not updated. "
@@ -59,14 +72,29 @@ class DinoTxtSystem(L.LightningModule):
         dm = getattr(self.trainer, "datamodule", None)
         if dm is not None and hasattr(dm, "record_positions"):
             dm.record_positions(batch["positions"])
-        bs = batch["image"].shape[0]
+        bs = batch["text"].shape[0]
         self.log("train/loss", loss, prog_bar=True, batch_size=bs)
         self.log("train/logit_scale", self.model.logit_scale.exp(), prog_bar=True, batch_size=bs)
         self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], batch_size=bs)
         self.log("train/skipped", float(sum(self.skipped.values())), batch_size=bs)
         return loss
 
-    def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
+    def on_before_optimizer_step(self, optimizer) -> None:
+        # fp16 AMP skips steps with inf gradients by design; everywhere else a non-finite
+        # gradient would poison the weights and the AdamW moments
+        if str(self.trainer.precision).startswith("16"):
+            return
+        grads = [(n, p.grad) for n, p in self.model.named_parameters() if p.grad is not None]
+        if grads and not bool(torch.stack([g.isfinite().all() for _, g in grads]).all()):
+            bad = [n for n, g in grads if not g.isfinite().all()]
+            raise FloatingPointError(
+                f"non-finite gradient in {bad[0]} (and {len(bad) - 1} more tensors) at step {self.global_step}; "
+                "the weights were not updated. Lower optim.lr or set optim.grad_clip, then resume with --resume."
+            )
+
+    def optimizer_step(self, *args, **kwargs) -> None:
+        super().optimizer_step(*args, **kwargs)
+        # clamp right after the update, before any callback (e.g. a checkpoint) sees the weights
         self.model.clamp_logit_scale_()
 
     # ------------------------------------------------------------------ validation (zero-shot)
@@ -101,9 +129,12 @@ class DinoTxtSystem(L.LightningModule):
         sd = checkpoint["state_dict"]
         for k in [k for k in sd if k.startswith("model.backbone.")]:
             del sd[k]
-        checkpoint["dinotxt"] = {"skipped": dict(self.skipped), "config": OmegaConf.to_container(self.cfg, resolve=True)}
+        checkpoint["dinotxt"] = {"skipped": dict(self.skipped), "micro_batches": self.micro_batches,
+                                 "config": OmegaConf.to_container(self.cfg, resolve=True)}
 
     def on_load_checkpoint(self, checkpoint: Dict[str, Any]) -> None:
         # the frozen backbone is rebuilt from its config, not stored: put the live weights back
         checkpoint["state_dict"].update({f"model.{k}": v for k, v in self.model.backbone_state().items()})
-        self.skipped = Counter(checkpoint.get("dinotxt", {}).get("skipped", {}))
+        saved = checkpoint.get("dinotxt", {})
+        self.skipped = Counter(saved.get("skipped", {}))
+        self.micro_batches = int(saved.get("micro_batches", 0))

@@ -1,0 +1,466 @@
+"""Feature cache: run the frozen backbone once, then train the text tower and head many times.
+
+LiT (Zhai et al., CVPR 2022) and dino.txt (Jose et al., "DINOv2 Meets Text", CVPR 2025)
+never update the image encoder, so its output tokens are a pure function of the
+(augmented) image and can be computed once; open_clip's long-standing request to train
+on precomputed image features (its issue #99) is the same idea. ``dinotxt cache RECIPE``
+writes, as a reader -> mapper -> writer stage (img2dataset / clip-retrieval style):
+
+    <cache.path>/
+      cache.json        what the tokens depend on (backbone, a hash of its weights, image size,
+                        transform, views, token layout, storage dtype), the source data
+                        and the shard list
+      00000.bin         raw rows (n, K views, T tokens, D) in float16 / bfloat16, read
+                        memory-mapped at training time
+      00000.json        that shard's index: sample keys (ids) and their raw captions
+      ...
+
+One cache shard per source tar shard (manifests are cut into ``cache.samples_per_shard``
+rows), in source order, so the cached stream splits across ranks and workers exactly as the
+image stream does. A shard is written to temporary names and renamed, its index last, so
+a shard is complete iff its index exists: an interrupted ``dinotxt cache`` resumes at the
+first missing shard. Views are seeded by ``(seed, sample key, view)``, so a cached crop can
+be reproduced from the image alone. Training refuses a cache built for another backbone,
+weights, image size, transform or data instead of silently mixing features.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
+
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from .config import ConfigError
+from .data.sources import expand_shards, is_manifest, iter_tar_samples, read_manifest
+from .data.stream import (SKIP_REASONS, ImageTextStream, extract_caption, mix_seed, raw_caption, sample_image,
+                          seeded_transform)
+from .fileio import atomic_output, atomic_write_json
+from .models.vision_head import pool_frozen_tokens, pooled_tokens_problem
+from .transforms import IMAGENET_MEAN, IMAGENET_STD, eval_transform, train_transform
+
+FORMAT_VERSION = 1
+META_NAME = "cache.json"
+# storage dtype -> (torch dtype, numpy dtype of the raw bits; numpy has no bfloat16)
+STORAGE = {"float16": (torch.float16, np.float16), "bfloat16": (torch.bfloat16, np.uint16)}
+# spec fields a training run may differ in: the views were already drawn, and the precision
+# the tokens were computed in is below the storage precision
+_TRAIN_MAY_DIFFER = ("view_seed", "backbone_autocast")
+
+
+# --------------------------------------------------------------------------- what a cache depends on
+
+
+def view_seed(seed: int, key: str, view: int) -> int:
+    """Seed of view ``view`` of sample ``key``: independent of the order samples are read in."""
+    digest = int.from_bytes(hashlib.blake2b(key.encode("utf-8"), digest_size=8).digest(), "little")
+    return mix_seed(seed, digest, view)
+
+
+def view_transform(cfg: DictConfig) -> Callable:
+    """The transform whose random views the cache stores (the run's training crops by default)."""
+    size = cfg.model.backbone.img_size
+    return train_transform(size, cfg.data.crop_scale, cfg.data.hflip) if cfg.cache.augment else eval_transform(size)
+
+
+def cache_views(image, key: str, transform: Callable, seed: int, views: int) -> torch.Tensor:
+    """The ``views`` seeded crops of one image, (K, 3, H, W): what ``dinotxt cache`` feeds the backbone."""
+    return torch.stack([seeded_transform(transform, image, view_seed(seed, key, v)) for v in range(views)])
+
+
+def cache_spec(cfg: DictConfig) -> Dict[str, Any]:
+    """Everything the cached tokens depend on, from a resolved training config."""
+    b, c, d, h = cfg.model.backbone, cfg.cache, cfg.data, cfg.model.vision_head
+    if c.dtype not in STORAGE:
+        raise ConfigError(f"cache.dtype={c.dtype!r} is not supported; use one of {sorted(STORAGE)}")
+    if c.tokens not in ("all", "pooled"):
+        raise ConfigError(f"cache.tokens={c.tokens!r} is not supported; use all or pooled")
+    if c.views < 1:
+        raise ConfigError(f"cache.views={c.views} must be at least 1")
+    if not c.augment and c.views != 1:
+        raise ConfigError("cache.augment=false stores the single eval crop; set cache.views=1")
+    if c.tokens == "pooled":
+        problem = pooled_tokens_problem(h.num_blocks, h.use_patch_tokens, h.final_norm)
+        if problem:
+            raise ConfigError(f"cache.tokens=pooled does not fit this model: {problem}; or use cache.tokens=all")
+    weights = None
+    if b.weights:
+        path = Path(b.weights)
+        if not path.is_file():
+            raise FileNotFoundError(f"backbone weights not found: {path} (model.backbone.weights)")
+        weights = {"file": path.name, "bytes": path.stat().st_size}
+    size = int(b.img_size)
+    norm = {"interpolation": "bicubic", "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)}
+    if c.augment:
+        transform = {"kind": "random_resized_crop", "img_size": size, "crop_scale": [float(x) for x in d.crop_scale],
+                     "hflip": float(d.hflip), **norm}
+    else:
+        transform = {"kind": "resize_center_crop", "img_size": size, "resize": int(round(size * 256 / 224)), **norm}
+    return {
+        "format": FORMAT_VERSION,
+        "backbone": {"name": b.name, "weights": weights, "init_seed": None if b.weights else int(b.init_seed),
+                     "kwargs": OmegaConf.to_container(b.kwargs, resolve=True), "img_size": size},
+        "transform": transform,
+        "views": int(c.views),
+        "view_seed": int(cfg.seed),
+        "tokens": c.tokens,
+        "pooling": {"kind": h.pooling, "gem_p": float(h.gem_p)} if c.tokens == "pooled" else None,
+        "dtype": c.dtype,
+        "backbone_autocast": cfg.trainer.backbone_autocast,
+    }
+
+
+def backbone_fingerprint(backbone: torch.nn.Module) -> str:
+    """A hash of the backbone's weights (names, shapes, dtypes and bytes of its state dict):
+    identifies the actual weights, whatever file or seed they came from."""
+    h = hashlib.blake2b(digest_size=16)
+    for name, tensor in backbone.state_dict().items():
+        t = tensor.detach().cpu().contiguous()
+        h.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def _source_fingerprint(cfg: DictConfig) -> Optional[Dict[str, Any]]:
+    spec = cfg.data.train
+    if spec is None:
+        return None
+    if is_manifest(spec):
+        p = Path(spec)
+        if not p.is_file():
+            raise FileNotFoundError(f"manifest not found: {p}")
+        return {"manifest": p.name, "bytes": p.stat().st_size}
+    return {"shards": [{"file": Path(s).name, "bytes": Path(s).stat().st_size} for s in expand_shards(spec)]}
+
+
+def _source_jobs(cfg: DictConfig) -> List[Dict[str, Any]]:
+    """One job per cache shard: a tar shard, or a slice of the manifest's rows."""
+    d = cfg.data
+    if d.train is None:
+        raise ConfigError("no training data: set data.train to the shards or manifest to cache")
+    if is_manifest(d.train):
+        rows = read_manifest(d.train, d.manifest_image_column, d.manifest_caption_column)
+        n = max(1, int(cfg.cache.samples_per_shard))
+        return [{"name": f"{i:05d}", "source": f"{Path(d.train).name}[{lo}:{lo + n}]", "rows": rows[lo:lo + n]}
+                for i, lo in enumerate(range(0, len(rows), n))]
+    return [{"name": f"{i:05d}", "source": path} for i, path in enumerate(expand_shards(d.train))]
+
+
+def _diff(recorded: Any, wanted: Any, prefix: str = "") -> Optional[Tuple[str, Any, Any]]:
+    """First (field, recorded, wanted) where two JSON-like values differ."""
+    if isinstance(recorded, dict) and isinstance(wanted, dict):
+        for k in list(recorded) + [k for k in wanted if k not in recorded]:
+            found = _diff(recorded.get(k), wanted.get(k), f"{prefix}{k}.")
+            if found:
+                return found
+        return None
+    return None if recorded == wanted else (prefix.rstrip("."), recorded, wanted)
+
+
+# --------------------------------------------------------------------------- reading
+
+
+class FeatureCache:
+    """Read access to a finished feature cache (index files and token arrays open lazily,
+    per process, so a cache object can be handed to dataloader workers).
+
+    Args:
+        path: the cache folder written by ``dinotxt cache``.
+    """
+
+    def __init__(self, path):
+        self.root = Path(path)
+        meta_path = self.root / META_NAME
+        if not meta_path.is_file():
+            raise FileNotFoundError(f"no feature cache at {self.root} ({META_NAME} is missing); "
+                                    f"build it with `dinotxt cache RECIPE cache.path={self.root}`")
+        self.meta = json.loads(meta_path.read_text())
+        if self.meta.get("format") != FORMAT_VERSION:
+            raise ValueError(f"{self.root} is a feature cache of format {self.meta.get('format')}; this dinotxt reads "
+                             f"format {FORMAT_VERSION}: rebuild it with `dinotxt cache RECIPE`")
+        self.spec = self.meta["spec"]
+        self.names = [s["name"] for s in self.meta["shards"]]
+        missing = [n for n in self.names if not (self.root / f"{n}.json").is_file()]
+        if missing:
+            raise ValueError(f"feature cache {self.root} is incomplete ({len(missing)} of {len(self.names)} shards "
+                             f"missing, e.g. {missing[0]}); finish it with `dinotxt cache RECIPE` (it resumes)")
+        self.views = int(self.spec["views"])
+        self.num_tokens, self.dim = (int(x) for x in self.meta["token_shape"])
+        self.torch_dtype, self.np_dtype = STORAGE[self.spec["dtype"]]
+        self._arrays: Dict[str, np.ndarray] = {}
+
+    @property
+    def pooled(self) -> bool:
+        return self.spec["tokens"] == "pooled"
+
+    def __getstate__(self):  # memory maps are reopened in each worker process, not pickled
+        return {**self.__dict__, "_arrays": {}}
+
+    def index(self, name: str) -> Dict[str, Any]:
+        """The index of shard ``name``: ``keys``, ``captions`` (as stored), ``count``."""
+        return json.loads((self.root / f"{name}.json").read_text())
+
+    def array(self, name: str) -> np.ndarray:
+        """Memory-mapped tokens of shard ``name``: (count, views, tokens, dim)."""
+        if name not in self._arrays:
+            count = int(self.index(name)["count"])
+            path = self.root / f"{name}.bin"
+            shape = (count, self.views, self.num_tokens, self.dim)
+            expected = int(np.prod(shape)) * np.dtype(self.np_dtype).itemsize
+            if not path.is_file() or path.stat().st_size != expected:
+                raise ValueError(f"feature cache shard {path} is missing or has the wrong size; "
+                                 "delete it and its .json, then rerun `dinotxt cache RECIPE`")
+            self._arrays[name] = (np.memmap(path, dtype=self.np_dtype, mode="r", shape=shape) if count
+                                  else np.zeros(shape, self.np_dtype))
+        return self._arrays[name]
+
+    def read(self, name: str, row: int, view: int = 0) -> torch.Tensor:
+        """Tokens (T, D) of one view of one sample, in the storage dtype."""
+        return torch.from_numpy(np.array(self.array(name)[row, view])).view(self.torch_dtype)
+
+    def __len__(self) -> int:
+        return sum(int(self.index(n)["count"]) for n in self.names)
+
+    def lookup(self, key: str) -> Tuple[str, int]:
+        """(shard name, row) of the sample with id ``key``."""
+        for name in self.names:
+            keys = self.index(name)["keys"]
+            if key in keys:
+                return name, keys.index(key)
+        raise KeyError(f"sample {key!r} is not in the feature cache {self.root}")
+
+    def check_fits(self, cfg: DictConfig, backbone: Optional[torch.nn.Module] = None) -> None:
+        """Raise ConfigError if this cache was not built for the run ``cfg`` (and its live backbone)."""
+        found = _diff({k: v for k, v in self.spec.items() if k not in _TRAIN_MAY_DIFFER},
+                      {k: v for k, v in cache_spec(cfg).items() if k not in _TRAIN_MAY_DIFFER})
+        if found:
+            field, recorded, wanted = found
+            raise ConfigError(f"feature cache {self.root} was built with {field}={recorded!r} but this run has "
+                              f"{wanted!r}; rebuild it with `dinotxt cache RECIPE` into a new cache.path")
+        source = _source_fingerprint(cfg)
+        if source is not None and source != self.meta["source"]:
+            raise ConfigError(f"feature cache {self.root} was built from other data than data.train={cfg.data.train}; "
+                              "rebuild it, or set data.train=null to train on the cache alone")
+        if backbone is not None and backbone_fingerprint(backbone) != self.meta["weights_hash"]:
+            raise ConfigError(f"feature cache {self.root} was computed by a backbone with other weights than this "
+                              "run's (their hashes differ); rebuild the cache")
+
+
+# --------------------------------------------------------------------------- training stream
+
+
+class CachedFeatureStream(ImageTextStream):
+    """``ImageTextStream`` over a feature cache: the same split of shards across ranks and
+    workers, the same seeded shuffle and exact resume, but each sample yields one cached
+    view's tokens (``tokens``, or ``pooled`` for a pooled cache) instead of a decoded image.
+
+    Args:
+        cache: a ``FeatureCache`` or its folder.
+        tokenizer: callable mapping captions to (B, L) ids.
+        seed, shuffle_buffer, rank, world_size, start_positions, reader_offset: as ``ImageTextStream``.
+    """
+
+    def __init__(self, cache, tokenizer: Callable = None, seed: int = 0, shuffle_buffer: int = 2000,
+                 rank: Optional[int] = None, world_size: Optional[int] = None,
+                 start_positions: Optional[Dict[int, int]] = None, reader_offset: int = 0):
+        self.cache = cache if isinstance(cache, FeatureCache) else FeatureCache(cache)
+        super().__init__(shards=self.cache.names, tokenizer=tokenizer, seed=seed, shuffle_buffer=shuffle_buffer,
+                         rank=rank, world_size=world_size, start_positions=start_positions,
+                         reader_offset=reader_offset)
+        self.field = "pooled" if self.cache.pooled else "tokens"
+
+    def _iter_shard(self, name: str, errors: Counter) -> Iterator[Dict]:
+        index = self.cache.index(name)
+        for row, (key, caption) in enumerate(zip(index["keys"], index["captions"])):
+            yield {"__key__": key, "__caption__": caption, "__shard__": name, "__row__": row}
+
+    def decode(self, sample: Dict, seed: int) -> Tuple[Optional[Dict], Optional[str]]:
+        rng = random.Random(seed)
+        caption = extract_caption(sample, rng=rng)
+        if caption is None:
+            return None, "no_caption"
+        view = rng.randrange(self.cache.views)
+        out = {self.field: self.cache.read(sample["__shard__"], sample["__row__"], view), "caption": caption,
+               "key": sample["__key__"]}
+        if self.tokenizer is not None:
+            out["text"] = self.tokenizer([caption])[0]
+        return out, None
+
+
+# --------------------------------------------------------------------------- writing
+
+
+class _ShardDecoder(IterableDataset):
+    """Decodes whole source shards (one dataloader worker per shard) into seeded views;
+    after a shard's samples it yields ``{"job", "done": skip counts}``."""
+
+    def __init__(self, jobs: List[Dict], cfg: DictConfig):
+        self.jobs = jobs
+        d = cfg.data
+        self.image_keys = [k.lower() for k in d.image_keys]
+        self.caption_key, self.json_field = d.caption_key, d.caption_json_field
+        self.transform = view_transform(cfg)
+        self.seed, self.views = int(cfg.seed), int(cfg.cache.views)
+
+    def _samples(self, job: Dict, errors: Counter) -> Iterator[Dict]:
+        if "rows" in job:
+            return ({"__key__": path, "__path__": path, "__caption__": caption} for path, caption in job["rows"])
+        return iter_tar_samples(job["source"], errors)
+
+    def __iter__(self):
+        info = get_worker_info()
+        wid, nw = (info.id, info.num_workers) if info else (0, 1)
+        for job in self.jobs[wid::nw]:
+            errors: Counter = Counter()
+            for sample in self._samples(job, errors):
+                if extract_caption(sample, self.caption_key, self.json_field) is None:
+                    errors["no_caption"] += 1
+                    continue
+                try:
+                    image = sample_image(sample, self.image_keys)
+                except Exception:  # PIL raises many types for broken files; all mean "skip it"
+                    errors["bad_image"] += 1
+                    continue
+                if image is None:
+                    errors["no_image"] += 1
+                    continue
+                yield {"job": job["name"], "key": sample["__key__"],
+                       "caption": raw_caption(sample, self.caption_key, self.json_field),
+                       "views": cache_views(image, sample["__key__"], self.transform, self.seed, self.views)}
+            yield {"job": job["name"], "done": {k: int(errors[k]) for k in SKIP_REASONS if errors[k]}}
+
+
+class _ShardWriter:
+    """Appends rows of one cache shard to a temporary file; ``finish`` renames it into place
+    and then writes the index, so a half-written shard is never taken for a finished one."""
+
+    def __init__(self, root: Path, name: str):
+        self.root, self.name = root, name
+        self._output = atomic_output(root / f"{name}.bin")
+        self._file = open(self._output.__enter__(), "wb")
+        self.keys: List[str] = []
+        self.captions: List[Any] = []
+
+    def append(self, key: str, caption: Any, row: bytes) -> None:
+        self._file.write(row)
+        self.keys.append(key)
+        self.captions.append(caption)
+
+    def finish(self, skipped: Dict[str, int]) -> None:
+        self._file.close()
+        self._output.__exit__(None, None, None)
+        atomic_write_json(self.root / f"{self.name}.json",
+                          {"count": len(self.keys), "skipped": skipped, "keys": self.keys, "captions": self.captions})
+
+    def abort(self) -> None:
+        self._file.close()
+        self._output.__exit__(RuntimeError, RuntimeError("aborted"), None)  # removes the temporary file
+
+
+def _shard_complete(root: Path, name: str) -> bool:
+    return (root / f"{name}.json").is_file() and (root / f"{name}.bin").is_file()
+
+
+def build_cache(cfg: DictConfig, device: Optional[str] = None, log: Callable[[str], None] = print) -> Dict[str, Any]:
+    """Run the frozen backbone of ``cfg`` over ``data.train`` once and write ``cache.path``.
+
+    Resumes a partial cache with the same spec; refuses a folder holding a cache with another
+    spec. Returns a summary (samples, skipped, shards, bytes, seconds, images/s).
+    """
+    from .models.factory import create_backbone
+    from .train.step import frozen_tokens
+
+    c = cfg.cache
+    if not c.path:
+        raise ConfigError("cache.path is not set: name the folder to write, e.g. `dinotxt cache RECIPE cache.path=runs/cache`")
+    root = Path(c.path)
+    spec = cache_spec(cfg)
+    jobs = _source_jobs(cfg)
+    source = _source_fingerprint(cfg)
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    backbone = create_backbone(cfg.model.backbone).to(device)
+    weights_hash = backbone_fingerprint(backbone)
+    with torch.inference_mode():
+        size = spec["backbone"]["img_size"]
+        full = backbone(torch.zeros(1, 3, size, size, device=device)).shape
+    token_shape = [2, int(full[-1])] if c.tokens == "pooled" else [int(full[1]), int(full[2])]
+    meta = {"format": FORMAT_VERSION, "spec": spec, "weights_hash": weights_hash, "token_shape": token_shape, "source": source,
+            "data": str(cfg.data.train), "shards": [{"name": j["name"], "source": str(j["source"])} for j in jobs]}
+    meta_path = root / META_NAME
+    if meta_path.is_file():
+        old = json.loads(meta_path.read_text())
+        found = _diff(old.get("spec"), spec) or _diff(old.get("source"), source, "source.")
+        if found:
+            field, recorded, wanted = found
+            raise ConfigError(f"{root} holds a feature cache built with {field}={recorded!r}, but the recipe asks for "
+                              f"{wanted!r}; write to another cache.path or delete that folder")
+        if old.get("weights_hash") != weights_hash:
+            raise ConfigError(f"{root} holds a feature cache computed by a backbone with other weights; write to "
+                              "another cache.path or delete that folder")
+    atomic_write_json(meta_path, meta)
+
+    todo = [j for j in jobs if not _shard_complete(root, j["name"])]
+    if len(todo) < len(jobs):
+        log(f"[dinotxt] feature cache {root}: {len(jobs) - len(todo)} of {len(jobs)} shards already done; resuming")
+    views, bytes_per_row = int(c.views), int(np.prod(token_shape)) * 2 * int(c.views)
+    torch_dtype = STORAGE[c.dtype][0]
+    pool_kind, prefix = cfg.model.vision_head.pooling, backbone.num_prefix_tokens
+    autocast = cfg.trainer.backbone_autocast
+    written, skipped, done = 0, Counter(), 0
+    start = time.time()
+
+    def flush(pending: List[Tuple[_ShardWriter, Dict]]) -> None:
+        if not pending:
+            return
+        images = torch.cat([item["views"] for _, item in pending])
+        out = []
+        for chunk in images.split(max(1, int(c.batch_size))):
+            tokens = frozen_tokens(backbone, chunk.to(device, non_blocking=True), autocast)
+            if c.tokens == "pooled":
+                tokens = pool_frozen_tokens(tokens, prefix, pool_kind, cfg.model.vision_head.gem_p)
+            out.append(tokens.to(torch_dtype).cpu())
+        rows = torch.cat(out).reshape(len(pending), views, *token_shape)
+        raw = rows.view(torch.int16) if torch_dtype == torch.bfloat16 else rows
+        for (writer, item), row in zip(pending, raw.numpy()):
+            writer.append(item["key"], item["caption"], row.tobytes())
+        pending.clear()
+
+    writers: Dict[str, _ShardWriter] = {}
+    pending: List[Tuple[_ShardWriter, Dict]] = []
+    loader = DataLoader(_ShardDecoder(todo, cfg), batch_size=None, num_workers=min(int(cfg.data.num_workers), len(todo)))
+    try:
+        for item in loader:
+            name = item["job"]
+            if name not in writers:
+                writers[name] = _ShardWriter(root, name)
+            if "done" in item:
+                flush(pending)
+                writer = writers.pop(name)
+                writer.finish(item["done"])
+                written += len(writer.keys)
+                skipped.update(item["done"])
+                done += 1
+                elapsed = time.time() - start
+                log(f"[dinotxt] cache shard {name}: {len(writer.keys)} samples, {sum(item['done'].values())} skipped "
+                    f"({done}/{len(todo)} shards, {written * views / max(elapsed, 1e-9):.1f} images/s)")
+                continue
+            pending.append((writers[name], item))
+            if len(pending) * views >= c.batch_size:
+                flush(pending)
+    except BaseException:
+        for writer in writers.values():
+            writer.abort()
+        raise
+    elapsed = time.time() - start
+    total = sum(int(json.loads((root / f"{j['name']}.json").read_text())["count"]) for j in jobs)
+    return {"path": str(root), "shards": len(jobs), "samples": total, "written_now": written, "views": views,
+            "token_shape": token_shape, "dtype": c.dtype, "skipped_now": dict(skipped),
+            "bytes": total * bytes_per_row, "seconds": round(elapsed, 1),
+            "images_per_s": round(written * views / elapsed, 1) if elapsed > 0 and written else None}
