@@ -21,7 +21,7 @@ import random
 import tarfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
@@ -136,8 +136,10 @@ def _caption(rng: random.Random, objects: List[Dict], background: str) -> str:
     return text
 
 
-def render_sample(seed: int, size: int = 128, max_objects: int = 2) -> WorldSample:
-    """One image, its label map and caption, a pure function of ``seed``."""
+def render_sample(seed: int, size: int = 128, max_objects: int = 2,
+                  concept: Optional[Tuple[str, str]] = None) -> WorldSample:
+    """One image, its label map and caption, a pure function of ``seed``. ``concept=(color, shape)`` forces
+    the first object (the random draws still happen, so every other choice is what the seed gives)."""
     rng = random.Random(seed)
     image, background = _background(rng, size)
     labels = Image.new("L", (size, size), 0)
@@ -155,6 +157,8 @@ def render_sample(seed: int, size: int = 128, max_objects: int = 2) -> WorldSamp
         cy = min(max(anchor[1] * size + rng.uniform(-0.08, 0.08) * size, r), size - r)
         color = rng.choice(list(COLORS))
         shape = rng.choice(SHAPES)
+        if k == 0 and concept is not None:
+            color, shape = concept
         rot = rng.uniform(-0.35, 0.35)
         jitter = tuple(int(min(255, max(0, v + rng.randint(-20, 20)))) for v in COLORS[color])
         _draw(ImageDraw.Draw(image), shape, cx, cy, r, rot, jitter)

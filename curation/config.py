@@ -1,0 +1,209 @@
+"""Typed curation recipes (dino.txt curation, METHOD.md section 7).
+
+A recipe is a short YAML diff over the defaults below, merged with the same strict
+mechanism as training configs (``dinotxt.config.check_keys`` / ``_merge``): defaults ->
+recipe -> command-line ``key=value``. A mistyped key stops the run with a message naming
+the nearest valid key. The resolved recipe is written to ``<output_dir>/<name>/config.yaml``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+from omegaconf import DictConfig, OmegaConf
+
+from dinotxt.config import ConfigError, _merge, _parse_dotlist, _read_yaml
+
+
+@dataclass
+class PoolConfig:
+    # webdataset shards ("dir/{00000..00099}.tar", a folder, a glob, a list) or a .csv/.tsv/.parquet
+    # manifest with image_path, caption columns; the same readers as training (dinotxt.data)
+    data: Any = None
+    image_keys: List[str] = field(default_factory=lambda: ["jpg", "jpeg", "png", "webp"])
+    caption_key: str = "txt"  # caption member extension inside a shard
+    caption_json_field: str = "caption"  # fallback: field of key.json
+    manifest_image_column: str = "image_path"
+    manifest_caption_column: str = "caption"
+    manifest_rows_per_unit: int = 10000  # a manifest is processed (and resumed) in units of this many rows
+
+
+@dataclass
+class BackboneOverrides:
+    # each field, when set, replaces that field of the registry entry's backbone (dinotxt.config.BackboneConfig)
+    name: Optional[str] = None
+    weights: Optional[str] = None  # e.g. the official dinov2_vitl14_reg4_pretrain.pth
+    img_size: Optional[int] = None
+    init_seed: Optional[int] = None
+    kwargs: Optional[Dict[str, Any]] = None
+
+
+@dataclass
+class EmbedConfig:
+    # registry entry (dinotxt/configs/models) whose frozen backbone embeds the images
+    model: str = "dinotxt_vitl14_reg4"
+    backbone: BackboneOverrides = field(default_factory=BackboneOverrides)
+    batch_size: int = 64
+    num_workers: int = 2  # dataloader workers decoding images
+    accelerator: str = "auto"  # Lightning accelerator; GPUs are used when present
+    devices: Any = "auto"  # several GPUs split the input shards between them (Lightning predict, DDP)
+    precision: str = "auto"  # auto = bf16-mixed on GPU, 32-true on CPU
+    # caption encoder: "tfidf" (hashed word n-gram TF-IDF, no download) or "package.module:factory"
+    # returning an object with encode(list_of_captions) -> (n, dim) array (any sentence encoder you have)
+    text_encoder: str = "tfidf"
+    text_dim: int = 512  # width of the hashed TF-IDF embedding
+    text_ngrams: int = 2  # word n-grams 1..text_ngrams
+    text_kwargs: Dict[str, Any] = field(default_factory=dict)  # passed to a plug-in factory
+    text_batch_size: int = 1024
+
+
+@dataclass
+class DedupConfig:
+    enabled: bool = True
+    threshold: float = 0.95  # cosine similarity of image embeddings at or above which two samples are duplicates
+    neighbors: int = 16  # nearest neighbours searched per sample (groups connect transitively beyond this)
+    index: str = "auto"  # flat (exact) | ivf (approximate, for large pools) | auto (flat up to flat_max rows)
+    flat_max: int = 200_000
+    nlist: Optional[int] = None  # IVF lists; default 4 * sqrt(N)
+    nprobe: int = 16
+    chunk_size: int = 16384
+
+
+@dataclass
+class ClusterConfig:
+    embeddings: str = "image"  # image | text: which embeddings the hierarchical k-means runs on
+    levels: List[int] = field(default_factory=lambda: [1000, 100])  # clusters per level, bottom level first
+    iters: int = 50  # Lloyd iterations of every k-means run
+    resampling_steps: Any = 1  # R per level (an int for all levels, or a list)
+    sample_size: Any = None  # s points per cluster kept in a resampling step (int or list); None = half the mean cluster size
+    init: str = "kmeans++"  # kmeans++ | random
+    init_sample_per_centroid: int = 64  # k-means++ seeds on at most this many points per centroid (a random subset)
+    device: str = "auto"  # faiss device for k-means and de-duplication: auto (GPU when faiss sees one) | cpu | cuda
+    gpu_index: str = "replicate"  # several GPUs: replicate the centroids (split the queries) | shard them (split the centroids)
+    chunk_size: int = 65536  # rows per assignment chunk: bounds memory, the pool stays memory-mapped
+
+
+@dataclass
+class ImageBalanceConfig:
+    enabled: bool = True
+    target_size: Any = 0.5  # samples to keep: an int, or a fraction (0, 1] of the deduplicated pool
+    strategy: str = "closest"  # closest (to the leaf centroid first) | random
+
+
+@dataclass
+class TextBalanceConfig:
+    enabled: bool = True
+    metadata: Optional[str] = None  # vocabulary file, one entry (word or phrase) per line; None = mine it from the captions
+    t: int = 20000  # per-entry cap: a pair matching entry e survives with probability t / max(count(e), t)
+    keep_unmatched: bool = False  # MetaCLIP drops captions that match no entry
+    mine_max_ngram: int = 2  # mined entries are word n-grams up to this length
+    mine_min_count: int = 5  # ... occurring in at least this many captions
+    mine_max_entries: int = 100_000
+    mine_stopwords: bool = False  # keep n-grams made only of stop words ("of the") as entries
+
+
+@dataclass
+class CombineConfig:
+    mode: str = "intersection"  # intersection (dino.txt) | union | image | text
+    write_shards: bool = False  # also write the curated pairs as webdataset shards that training reads directly
+    samples_per_shard: int = 1000
+
+
+@dataclass
+class ReportConfig:
+    plots: bool = True  # PNG plots next to report.json
+
+
+@dataclass
+class CurationConfig:
+    name: Optional[str] = None  # default: the recipe file's stem
+    output_dir: str = "runs/curation"  # outputs go to <output_dir>/<name>/
+    seed: int = 0  # every random choice (k-means, sampling, text caps) derives from it
+    pool: PoolConfig = field(default_factory=PoolConfig)
+    embed: EmbedConfig = field(default_factory=EmbedConfig)
+    dedup: DedupConfig = field(default_factory=DedupConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    image_balance: ImageBalanceConfig = field(default_factory=ImageBalanceConfig)
+    text_balance: TextBalanceConfig = field(default_factory=TextBalanceConfig)
+    combine: CombineConfig = field(default_factory=CombineConfig)
+    report: ReportConfig = field(default_factory=ReportConfig)
+
+
+_CHOICES = {
+    "embed.precision": ("auto", "32-true", "bf16-mixed", "16-mixed"),
+    "dedup.index": ("auto", "flat", "ivf"),
+    "cluster.embeddings": ("image", "text"),
+    "cluster.init": ("kmeans++", "random"),
+    "cluster.gpu_index": ("replicate", "shard"),
+    "cluster.device": ("auto", "cpu", "cuda"),
+    "image_balance.strategy": ("closest", "random"),
+    "combine.mode": ("intersection", "union", "image", "text"),
+}
+
+
+def per_level(value: Any, levels: int, key: str) -> List[Any]:
+    """An int (or None) for every level, or a list with one value per level."""
+    if isinstance(value, (list, tuple)) or OmegaConf.is_list(value):
+        values = list(value)
+        if len(values) != levels:
+            raise ConfigError(f"{key} has {len(values)} values for {levels} cluster levels; give one per level or a single int")
+        return values
+    return [value] * levels
+
+
+def validate(cfg: DictConfig) -> None:
+    """Reject values that would fail deep inside a stage, with a message saying what to fix."""
+    for key, choices in _CHOICES.items():
+        value = OmegaConf.select(cfg, key)
+        if value not in choices:
+            raise ConfigError(f"{key}={value!r} is not one of {', '.join(choices)}")
+    if cfg.pool.data is None:
+        raise ConfigError("no pool: set pool.data to shards (dir/{00000..00009}.tar, a folder) or a .csv/.parquet manifest")
+    levels = list(cfg.cluster.levels)
+    if not levels or any(int(k) < 1 for k in levels):
+        raise ConfigError(f"cluster.levels must list positive cluster counts, bottom level first (got {levels})")
+    if any(b > a for a, b in zip(levels, levels[1:])):
+        raise ConfigError(f"cluster.levels must not grow from one level to the next (got {levels}): "
+                          "level l clusters the centroids of level l-1")
+    for r in per_level(cfg.cluster.resampling_steps, len(levels), "cluster.resampling_steps"):
+        if int(r) < 0:
+            raise ConfigError("cluster.resampling_steps must be >= 0")
+    for s in per_level(cfg.cluster.sample_size, len(levels), "cluster.sample_size"):
+        if s is not None and int(s) < 1:
+            raise ConfigError("cluster.sample_size must be >= 1 (or null for half the mean cluster size)")
+    if cfg.cluster.iters < 1:
+        raise ConfigError("cluster.iters must be >= 1")
+    ts = cfg.image_balance.target_size
+    if not isinstance(ts, (int, float)) or ts <= 0:
+        raise ConfigError(f"image_balance.target_size must be a positive int or a fraction in (0, 1] (got {ts!r})")
+    if cfg.text_balance.t < 1:
+        raise ConfigError("text_balance.t must be >= 1")
+    if not 0 < cfg.dedup.threshold <= 1:
+        raise ConfigError("dedup.threshold is a cosine similarity in (0, 1]")
+    if cfg.combine.mode in ("intersection", "image") and not cfg.image_balance.enabled:
+        raise ConfigError(f"combine.mode={cfg.combine.mode} needs image_balance.enabled=true")
+    if cfg.combine.mode in ("intersection", "text") and not cfg.text_balance.enabled:
+        raise ConfigError(f"combine.mode={cfg.combine.mode} needs text_balance.enabled=true")
+    if cfg.combine.mode == "union" and not (cfg.image_balance.enabled and cfg.text_balance.enabled):
+        raise ConfigError("combine.mode=union needs both image_balance and text_balance enabled")
+
+
+def load_curation_config(recipe: Optional[str] = None, overrides: Optional[List[str]] = None) -> DictConfig:
+    """Resolve defaults -> recipe -> command-line overrides into a validated CurationConfig."""
+    cfg = OmegaConf.structured(CurationConfig)
+    recipe_cfg = _read_yaml(Path(recipe)) if recipe else OmegaConf.create({})
+    cfg = _merge(cfg, recipe_cfg, str(recipe) if recipe else "recipe")
+    cfg = _merge(cfg, _parse_dotlist(overrides or []), "command line")
+    if cfg.name is None:
+        cfg.name = Path(recipe).stem if recipe else "curation"
+    try:
+        OmegaConf.resolve(cfg)
+    except Exception as e:
+        raise ConfigError(f"cannot resolve config: {str(e).splitlines()[0]}") from None
+    validate(cfg)
+    return cfg
+
+
+__all__ = ["CurationConfig", "PoolConfig", "BackboneOverrides", "EmbedConfig", "DedupConfig", "ClusterConfig", "ImageBalanceConfig",
+           "TextBalanceConfig", "CombineConfig", "ReportConfig", "load_curation_config", "per_level", "validate"]

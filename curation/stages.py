@@ -1,0 +1,99 @@
+"""Resumable curation stages: reader -> mapper -> writer steps with atomic outputs.
+
+Every stage owns one folder under the run directory. It writes ``started.json`` (the
+stage's fingerprint: a hash of the config it depends on and of its inputs' fingerprints)
+before any output, writes each output atomically (``dinotxt.fileio``), and writes
+``done.json`` (fingerprint, statistics, seconds) last. A rerun therefore:
+
+- skips a stage whose ``done.json`` carries the current fingerprint;
+- resumes a stage that started with the current fingerprint but did not finish (sharded
+  stages skip the shards they find; k-means restarts from its last finished phase);
+- recomputes a cheap stage whose inputs or settings changed (its folder is cleared), and
+  refuses to silently discard an expensive one (``Stage(expensive=True)``: the embeddings),
+  saying how to start over.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import time
+from pathlib import Path
+from typing import Any, Callable, Dict, Optional
+
+from omegaconf import OmegaConf
+
+from dinotxt.config import ConfigError
+from dinotxt.fileio import atomic_write_json
+
+
+def fingerprint(*parts: Any) -> str:
+    """A short, stable hash of JSON-able parts (OmegaConf nodes are converted)."""
+    plain = [OmegaConf.to_container(p, resolve=True) if OmegaConf.is_config(p) else p for p in parts]
+    return hashlib.sha256(json.dumps(plain, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+class Stage:
+    """Bookkeeping of one stage folder.
+
+    Args:
+        name: stage name (shown in logs; ``--stage NAME`` selects it).
+        folder: where its outputs live.
+        fingerprint: hash of everything its outputs depend on.
+        expensive: a changed fingerprint raises instead of clearing the folder.
+    """
+
+    def __init__(self, name: str, folder: Path, fingerprint: str, expensive: bool = False):
+        self.name, self.folder, self.fingerprint, self.expensive = name, Path(folder), fingerprint, expensive
+
+    def _read(self, file: str) -> Optional[Dict]:
+        path = self.folder / file
+        if not path.is_file():
+            return None
+        try:
+            return json.loads(path.read_text())
+        except ValueError:
+            return None
+
+    @property
+    def done(self) -> bool:
+        state = self._read("done.json")
+        return bool(state) and state.get("fingerprint") == self.fingerprint
+
+    @property
+    def stats(self) -> Dict:
+        return (self._read("done.json") or {}).get("stats", {})
+
+    def begin(self) -> bool:
+        """Prepare the folder; True when resuming earlier partial work of the same fingerprint."""
+        started = self._read("started.json")
+        if started and started.get("fingerprint") == self.fingerprint:
+            return True
+        if started or (self.folder.exists() and any(self.folder.iterdir())):
+            if self.expensive:
+                raise ConfigError(
+                    f"{self.folder} holds '{self.name}' outputs made with different settings or inputs; "
+                    f"delete that folder to recompute them, or pick a new run name (name=NEW_NAME)")
+            print(f"[curate] {self.name}: settings or inputs changed, recomputing", flush=True)
+            shutil.rmtree(self.folder)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(self.folder / "started.json", {"stage": self.name, "fingerprint": self.fingerprint})
+        return False
+
+    def finish(self, stats: Dict, seconds: float) -> None:
+        atomic_write_json(self.folder / "done.json", {"stage": self.name, "fingerprint": self.fingerprint,
+                                                      "seconds": round(seconds, 2), "stats": stats})
+
+
+def run_stage(stage: Stage, work: Callable[[bool], Dict]) -> Dict:
+    """Run ``work(resuming)`` unless the stage is already done; returns the stage's statistics."""
+    if stage.done:
+        print(f"[curate] {stage.name}: done earlier, skipped", flush=True)
+        return stage.stats
+    resuming = stage.begin()
+    print(f"[curate] {stage.name}: {'resuming' if resuming else 'running'}", flush=True)
+    start = time.time()
+    stats = work(resuming)
+    stage.finish(stats, time.time() - start)
+    print(f"[curate] {stage.name}: done in {time.time() - start:.1f} s", flush=True)
+    return stats
