@@ -1,10 +1,16 @@
-"""Self-describing checkpoints: a folder with the trainable weights (safetensors), the
-resolved config that rebuilds the model, and the tokenizer.
+"""Self-describing checkpoints: the trainable weights (safetensors), the resolved config
+that rebuilds the model, and the tokenizer, either as a folder or as one file.
 
     checkpoint/
       model.safetensors   vision head, text tower, logit_scale (never the frozen backbone)
-      config.yaml         resolved model config (+ the training config when saved by a run)
-      tokenizer.model     SentencePiece model
+      config.yaml         resolved model config, the tokenizer kind (+ the training config when saved by a run)
+      tokenizer.model     SentencePiece model (dinotxt's own tokenizer), or
+      bpe_simple_vocab_16e6.txt.gz   the CLIP BPE vocabulary (the official dino.txt weights)
+
+    model.safetensors (single file, ``dinotxt export --format safetensors``)
+      tensors             the same weights (+ ``backbone.*`` with ``--include-backbone``) and
+                          ``__tokenizer__``: the tokenizer file's bytes as a uint8 tensor
+      metadata            format, the config YAML, the tokenizer kind
 
 Every file is written to a temporary name and renamed, so an interrupted save never
 leaves a half-written checkpoint. Loading never unpickles objects.
@@ -12,60 +18,180 @@ leaves a half-written checkpoint. Loading never unpickles objects.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional, Tuple, Union
+from typing import Dict, Optional, Union
 
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from .clip_tokenizer import BPE_FILENAME, ClipTokenizer
 from .fileio import atomic_output, atomic_write_bytes
 from .tokenizer import Tokenizer
 
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.yaml"
 TOKENIZER_NAME = "tokenizer.model"
+# tokenizer kind -> file name inside a checkpoint folder
+TOKENIZER_FILES = {"sentencepiece": TOKENIZER_NAME, "clip_bpe": BPE_FILENAME}
+SINGLE_FILE_FORMAT = "dinotxt-single-file"
+TOKENIZER_TENSOR = "__tokenizer__"
+BACKBONE_PREFIX = "backbone."
 
 
-def save_checkpoint(directory: Union[str, Path], model, tokenizer: Tokenizer, train_config: Optional[DictConfig] = None) -> Path:
+def tokenizer_kind(tokenizer) -> str:
+    """``sentencepiece`` (``dinotxt.Tokenizer``) or ``clip_bpe`` (``ClipTokenizer``)."""
+    kind = getattr(tokenizer, "kind", "sentencepiece")
+    if kind not in TOKENIZER_FILES:
+        raise ValueError(f"cannot save a tokenizer of kind '{kind}' (known: {', '.join(TOKENIZER_FILES)})")
+    return kind
+
+
+def tokenizer_file_bytes(tokenizer) -> bytes:
+    """The bytes of the file that rebuilds ``tokenizer`` (SentencePiece model or BPE vocabulary)."""
+    return tokenizer.bpe_bytes if tokenizer_kind(tokenizer) == "clip_bpe" else tokenizer.model_bytes
+
+
+def build_tokenizer(kind: str, data: Union[bytes, str, Path], context_length: int):
+    """Rebuild a tokenizer from its kind and file (path or bytes)."""
+    if kind == "clip_bpe":
+        return ClipTokenizer(data, context_length=context_length)
+    if kind == "sentencepiece":
+        return Tokenizer(data, context_length=context_length)
+    raise ValueError(f"unknown tokenizer kind '{kind}' (known: {', '.join(TOKENIZER_FILES)}); written by a newer dinotxt?")
+
+
+def _checkpoint_config(model, tokenizer, train_config: Optional[DictConfig] = None) -> DictConfig:
+    kind = tokenizer_kind(tokenizer)
+    cfg = OmegaConf.create({"model": model.config,
+                            "tokenizer": {"kind": kind, "file": TOKENIZER_FILES[kind],
+                                          "context_length": int(tokenizer.context_length)}})
+    if train_config is not None:
+        cfg["train"] = train_config
+    return cfg
+
+
+def save_checkpoint(directory: Union[str, Path], model, tokenizer, train_config: Optional[DictConfig] = None) -> Path:
+    """Write a checkpoint folder (weights, config, tokenizer); ``tokenizer`` is a ``Tokenizer`` or ``ClipTokenizer``."""
     from safetensors.torch import save_file
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
+    cfg = _checkpoint_config(model, tokenizer, train_config)
     state = {k: v.detach().cpu().contiguous() for k, v in model.trainable_state_dict().items()}
     with atomic_output(directory / WEIGHTS_NAME) as tmp:
         save_file(state, str(tmp), metadata={"format": "dinotxt", "arch": str(model.config.arch)})
-    cfg = OmegaConf.create({"model": model.config})
-    if train_config is not None:
-        cfg["train"] = train_config
     atomic_write_bytes(directory / CONFIG_NAME, OmegaConf.to_yaml(cfg, resolve=True).encode())
-    tokenizer.save(directory / TOKENIZER_NAME)
+    tokenizer.save(directory / cfg.tokenizer.file)
     return directory
 
 
+def save_single_file(path: Union[str, Path], state: Dict[str, torch.Tensor], config: DictConfig,
+                     tokenizer_bytes: bytes) -> Path:
+    """Write one self-describing safetensors file: ``state`` (trainable weights, optionally
+    ``backbone.*``), the tokenizer file as the uint8 tensor ``__tokenizer__``, and ``config``
+    (with its ``model`` and ``tokenizer`` sections) as YAML in the metadata."""
+    from safetensors.torch import save_file
+
+    if "model" not in config or "tokenizer" not in config:
+        raise ValueError("a single-file checkpoint needs the 'model' and 'tokenizer' config sections")
+    tensors = {k: v.detach().cpu().contiguous() for k, v in state.items()}
+    tensors[TOKENIZER_TENSOR] = torch.frombuffer(bytearray(tokenizer_bytes), dtype=torch.uint8)
+    metadata = {
+        "format": SINGLE_FILE_FORMAT,
+        "arch": str(config.model.arch),
+        "tokenizer_kind": str(config.tokenizer.kind),
+        "includes_backbone": str(any(k.startswith(BACKBONE_PREFIX) for k in state)).lower(),
+        "config": OmegaConf.to_yaml(config, resolve=True),
+    }
+    path = Path(path)
+    with atomic_output(path) as tmp:
+        save_file(tensors, str(tmp), metadata=metadata)
+    return path
+
+
+def _single_file_metadata(path: Path) -> Optional[Dict[str, str]]:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return f.metadata() or {}
+    except Exception:
+        return None
+
+
 def load(checkpoint: Union[str, Path], device: Union[str, torch.device] = "cpu", backbone_weights: Optional[str] = None):
-    """Load a dinotxt checkpoint folder. Returns ``(model, transform, tokenizer)``.
+    """Load a dinotxt checkpoint folder or single file. Returns ``(model, transform, tokenizer)``.
 
     ``backbone_weights`` points at the frozen backbone's weights file when it moved
     since training (the config records the original path).
     """
-    from .models.factory import create_model
-    from .transforms import eval_transform
-
-    directory = Path(checkpoint)
-    if directory.is_file() and directory.name == WEIGHTS_NAME:
-        directory = directory.parent
-    for name in (WEIGHTS_NAME, CONFIG_NAME, TOKENIZER_NAME):
-        if not (directory / name).is_file():
+    path = Path(checkpoint)
+    if path.is_file():
+        if path.name == WEIGHTS_NAME and (path.parent / CONFIG_NAME).is_file():
+            path = path.parent
+        else:
+            return load_single_file(path, device, backbone_weights)
+    if not path.exists():
+        raise FileNotFoundError(f"{path} is not a dinotxt checkpoint: it does not exist")
+    for name in (WEIGHTS_NAME, CONFIG_NAME):
+        if not (path / name).is_file():
             raise FileNotFoundError(
-                f"{directory} is not a dinotxt checkpoint: {name} is missing "
-                f"(expected a folder with {WEIGHTS_NAME}, {CONFIG_NAME}, {TOKENIZER_NAME})"
+                f"{path} is not a dinotxt checkpoint: {name} is missing "
+                f"(expected a folder with {WEIGHTS_NAME}, {CONFIG_NAME} and the tokenizer file)"
             )
     from safetensors.torch import load_file
 
-    cfg = OmegaConf.load(directory / CONFIG_NAME)
+    cfg = OmegaConf.load(path / CONFIG_NAME)
     if "model" not in cfg:
-        raise ValueError(f"{directory / CONFIG_NAME} has no 'model' section; was it written by dinotxt?")
-    mcfg = cfg.model
-    if backbone_weights is not None:
+        raise ValueError(f"{path / CONFIG_NAME} has no 'model' section; was it written by dinotxt?")
+    kind = OmegaConf.select(cfg, "tokenizer.kind", default="sentencepiece")  # folders older than the CLIP BPE
+    tok_file = path / OmegaConf.select(cfg, "tokenizer.file", default=TOKENIZER_FILES.get(kind, TOKENIZER_NAME))
+    if not tok_file.is_file():
+        raise FileNotFoundError(f"{path} is not a complete dinotxt checkpoint: its {kind} tokenizer file {tok_file.name} "
+                                "is missing")
+    try:
+        state = load_file(str(path / WEIGHTS_NAME))
+    except Exception as e:
+        raise ValueError(f"cannot read {path / WEIGHTS_NAME}: {e}") from None
+    tokenizer = build_tokenizer(kind, tok_file, cfg.model.text.context_length)
+    return _assemble(cfg.model, state, tokenizer, device, backbone_weights)
+
+
+def read_single_file(path: Union[str, Path]):
+    """``(config, state, tokenizer file bytes)`` of a file written by ``save_single_file``; ``state``
+    keeps the ``backbone.*`` tensors when the file has them."""
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    meta = _single_file_metadata(path)
+    if meta is None or meta.get("format") != SINGLE_FILE_FORMAT or "config" not in meta:
+        raise ValueError(f"{path} is not a dinotxt checkpoint: pass a checkpoint folder (with {WEIGHTS_NAME} and "
+                         f"{CONFIG_NAME}) or a single file written by `dinotxt export --format safetensors`")
+    cfg = OmegaConf.create(meta["config"])
+    state = load_file(str(path))
+    if TOKENIZER_TENSOR not in state:
+        raise ValueError(f"{path} has no {TOKENIZER_TENSOR} tensor; the file is incomplete")
+    return cfg, state, state.pop(TOKENIZER_TENSOR).numpy().tobytes()
+
+
+def load_single_file(path: Union[str, Path], device: Union[str, torch.device] = "cpu",
+                     backbone_weights: Optional[str] = None):
+    """Load a file written by ``save_single_file``. Returns ``(model, transform, tokenizer)``."""
+    cfg, state, tok_bytes = read_single_file(path)
+    tokenizer = build_tokenizer(cfg.tokenizer.kind, tok_bytes, cfg.model.text.context_length)
+    backbone = {k[len(BACKBONE_PREFIX):]: state.pop(k) for k in [k for k in state if k.startswith(BACKBONE_PREFIX)]}
+    return _assemble(cfg.model, state, tokenizer, device, backbone_weights, backbone_state=backbone or None)
+
+
+def _assemble(mcfg: DictConfig, state: Dict[str, torch.Tensor], tokenizer, device, backbone_weights: Optional[str],
+              backbone_state: Optional[Dict[str, torch.Tensor]] = None):
+    from .models.backbone import FrozenBackbone
+    from .models.factory import create_model
+    from .transforms import eval_transform
+
+    recorded = mcfg.backbone.weights
+    if backbone_state is not None and backbone_weights is None:
+        mcfg.backbone.weights = None  # the backbone travels in the file; the recorded path is not needed
+    elif backbone_weights is not None:
         mcfg.backbone.weights = backbone_weights
     elif mcfg.backbone.weights and not Path(mcfg.backbone.weights).is_file():
         raise FileNotFoundError(
@@ -73,13 +199,13 @@ def load(checkpoint: Union[str, Path], device: Union[str, torch.device] = "cpu",
             "pass backbone_weights=PATH (CLI: --backbone-weights PATH)"
         )
     model = create_model(mcfg)
-    try:
-        state = load_file(str(directory / WEIGHTS_NAME))
-    except Exception as e:
-        raise ValueError(f"cannot read {directory / WEIGHTS_NAME}: {e}") from None
+    if backbone_state is not None and backbone_weights is None:
+        b = mcfg.backbone
+        model.backbone = FrozenBackbone(b.name, weights=backbone_state, img_size=b.img_size,
+                                        **OmegaConf.to_container(b.kwargs))
+        mcfg.backbone.weights = recorded
     model.load_trainable_state_dict(state)
     model.eval().to(device)
-    tokenizer = Tokenizer(directory / TOKENIZER_NAME, context_length=mcfg.text.context_length)
     if tokenizer.vocab_size > mcfg.text.vocab_size:
         raise ValueError(f"tokenizer has {tokenizer.vocab_size} ids but the text tower only {mcfg.text.vocab_size}")
     return model, eval_transform(mcfg.backbone.img_size), tokenizer

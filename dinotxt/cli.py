@@ -4,6 +4,7 @@
     dinotxt tokenizer train --data SHARDS_OR_MANIFEST --out tok.model [--vocab-size N]
     dinotxt eval zeroshot --checkpoint DIR --data IMAGE_FOLDER [--classnames F] [--templates T]
     dinotxt demo [key=value ...]
+    dinotxt export CHECKPOINT --format official|safetensors [--out PATH] [--include-backbone]
     dinotxt models
 
 User errors (bad config, missing files, wrong checkpoints) print one line and exit 2;
@@ -78,6 +79,21 @@ def _cmd_demo(args) -> int:
     return 0
 
 
+def _cmd_export(args) -> int:
+    from .export import export_checkpoint
+
+    report = export_checkpoint(args.checkpoint, args.format, args.out, layout=args.layout,
+                               include_backbone=args.include_backbone, backbone_weights=args.backbone_weights)
+    if args.format == "official":
+        print(f"wrote {', '.join(report['files'])} ({report['layout']} release layout) and export.json to {report['out']}")
+        for note in report["notes"]:
+            print(f"note: {note}")
+    else:
+        backbone = " with the frozen backbone" if report["includes_backbone"] else ""
+        print(f"wrote {report['out']} ({report['bytes'] / 2**20:.1f} MiB{backbone}); load it with dinotxt.load")
+    return 0
+
+
 def _cmd_models(args) -> int:
     from .config import list_models
 
@@ -127,6 +143,18 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("overrides", nargs="*", help="key=value overrides of recipes/demo.yaml")
     d.add_argument("--fresh", action="store_true", help="discard a previous demo run and start again")
     d.set_defaults(func=_cmd_demo)
+
+    x = sub.add_parser("export", help="write a checkpoint in the official dino.txt layout or as one safetensors file")
+    x.add_argument("checkpoint", help="checkpoint folder (runs/NAME/checkpoint) or single .safetensors file")
+    x.add_argument("--format", required=True, choices=["official", "safetensors"],
+                   help="official: *_vision_head.pth + *_text_encoder.pth (the official code loads them); "
+                        "safetensors: one self-describing file for dinotxt.load")
+    x.add_argument("--out", default=None, help="output folder (official) or file (safetensors); default next to CHECKPOINT")
+    x.add_argument("--layout", default=None, choices=["dinov2", "dinov3"],
+                   help="official layout: dinov2 (two files) or dinov3 (one file); default from the backbone")
+    x.add_argument("--include-backbone", action="store_true", help="safetensors: also store the frozen backbone")
+    x.add_argument("--backbone-weights", default=None, help="backbone weights file, if it moved since training")
+    x.set_defaults(func=_cmd_export)
 
     m = sub.add_parser("models", help="list registered model configs")
     m.set_defaults(func=_cmd_models)

@@ -1,0 +1,245 @@
+"""The official dino.txt release: files in the official key layout (METHOD.md section 6) load
+strictly through dinotxt.load_official and give the embeddings of the independent official
+implementation (tests/test_official_reference.py) to 1e-5; export writes them back
+bit-identically; wrong files name the mismatch. Small sizes (ViT-S, 2 blocks, 64-wide text)
+except the full-size key/shape check, which builds shapes only (meta device)."""
+import json
+import math
+
+import pytest
+import torch
+
+import dinotxt
+from dinotxt.checkpoint import save_checkpoint
+from dinotxt.clip_tokenizer import ClipTokenizer
+from dinotxt.export import export_official, export_safetensors
+from dinotxt.models import TextTower, VisionHead
+from dinotxt.models.official import KEY_MAPS, official_state_dicts
+from test_official_reference import (official_dinov2_state, official_dinov2_tokens, official_dinov3_state,
+                                     official_dinov3_tokens, official_text_embedding, official_text_encoder_state,
+                                     official_vision_embedding, official_vision_head_state, save_pth)
+
+ATOL = 1e-5
+TEXT = {"width": 64, "depth": 2, "heads": 2}
+SMALL_V2 = {"backbone": {"name": "vit_small_patch14_reg4_dinov2", "img_size": 56, "kwargs": {"depth": 2}}, "text": TEXT}
+SMALL_V3 = {"backbone": {"name": "vit_small_patch16_dinov3", "img_size": 64, "kwargs": {"depth": 2}}, "text": TEXT}
+CAPTIONS = ["a photo of a cat.", "two dogs playing in the snow", "a red circle"]
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return ClipTokenizer()
+
+
+@pytest.fixture(scope="module")
+def dinov2_release(tmp_path_factory):
+    d = tmp_path_factory.mktemp("dinov2_release")
+    sds = {"backbone": official_dinov2_state(dim=384, depth=2, grid=8),
+           "vision_head": official_vision_head_state(dim=384),
+           "text_encoder": official_text_encoder_state(width=64, depth=2, output_dim=768)}
+    paths = {role: save_pth(sd, d / f"{role}.pth") for role, sd in sds.items()}
+    return sds, paths
+
+
+@pytest.fixture(scope="module")
+def dinov3_release(tmp_path_factory):
+    d = tmp_path_factory.mktemp("dinov3_release")
+    backbone = official_dinov3_state(dim=384, depth=2, heads=6, qkv_bias=True)
+    head = official_vision_head_state(dim=384, prefix="visual_model.head.blocks", seed=3)
+    head = {k if k.startswith("visual_model.") else "visual_model.head." + k: v for k, v in head.items()}
+    text = {"text_model." + k: v for k, v in official_text_encoder_state(width=64, depth=2, output_dim=768).items()}
+    weights = {**head, **text, "logit_scale": torch.tensor([4.25])}
+    return {"backbone": backbone, "weights": weights}, {"backbone": save_pth(backbone, d / "dinov3_vits16.pth"),
+                                                        "weights": save_pth(weights, d / "dinotxt.pth")}
+
+
+def _load_v2(paths, **kw):
+    return dinotxt.load_official("dinov2_vitl14_reg4_dinotxt", backbone=paths["backbone"], vision_head=paths["vision_head"],
+                                 text_encoder=paths["text_encoder"], overrides=SMALL_V2, **kw)
+
+
+def test_full_size_official_keys_and_shapes_match_method_md():
+    cfg = dinotxt.model_config("dinotxt_vitl14_reg4")
+    D, t = 1024, cfg.text
+    with torch.device("meta"):
+        head = VisionHead(D, 5, cfg.vision_head.num_blocks)
+        text = TextTower(t.vocab_size, t.context_length, t.width, t.depth, t.heads, t.mlp_ratio, 2 * D)
+    trainable = {**{"visual." + k: v for k, v in head.state_dict().items()},
+                 **{"text." + k: v for k, v in text.state_dict().items()}, "logit_scale": torch.zeros(())}
+    files = {role: {k: tuple(v.shape) for k, v in sd.items()} for role, sd in official_state_dicts(trainable).items()}
+    expected_head = {"ln_final.weight": (D,), "ln_final.bias": (D,)}
+    for i in range(2):
+        p = f"block_list.{i}."
+        expected_head.update({p + "norm1.weight": (D,), p + "norm1.bias": (D,), p + "attn.qkv.weight": (3072, D),
+                              p + "attn.proj.weight": (D, D), p + "attn.proj.bias": (D,), p + "ls1.gamma": (D,),
+                              p + "norm2.weight": (D,), p + "norm2.bias": (D,), p + "mlp.w1.weight": (2752, D),
+                              p + "mlp.w1.bias": (2752,), p + "mlp.w2.weight": (2752, D), p + "mlp.w2.bias": (2752,),
+                              p + "mlp.w3.weight": (D, 2752), p + "mlp.w3.bias": (D,), p + "ls2.gamma": (D,)})
+    W = 1280
+    expected_text = {"backbone.token_embedding.weight": (49408, W), "backbone.positional_embedding": (77, W),
+                     "backbone.ln_final.weight": (W,), "backbone.ln_final.bias": (W,),
+                     "head.linear_projection.weight": (2048, W)}
+    for i in range(24):
+        p = f"backbone.blocks.{i}."
+        expected_text.update({p + "attention_norm.weight": (W,), p + "attention_norm.bias": (W,),
+                              p + "attention.qkv.weight": (3840, W), p + "attention.proj.weight": (W, W),
+                              p + "attention.proj.bias": (W,), p + "ffn_norm.weight": (W,), p + "ffn_norm.bias": (W,),
+                              p + "feed_forward.fc1.weight": (5120, W), p + "feed_forward.fc1.bias": (5120,),
+                              p + "feed_forward.fc2.weight": (W, 5120), p + "feed_forward.fc2.bias": (W,)})
+    assert files == {"vision_head": expected_head, "text_encoder": expected_text}
+    # the DINOv3 release: one file, `blocks` instead of `block_list`, logit_scale of shape (1,)
+    v3 = {k: tuple(v.shape) for k, v in official_state_dicts(trainable, "dinov3")["weights"].items()}
+    assert v3 == {**{"visual_model.head." + k.replace("block_list", "blocks"): s for k, s in expected_head.items()},
+                  **{"text_model." + k: s for k, s in expected_text.items()}, "logit_scale": (1,)}
+
+
+def test_official_dinov2_release_matches_the_official_implementation(dinov2_release, tokenizer):
+    sds, paths = dinov2_release
+    model, transform, tok = _load_v2(paths)
+    assert isinstance(tok, ClipTokenizer) and model.logit_scale.item() == pytest.approx(math.log(100.0))
+    g = torch.Generator().manual_seed(0)
+    for size in (56, 84):  # 84 px: the position embeddings are resized from the file's 8 x 8 grid
+        x = torch.randn(2, 3, size, size, generator=g)
+        tokens = official_dinov2_tokens(sds["backbone"], x, heads=6)
+        ref = official_vision_embedding(sds["vision_head"], tokens, heads=6, num_registers=4)
+        with torch.no_grad():
+            ours = model.encode_image(x)
+        assert ours.shape == (2, 768) and torch.allclose(ours, ref, atol=ATOL), (ours - ref).abs().max().item()
+    ids = tok(CAPTIONS)
+    ref = official_text_embedding(sds["text_encoder"], ids, heads=2)
+    with torch.no_grad():
+        assert torch.allclose(model.encode_text(ids), ref, atol=ATOL)
+
+
+def test_official_dinov3_single_file_matches_the_official_implementation(dinov3_release, tmp_path):
+    sds, paths = dinov3_release
+    model, _, tok = dinotxt.load_official("dinov3_vitl16_dinotxt", backbone=paths["backbone"], weights=paths["weights"],
+                                          overrides=SMALL_V3)
+    assert model.config.backbone.name == "vit_small_patch16_dinov3_qkvb"  # the file's qkv biases are non-zero
+    assert model.logit_scale.item() == 4.25
+    x = torch.randn(2, 3, 64, 80, generator=torch.Generator().manual_seed(1))
+    tokens = official_dinov3_tokens(sds["backbone"], x, heads=6)
+    head = {k[len("visual_model.head."):]: v for k, v in sds["weights"].items() if k.startswith("visual_model.head.")}
+    ref = official_vision_embedding(head, tokens, heads=6, num_registers=4, prefix="blocks")
+    with torch.no_grad():
+        assert torch.allclose(model.encode_image(x), ref, atol=ATOL)
+        text = {k[len("text_model."):]: v for k, v in sds["weights"].items() if k.startswith("text_model.")}
+        ids = tok(CAPTIONS)
+        assert torch.allclose(model.encode_text(ids), official_text_embedding(text, ids, heads=2), atol=ATOL)
+    # a file that also carries the backbone (visual_model.backbone.*) needs no separate backbone file
+    merged = save_pth({**sds["weights"], **{"visual_model.backbone." + k: v for k, v in sds["backbone"].items()}},
+                      tmp_path / "with_backbone.pth")
+    again, _, _ = dinotxt.load_official("dinov3_vitl16_dinotxt", weights=merged, overrides=SMALL_V3)
+    with torch.no_grad():
+        assert torch.equal(again.encode_image(x), model.encode_image(x))
+
+
+def test_export_official_then_load_is_bit_identical(dinov2_release, dinov3_release, tmp_path):
+    for release, (sds, paths), load in (("dinov2", dinov2_release, None), ("dinov3", dinov3_release, None)):
+        if release == "dinov2":
+            model, _, tok = _load_v2(paths)
+        else:
+            model, _, tok = dinotxt.load_official("dinov3_vitl16_dinotxt", backbone=paths["backbone"],
+                                                  weights=paths["weights"], overrides=SMALL_V3)
+        ckpt = save_checkpoint(tmp_path / f"{release}_ckpt", model, tok)
+        report = export_official(ckpt, tmp_path / f"{release}_official")
+        assert report["layout"] == release and report["tokenizer"]["kind"] == "clip_bpe"
+        assert not report["loads_in_official_entry_point"]  # ViT-S / 64-wide text: not the released architecture
+        out = tmp_path / f"{release}_official"
+        assert json.loads((out / "export.json").read_text())["files"] == report["files"]
+        exported = {name: torch.load(out / name, weights_only=True) for name in report["files"]}
+        originals = [sds[r] for r in KEY_MAPS[release]]
+        for original, name in zip(originals, report["files"]):
+            assert set(exported[name]) == set(original), name
+            assert all(torch.equal(exported[name][k], original[k]) for k in original), name
+        x = torch.randn(2, 3, 56 if release == "dinov2" else 64, 64 if release == "dinov3" else 56)
+        ids = tok(CAPTIONS)
+        if release == "dinov2":
+            files = [str(out / n) for n in report["files"]]
+            again, _, _ = dinotxt.load_official("dinov2_vitl14_reg4_dinotxt", backbone=paths["backbone"],
+                                                vision_head=files[0], text_encoder=files[1], overrides=SMALL_V2)
+        else:
+            again, _, _ = dinotxt.load_official("dinov3_vitl16_dinotxt", backbone=paths["backbone"],
+                                                weights=str(out / report["files"][0]), overrides=SMALL_V3)
+        with torch.no_grad():
+            assert torch.equal(again.encode_image(x), model.encode_image(x))
+            assert torch.equal(again.encode_text(ids), model.encode_text(ids))
+
+
+def test_checkpoint_folder_and_single_safetensors_keep_the_clip_tokenizer(dinov3_release, tmp_path):
+    sds, paths = dinov3_release
+    backbone = tmp_path / "backbone.pth"
+    backbone.write_bytes(open(paths["backbone"], "rb").read())
+    model, _, tok = dinotxt.load_official("dinov3_vitl16_dinotxt", backbone=str(backbone), weights=paths["weights"],
+                                          overrides=SMALL_V3)
+    ckpt = save_checkpoint(tmp_path / "ckpt", model, tok)
+    assert (ckpt / "bpe_simple_vocab_16e6.txt.gz").is_file() and not (ckpt / "tokenizer.model").exists()
+    x, ids = torch.randn(1, 3, 64, 64), tok(CAPTIONS)
+    folder_model, _, folder_tok = dinotxt.load(ckpt)
+    assert isinstance(folder_tok, ClipTokenizer) and torch.equal(folder_tok(CAPTIONS), ids)
+    plain = export_safetensors(ckpt, tmp_path / "model_only.safetensors")
+    full = export_safetensors(ckpt, tmp_path / "with_backbone.safetensors", include_backbone=True)
+    assert not plain["includes_backbone"] and full["bytes"] > plain["bytes"]
+    backbone.unlink()  # the single file with the backbone no longer needs the original file
+    with pytest.raises(FileNotFoundError, match="backbone_weights=PATH"):
+        dinotxt.load(tmp_path / "model_only.safetensors")
+    single, _, single_tok = dinotxt.load(tmp_path / "with_backbone.safetensors")
+    assert isinstance(single_tok, ClipTokenizer) and torch.equal(single_tok(CAPTIONS), ids)
+    with torch.no_grad():
+        # includes the RoPE periods taken from the official file (timm would recompute them)
+        assert torch.equal(single.encode_image(x), model.encode_image(x))
+        assert torch.equal(single.encode_text(ids), model.encode_text(ids))
+        assert torch.equal(folder_model.encode_text(ids), model.encode_text(ids))
+
+
+def test_wrong_official_files_name_the_mismatch(dinov2_release, tmp_path):
+    sds, paths = dinov2_release
+    with pytest.raises(ValueError, match=r"vision head file .* \(a text encoder file\) does not fit .*missing \d+ keys "
+                                         r"\(e.g. block_list.0.norm1.weight"):
+        dinotxt.load_official("dinov2_vitl14_reg4_dinotxt", backbone=paths["backbone"], vision_head=paths["text_encoder"],
+                              text_encoder=paths["vision_head"], overrides=SMALL_V2)
+    wide = save_pth(official_vision_head_state(dim=768), tmp_path / "vitb_head.pth")
+    with pytest.raises(ValueError, match=r"shape mismatches \(e.g. block_list.0.norm1.weight: file \(768,\) vs model "
+                                         r"\(384,\)"):
+        dinotxt.load_official("dinov2_vitl14_reg4_dinotxt", backbone=paths["backbone"], vision_head=wide,
+                              text_encoder=paths["text_encoder"], overrides=SMALL_V2)
+    with pytest.raises(ValueError, match="pass backbone=PATH to dinov2_vitl14_reg4_pretrain.pth"):
+        dinotxt.load_official("dinov2_vitl14_reg4_dinotxt", vision_head=paths["vision_head"],
+                              text_encoder=paths["text_encoder"], overrides=SMALL_V2)
+    with pytest.raises(FileNotFoundError, match="text encoder file not found"):
+        dinotxt.load_official("dinov2_vitl14_reg4_dinotxt", backbone=paths["backbone"], vision_head=paths["vision_head"],
+                              text_encoder=str(tmp_path / "nope.pth"), overrides=SMALL_V2)
+    with pytest.raises(ValueError, match="unknown official dino.txt release 'dinov2_vitl14'"):
+        dinotxt.load_official("dinov2_vitl14", backbone=paths["backbone"])
+
+
+def test_official_model_works_with_the_zero_shot_and_dense_api(dinov2_release):
+    from PIL import Image
+
+    model, transform, tok = _load_v2(dinov2_release[1])
+    classifier = dinotxt.zero_shot_classifier(model, tok, ["cat", "dog", "car"], templates=["a photo of a {}.", "a {}."])
+    assert classifier.shape == (3, 768) and torch.allclose(classifier.norm(dim=-1), torch.ones(3))
+    image = transform(Image.new("RGB", (90, 70), (200, 30, 30)))[None]
+    with torch.no_grad():
+        probs = (100 * model.encode_image(image, normalize=True) @ classifier.t()).softmax(-1)
+        patches = model.encode_patches(image, normalize=True)
+    assert probs.shape == (1, 3) and torch.allclose(probs.sum(), torch.tensor(1.0))
+    dense = dinotxt.zero_shot_classifier(model, tok, ["cat", "dog"], templates=["a {}."], half="patch")
+    assert patches.shape == (1, 4, 4, 384) and (patches @ dense.t()).shape == (1, 4, 4, 2)
+
+
+def test_cli_export_writes_files_and_reports_errors_in_one_line(dinov2_release, tmp_path, capsys):
+    from dinotxt.cli import main
+
+    model, _, tok = _load_v2(dinov2_release[1])
+    ckpt = save_checkpoint(tmp_path / "ckpt", model, tok)
+    assert main(["export", str(ckpt), "--format", "official", "--out", str(tmp_path / "off")]) == 0
+    assert (tmp_path / "off" / "dinotxt_vitl14_reg4_vision_head.pth").is_file()
+    assert main(["export", str(ckpt), "--format", "safetensors"]) == 0
+    assert (tmp_path / "ckpt.safetensors").is_file()
+    capsys.readouterr()
+    assert main(["export", str(tmp_path / "missing"), "--format", "official"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("dinotxt: error: ") and "is not a dinotxt checkpoint: it does not exist" in err
+    assert "\n" not in err
+    assert main(["export", str(ckpt), "--format", "official", "--include-backbone"]) == 2
