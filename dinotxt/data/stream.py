@@ -1,12 +1,13 @@
 """A deterministic, resumable stream of (image, caption) training pairs.
 
-Every (rank, dataloader worker) reads its own disjoint part of the data: shards are
-split across all ``world_size * num_workers`` readers (or, with fewer shards than
-readers, every reader scans all shards and keeps every n-th sample). Each pass over
-the data ("epoch") reshuffles the shard order with ``seed + epoch`` and mixes samples
-in a seeded shuffle buffer holding *undecoded* bytes, so the stream is a pure function
-of the seed. Decoding happens after the buffer; a sample that fails to decode (corrupt
-image, missing or empty caption) is skipped and counted by reason.
+Every (rank, dataloader worker) reads its own disjoint part of the data: whole shards are
+split across all ``world_size * num_workers`` readers, and the shards left over when their
+number is not a multiple of the readers (all of them, with fewer shards than readers)
+are scanned by every reader, each keeping every n-th sample, so ranks stay balanced.
+Each pass over the data ("epoch") reshuffles the shard order with ``seed + epoch`` and
+mixes samples in a seeded shuffle buffer holding *undecoded* bytes, so the stream is a
+pure function of the seed. Decoding happens after the buffer; a sample that fails to
+decode (corrupt image, missing or empty caption) is skipped and counted by reason.
 
 Each yielded sample carries ``(reader id, position)``: the number of raw samples that
 reader has taken from its buffer. Resuming with those positions replays the stream up
@@ -163,16 +164,17 @@ class ImageTextStream(IterableDataset):
             return
         order = list(self.shards)
         rng.shuffle(order)
-        if len(order) >= readers:
-            for shard in order[reader::readers]:
-                yield from self._iter_shard(shard, errors)
-        else:  # fewer shards than readers: everyone scans, each keeps every n-th sample
-            n = 0
-            for shard in order:
-                for sample in self._iter_shard(shard, errors):
-                    if n % readers == reader:
-                        yield sample
-                    n += 1
+        whole = len(order) // readers * readers
+        for shard in order[:whole][reader::readers]:
+            yield from self._iter_shard(shard, errors)
+        # the remaining shards (fewer than readers): every reader scans them and keeps every
+        # n-th sample, so all readers get (nearly) the same number of samples per pass
+        n = 0
+        for shard in order[whole:]:
+            for sample in self._iter_shard(shard, errors):
+                if n % readers == reader:
+                    yield sample
+                n += 1
 
     def raw_stream(self, reader: int, readers: int, errors: Counter) -> Iterator[Dict]:
         """Undecoded samples of this reader, shuffled, epoch after epoch, forever."""
