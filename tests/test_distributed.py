@@ -138,5 +138,5 @@ def test_strategies_from_the_recipe():
     assert isinstance(build_strategy("ddp"), DDPStrategy)
     fsdp = build_strategy("fsdp")
     assert isinstance(fsdp, FSDPStrategy)
-    assert {TextBlock, HeadBlock} <= set(fsdp._fsdp_kwargs["auto_wrap_policy"]._module_classes)
+    assert {TextBlock, HeadBlock} <= set(fsdp.kwargs["auto_wrap_policy"]._module_classes)
     assert build_strategy("auto") == "auto" and build_strategy("ddp_spawn") == "ddp_spawn"
