@@ -1,0 +1,265 @@
+"""Pictures of dense predictions: a colour overlay with a legend, a per-class heat-map sheet,
+and a confusion-matrix plot for segmentation evaluations.
+
+Overlays keep the photograph visible under translucent class colours, outline every region,
+write the class name on each large region and list the classes with their area in a legend
+panel, so a reader can check a prediction without the label map. Small images are enlarged
+first (nearest neighbour for labels) so the text stays legible.
+"""
+from __future__ import annotations
+
+import colorsys
+from pathlib import Path
+from typing import List, Optional, Sequence, Union
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw, ImageFont
+
+from .fileio import atomic_output
+
+MIN_SIDE = 384  # images smaller than this are enlarged before drawing text on them
+BACKGROUND_NAMES = ("background", "void")
+
+
+def label_palette(num_classes: int) -> np.ndarray:
+    """(num_classes, 3) uint8 colours, well spread: golden-ratio hue steps with alternating brightness."""
+    colours = []
+    for i in range(num_classes):
+        hue = (i * 0.618033988749895) % 1.0
+        sat = 0.85 if i % 3 != 1 else 0.6
+        val = 0.95 if i % 2 == 0 else 0.75
+        colours.append([round(255 * c) for c in colorsys.hsv_to_rgb(hue, sat, val)])
+    return np.asarray(colours, dtype=np.uint8).reshape(num_classes, 3)
+
+
+def _font(size: int) -> ImageFont.ImageFont:
+    try:
+        return ImageFont.load_default(size=size)
+    except TypeError:  # Pillow < 10.1 has one bitmap size only
+        return ImageFont.load_default()
+
+
+def _text_size(draw: ImageDraw.ImageDraw, text: str, font) -> tuple:
+    box = draw.textbbox((0, 0), text, font=font)
+    return box[2] - box[0], box[3] - box[1]
+
+
+def _as_numpy_labels(labels: Union[np.ndarray, torch.Tensor]) -> np.ndarray:
+    if isinstance(labels, torch.Tensor):
+        labels = labels.cpu().numpy()
+    labels = np.asarray(labels)
+    if labels.ndim != 2:
+        raise ValueError(f"labels must be a (H, W) map, got shape {labels.shape}")
+    return labels.astype(np.int64)
+
+
+def _enlarge(image: Image.Image, labels: np.ndarray, min_side: int = MIN_SIDE):
+    factor = int(np.ceil(min_side / min(labels.shape)))
+    if factor <= 1:
+        return image, labels
+    h, w = labels.shape
+    image = image.resize((w * factor, h * factor), Image.BICUBIC)
+    return image, np.repeat(np.repeat(labels, factor, axis=0), factor, axis=1)
+
+
+def _box_density(mask: np.ndarray, radius: int) -> np.ndarray:
+    """Fraction of each pixel's (2r+1)^2 neighbourhood inside ``mask`` (an integral-image box filter)."""
+    h, w = mask.shape
+    integral = np.zeros((h + 1, w + 1), dtype=np.float64)
+    integral[1:, 1:] = mask.astype(np.float64).cumsum(0).cumsum(1)
+    ys, xs = np.arange(h), np.arange(w)
+    y0, y1 = np.clip(ys - radius, 0, h), np.clip(ys + radius + 1, 0, h)
+    x0, x1 = np.clip(xs - radius, 0, w), np.clip(xs + radius + 1, 0, w)
+    total = (integral[y1][:, x1] - integral[y0][:, x1] - integral[y1][:, x0] + integral[y0][:, x0])
+    return total / ((y1 - y0)[:, None] * (x1 - x0)[None, :])
+
+
+def _anchor(mask: np.ndarray, free: np.ndarray, radius: int) -> Optional[tuple]:
+    """The point of the region with the most of the region around it, away from names already drawn
+    (a scattered class gets its name on its largest solid part, not on its empty centroid)."""
+    density = _box_density(mask, radius) * mask * free
+    if density.max() < 0.25:
+        return None
+    y, x = np.unravel_index(int(np.argmax(density)), density.shape)
+    return int(x), int(y)
+
+
+def overlay_segmentation(image: Image.Image, labels: Union[np.ndarray, torch.Tensor], class_names: Sequence[str],
+                         alpha: float = 0.5, background_index: Optional[int] = None, max_legend: int = 24,
+                         title: Optional[str] = None) -> Image.Image:
+    """The image under translucent class colours, region outlines and names, plus a legend panel.
+
+    Args:
+        image: the photograph (resized to the label map if the sizes differ).
+        labels: (H, W) class indices into ``class_names``.
+        class_names: names of the label values.
+        alpha: opacity of the class colours (0 = image only).
+        background_index: a label value drawn without colour (default: a class named "background").
+        max_legend: legend rows shown (largest classes first); the rest are counted.
+        title: optional line above the legend.
+    """
+    labels = _as_numpy_labels(labels)
+    names = list(class_names)
+    if labels.size and (labels.min() < 0 or labels.max() >= len(names)):
+        raise ValueError(f"label values span {labels.min()}..{labels.max()} but there are {len(names)} class names")
+    if background_index is None:
+        background_index = next((i for i, n in enumerate(names) if n.lower() in BACKGROUND_NAMES), None)
+    image = image.convert("RGB")
+    if image.size != (labels.shape[1], labels.shape[0]):
+        image = image.resize((labels.shape[1], labels.shape[0]), Image.BICUBIC)
+    image, labels = _enlarge(image, labels)
+    h, w = labels.shape
+    palette = label_palette(len(names))
+    photo = np.asarray(image, dtype=np.float32)
+    tint = palette[labels].astype(np.float32)
+    coloured = labels != background_index if background_index is not None else np.ones_like(labels, dtype=bool)
+    out = photo.copy()
+    out[coloured] = (1 - alpha) * photo[coloured] + alpha * tint[coloured]
+    # region outlines: a pixel whose right or lower neighbour has another label
+    edge = np.zeros_like(labels, dtype=bool)
+    edge[:, :-1] |= labels[:, :-1] != labels[:, 1:]
+    edge[:-1, :] |= labels[:-1, :] != labels[1:, :]
+    out[edge] = 0.35 * out[edge]
+    canvas = Image.fromarray(np.clip(out, 0, 255).astype(np.uint8))
+    draw = ImageDraw.Draw(canvas)
+
+    font_size = int(np.clip(min(h, w) / 24, 12, 26))
+    font = _font(font_size)
+    ids, counts = np.unique(labels, return_counts=True)
+    order = np.argsort(-counts)
+    ids, counts = ids[order], counts[order]
+    free = np.ones_like(labels, dtype=bool)  # where a name may still go without covering another
+    radius = max(4, min(h, w) // 16)
+    for cls, count in zip(ids, counts):  # names on regions covering at least 1% of the image
+        if cls == background_index or count < 0.01 * labels.size:
+            continue
+        spot = _anchor(labels == cls, free, radius)
+        if spot is None:
+            continue
+        text = names[cls]
+        tw, th = _text_size(draw, text, font)
+        x0 = int(np.clip(spot[0] - tw / 2, 2, max(2, w - tw - 6)))
+        y0 = int(np.clip(spot[1] - th / 2, 2, max(2, h - th - 6)))
+        draw.rectangle([x0 - 3, y0 - 2, x0 + tw + 3, y0 + th + 5], fill=(0, 0, 0))
+        draw.text((x0, y0), text, fill=tuple(int(v) for v in palette[cls]), font=font)
+        free[max(0, y0 - th - 6):y0 + 2 * th + 10, max(0, x0 - tw // 2 - 6):x0 + tw + tw // 2 + 6] = False
+
+    # legend panel on the right: colour swatch, name, share of the image
+    rows = [(int(c), f"{names[c]}  {100 * n / labels.size:.1f}%") for c, n in zip(ids, counts)]
+    hidden = max(0, len(rows) - max_legend)
+    rows = rows[:max_legend]
+    header = title or "classes (area)"
+    scratch = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    line = _text_size(scratch, "Ag", font)[1] + 10
+    swatch = line - 8
+    text_w = max([_text_size(scratch, t, font)[0] for _, t in rows] + [_text_size(scratch, header, font)[0]])
+    panel_w = swatch + text_w + 36
+    panel_h = max(h, line * (len(rows) + 2 + (1 if hidden else 0)) + 10)
+    sheet = Image.new("RGB", (w + panel_w, panel_h), (255, 255, 255))
+    sheet.paste(canvas, (0, 0))
+    d = ImageDraw.Draw(sheet)
+    d.text((w + 12, 8), header, fill=(0, 0, 0), font=font)
+    for k, (cls, text) in enumerate(rows):
+        y = 8 + line * (k + 1) + 4
+        colour = (255, 255, 255) if cls == background_index else tuple(int(v) for v in palette[cls])
+        d.rectangle([w + 12, y, w + 12 + swatch, y + swatch], fill=colour, outline=(0, 0, 0))
+        d.text((w + 20 + swatch, y - 2), text, fill=(0, 0, 0), font=font)
+    if hidden:
+        d.text((w + 12, 8 + line * (len(rows) + 1) + 4), f"+{hidden} more classes", fill=(90, 90, 90), font=font)
+    return sheet
+
+
+def _colormap(values: np.ndarray, name: str = "inferno") -> np.ndarray:
+    from matplotlib import colormaps
+
+    return (colormaps[name](np.clip(values, 0.0, 1.0))[..., :3] * 255).astype(np.uint8)
+
+
+def heatmap_sheet(image: Image.Image, scores: Union[np.ndarray, torch.Tensor], class_names: Sequence[str],
+                  columns: int = 4, tile: int = 256, max_classes: int = 24) -> Image.Image:
+    """A grid of per-class score maps over a grey copy of the image, the image itself first.
+
+    All maps share one colour scale (the lowest to the highest score of the sheet, printed in
+    the header), so tiles compare directly. With more than ``max_classes`` classes the ones
+    with the highest peak score are shown.
+
+    Args:
+        image: the photograph.
+        scores: (C, H, W) per-class scores (e.g. ``SegmentationResult.scores``).
+        class_names: the C names.
+        columns: tiles per row.
+        tile: tile width in pixels (height follows the image aspect).
+        max_classes: most class tiles drawn.
+    """
+    if isinstance(scores, torch.Tensor):
+        scores = scores.detach().float().cpu().numpy()
+    scores = np.asarray(scores, dtype=np.float32)
+    if scores.ndim != 3 or scores.shape[0] != len(class_names):
+        raise ValueError(f"scores must be (C, H, W) with C = {len(class_names)} class names, got {scores.shape}")
+    peaks = scores.reshape(scores.shape[0], -1).max(1)
+    shown = sorted(np.argsort(-peaks)[:max_classes].tolist())
+    lo, hi = float(scores.min()), float(scores.max())
+    span = hi - lo if hi > lo else 1.0
+    th = max(1, round(tile * scores.shape[1] / scores.shape[2]))
+    font = _font(14)
+    caption_h = 24
+    header_h = 28
+    n = len(shown) + 1
+    columns = max(1, min(columns, n))
+    rows = (n + columns - 1) // columns
+    sheet = Image.new("RGB", (columns * tile, header_h + rows * (th + caption_h)), (255, 255, 255))
+    draw = ImageDraw.Draw(sheet)
+    draw.text((6, 6), f"per-class scores, shared colour scale {lo:.3f} (dark) .. {hi:.3f} (bright)", fill=(0, 0, 0), font=font)
+    photo = image.convert("RGB").resize((tile, th), Image.BICUBIC)
+    grey = np.asarray(photo.convert("L").convert("RGB"), dtype=np.float32)
+    tiles = [("image", photo)]
+    for c in shown:
+        heat = np.asarray(Image.fromarray((scores[c] - lo) / span).resize((tile, th), Image.BILINEAR))
+        blend = 0.7 * _colormap(heat).astype(np.float32) + 0.3 * grey
+        tiles.append((f"{class_names[c]}  max {peaks[c]:.3f}", Image.fromarray(np.clip(blend, 0, 255).astype(np.uint8))))
+    for k, (caption, picture) in enumerate(tiles):
+        x, y = (k % columns) * tile, header_h + (k // columns) * (th + caption_h)
+        sheet.paste(picture, (x, y + caption_h))
+        draw.text((x + 4, y + 4), caption, fill=(0, 0, 0), font=font)
+    return sheet
+
+
+def save_image(picture: Image.Image, path: Union[str, Path]) -> Path:
+    """Write a PIL image atomically (format from the suffix, PNG by default)."""
+    path = Path(path)
+    fmt = {".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}.get(path.suffix.lower(), "PNG")
+    with atomic_output(path) as tmp:
+        picture.save(tmp, format=fmt)
+    return path
+
+
+def confusion_matrix_figure(confusion: Union[np.ndarray, torch.Tensor, List[List[int]]], class_names: Sequence[str],
+                            path: Union[str, Path], title: str = "confusion matrix (rows: ground truth, normalised)") -> Path:
+    """Row-normalised confusion matrix (rows = ground truth, columns = prediction) as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    conf = np.asarray(confusion.cpu() if isinstance(confusion, torch.Tensor) else confusion, dtype=np.float64)
+    k = conf.shape[0]
+    rows = conf.sum(1, keepdims=True)
+    norm = np.divide(conf, rows, out=np.zeros_like(conf), where=rows > 0)
+    side = float(np.clip(0.16 * k + 3, 5, 30))
+    fig, ax = plt.subplots(figsize=(side, side * 0.9))
+    im = ax.imshow(norm, cmap="viridis", vmin=0, vmax=1, interpolation="nearest")
+    if k <= 80:
+        size = max(3.0, min(9.0, 400 / k))
+        ax.set_xticks(range(k), list(class_names), rotation=90, fontsize=size)
+        ax.set_yticks(range(k), list(class_names), fontsize=size)
+    ax.set_xlabel("predicted class")
+    ax.set_ylabel("ground-truth class")
+    ax.set_title(title)
+    fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
+    fig.tight_layout()
+    path = Path(path)
+    with atomic_output(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
+    plt.close(fig)
+    return path
