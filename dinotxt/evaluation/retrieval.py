@@ -54,8 +54,8 @@ def retrieval_recall(image_features: torch.Tensor, text_features: torch.Tensor, 
         i2t_rank[s:s + chunk] = (sim > best_own).sum(1).cpu()
     out = {}
     for k in ks:
-        out[f"image_to_text_R@{k}"] = float((i2t_rank < k).float().mean()) if n else float("nan")
-        out[f"text_to_image_R@{k}"] = float((t2i_rank < k).float().mean()) if m else float("nan")
+        out[f"image_to_text_R@{k}"] = float((i2t_rank < k).double().mean()) if n else float("nan")
+        out[f"text_to_image_R@{k}"] = float((t2i_rank < k).double().mean()) if m else float("nan")
     return out
 
 
