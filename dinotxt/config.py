@@ -138,7 +138,7 @@ class TrainerConfig:
     compile: bool = False  # torch.compile the text tower and the vision head
     deterministic: bool = False
     # run the frozen backbone under bf16 autocast even when the rest trains in fp32 (CPUs with
-    # AMX / avx512_bf16, or GPUs): much faster, NOT bit-exact (tokens differ by ~1e-2 relative)
+    # AMX / avx512_bf16, or GPUs): about 2x faster, NOT bit-exact (tokens differ by ~3e-3 relative)
     backbone_autocast: Optional[str] = None  # None | bfloat16
 
 
