@@ -2,7 +2,11 @@
 
     dinotxt train RECIPE [key=value ...] [--resume]
     dinotxt tokenizer train --data SHARDS_OR_MANIFEST --out tok.model [--vocab-size N]
-    dinotxt eval zeroshot --checkpoint DIR --data IMAGE_FOLDER [--classnames F] [--templates T]
+    dinotxt eval zeroshot --checkpoint DIR --data IMAGE_FOLDER [--dataset imagenet|folder] [--classnames F] [--templates T]
+    dinotxt eval segmentation --checkpoint DIR --dataset NAME --root DIR [--mode slide|whole] [--out DIR]
+    dinotxt eval retrieval --checkpoint DIR --dataset coco|flickr30k|shards --root DIR [--annotations F]
+    dinotxt eval suite RECIPE [key=value ...]
+    dinotxt segment IMAGE --checkpoint DIR --labels "cat,grass,sky" --out overlay.png
     dinotxt demo [key=value ...]
     dinotxt export CHECKPOINT --format official|safetensors [--out PATH] [--include-backbone]
     dinotxt models
@@ -62,13 +66,122 @@ def _cmd_eval_zeroshot(args) -> int:
     device = args.device or ("cuda" if __import__("torch").cuda.is_available() else "cpu")
     model, transform, tokenizer = load(args.checkpoint, device=device, backbone_weights=args.backbone_weights)
     res = evaluate_zeroshot(model, transform, tokenizer, args.data, args.classnames, args.templates,
-                            args.batch_size, args.num_workers, device)
+                            args.batch_size, args.num_workers, device, dataset=args.dataset)
     print(f"{'dataset':<28}{'images':>8}{'classes':>9}{'top-1':>8}{'top-5':>8}{'mean recall':>13}{'chance':>8}")
     print(f"{os.path.basename(os.path.normpath(args.data)):<28}{res['num_images']:>8}{res['num_classes']:>9}"
           f"{100 * res['top1']:>7.1f}%{100 * res['top5']:>7.1f}%{100 * res['mean_per_class_recall']:>12.1f}%"
           f"{100 * res['chance_top1']:>7.1f}%")
     if args.json:
         print(json.dumps(res))
+    return 0
+
+
+def _device(name: Optional[str]) -> str:
+    import torch
+
+    return name or ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _parse_labels(args) -> List[str]:
+    from .zero_shot import load_classnames
+
+    if args.labels_file:
+        return load_classnames(args.labels_file)
+    names = [n.strip() for n in (args.labels or "").split(",")]
+    if not any(names):
+        raise ValueError("empty label list: pass --labels 'cat,grass,sky' or --labels-file FILE (one name per line)")
+    if not all(names):
+        raise ValueError(f"--labels {args.labels!r} has an empty name (a doubled or trailing comma?)")
+    return names
+
+
+def _cmd_segment(args) -> int:
+    from pathlib import Path
+
+    from .checkpoint import load
+    from .segmentation import prepare_image
+    from .visualize import heatmap_sheet, overlay_segmentation, save_image
+
+    names = _parse_labels(args)
+    if not args.out.lower().endswith((".png", ".jpg", ".jpeg", ".webp")):
+        raise ValueError(f"--out {args.out} must end in .png, .jpg or .webp")
+    from PIL import Image
+
+    if not Path(args.image).is_file():
+        raise FileNotFoundError(f"image not found: {args.image}")
+    try:
+        image = Image.open(args.image).convert("RGB")
+    except Exception as e:
+        raise ValueError(f"cannot read image {args.image}: {e}") from None
+    prepare_image(image, args.short_side)  # size checks before the model loads
+    model, _, tokenizer = load(args.checkpoint, device=_device(args.device), backbone_weights=args.backbone_weights)
+    result = model.segment(image, names, tokenizer=tokenizer, templates=args.templates, mode=args.mode,
+                           short_side=args.short_side or None, window=args.window, stride=args.stride,
+                           logit_scale=args.logit_scale, background_threshold=args.background_threshold)
+    out = Path(args.out)
+    save_image(overlay_segmentation(image, result.labels, result.class_names, alpha=args.alpha), out)
+    heat = Path(args.heatmaps) if args.heatmaps else out.with_name(out.stem + "_heatmaps.png")
+    save_image(heatmap_sheet(image, result.scores, names), heat)
+    if args.save_labels:
+        save_image(Image.fromarray(result.labels.numpy().astype("uint8")), args.save_labels)
+    counts = result.labels.flatten().bincount(minlength=len(result.class_names))
+    total = int(counts.sum())
+    print(f"{'class':<28}{'area':>8}")
+    for i in counts.argsort(descending=True).tolist():
+        if counts[i]:
+            print(f"{result.class_names[i]:<28}{100 * int(counts[i]) / total:>7.1f}%")
+    print(f"wrote {out} (overlay) and {heat} (per-class heat maps)" + (f" and {args.save_labels}" if args.save_labels else ""))
+    return 0
+
+
+def _cmd_eval_segmentation(args) -> int:
+    from .checkpoint import load
+    from .evaluation.datasets import segmentation_dataset
+    from .evaluation.segmentation import evaluate_segmentation
+
+    dataset = segmentation_dataset(args.dataset, args.root, args.split, args.classnames, args.reduce_zero_label,
+                                   args.has_background)
+    model, _, tokenizer = load(args.checkpoint, device=_device(args.device), backbone_weights=args.backbone_weights)
+    out = args.out or os.path.join("runs", "eval", f"segmentation_{args.dataset}")
+    res = evaluate_segmentation(model, tokenizer, dataset, args.templates, args.mode, args.short_side or None,
+                                args.window, args.stride, args.logit_scale, args.background_threshold, args.limit,
+                                out, args.num_examples)
+    print(f"{'dataset':<16}{'images':>8}{'classes':>9}{'mode':>7}{'mIoU':>8}{'aAcc':>8}{'mAcc':>8}"
+          f"{'majority-class mIoU':>21}")
+    print(f"{args.dataset:<16}{res['num_images']:>8}{res['num_classes']:>9}{res['mode']:>7}{100 * res['miou']:>7.1f}%"
+          f"{100 * res['aacc']:>7.1f}%{100 * res['macc']:>7.1f}%{100 * res['baseline_majority_miou']:>20.1f}%")
+    if "baseline_all_background_miou" in res:
+        print(f"(all-background prediction: mIoU {100 * res['baseline_all_background_miou']:.1f}%)")
+    print(f"report: {out}/ (metrics.json, per_class_iou.md, confusion.png, examples/)")
+    if args.json:
+        print(json.dumps({k: v for k, v in res.items() if k != "confusion"}))
+    return 0
+
+
+def _cmd_eval_retrieval(args) -> int:
+    from .checkpoint import load
+    from .evaluation.datasets import retrieval_dataset
+    from .evaluation.retrieval import evaluate_retrieval
+
+    dataset = retrieval_dataset(args.dataset, args.root, args.annotations, args.split)
+    model, transform, tokenizer = load(args.checkpoint, device=_device(args.device), backbone_weights=args.backbone_weights)
+    res = evaluate_retrieval(model, transform, tokenizer, dataset, args.batch_size, args.num_workers)
+    print(f"{'dataset':<16}{'images':>8}{'texts':>8}" + "".join(f"{'i->t R@' + str(k):>10}" for k in (1, 5, 10))
+          + "".join(f"{'t->i R@' + str(k):>10}" for k in (1, 5, 10)) + f"{'chance R@1':>12}")
+    print(f"{args.dataset:<16}{res['num_images']:>8}{res['num_texts']:>8}"
+          + "".join(f"{100 * res[f'image_to_text_R@{k}']:>9.1f}%" for k in (1, 5, 10))
+          + "".join(f"{100 * res[f'text_to_image_R@{k}']:>9.1f}%" for k in (1, 5, 10)) + f"{100 * res['chance_R@1']:>11.2f}%")
+    if args.json:
+        print(json.dumps(res))
+    return 0
+
+
+def _cmd_eval_suite(args) -> int:
+    from .evaluation.suite import run_suite
+
+    res = run_suite(args.recipe, args.overrides)
+    print(open(os.path.join(res["output_dir"], "results.md"), encoding="utf-8").read())
+    print(f"wrote {res['output_dir']}/results.json and results.md")
     return 0
 
 
@@ -129,15 +242,74 @@ def build_parser() -> argparse.ArgumentParser:
     ev = sub.add_parser("eval", help="evaluate a checkpoint").add_subparsers(dest="task", required=True)
     z = ev.add_parser("zeroshot", help="zero-shot classification on an image folder (one folder per class)")
     z.add_argument("--checkpoint", required=True, help="dinotxt checkpoint folder (runs/NAME/checkpoint)")
-    z.add_argument("--data", required=True, help="image folder: DIR/<class name>/<image>")
+    z.add_argument("--data", required=True, help="image folder: DIR/<class name>/<image> (imagenet: DIR/val/<wnid>/)")
+    z.add_argument("--dataset", default="folder", choices=["folder", "imagenet"],
+                   help="folder: class names from folder names; imagenet: synset folders named with the shipped list")
     z.add_argument("--classnames", default=None, help="text file with one class name per line (folder order)")
-    z.add_argument("--templates", default="imagenet", help="imagenet | simple | a text file of templates with {}")
+    z.add_argument("--templates", default="imagenet", help="imagenet | ovseg | simple | a text file of templates with {}")
     z.add_argument("--batch-size", type=int, default=64)
     z.add_argument("--num-workers", type=int, default=2)
     z.add_argument("--device", default=None)
     z.add_argument("--backbone-weights", default=None, help="backbone weights file, if it moved since training")
     z.add_argument("--json", action="store_true", help="also print the metrics as JSON")
     z.set_defaults(func=_cmd_eval_zeroshot)
+
+    def dense_options(q) -> None:
+        q.add_argument("--checkpoint", required=True, help="dinotxt checkpoint folder (runs/NAME/checkpoint)")
+        q.add_argument("--templates", default="imagenet", help="imagenet (80) | ovseg (14) | simple | a file of templates with {}")
+        q.add_argument("--mode", default="slide", choices=["slide", "whole"], help="slide windows (official) or one pass")
+        q.add_argument("--short-side", type=int, default=512, help="resize the image's short side to this (0 keeps it)")
+        q.add_argument("--window", type=int, default=384)
+        q.add_argument("--stride", type=int, default=192)
+        q.add_argument("--logit-scale", type=float, default=1.0, help="cosine multiplier before the softmax")
+        q.add_argument("--background-threshold", type=float, default=None,
+                       help="pixels whose best class probability is below this become background")
+        q.add_argument("--device", default=None)
+        q.add_argument("--backbone-weights", default=None, help="backbone weights file, if it moved since training")
+
+    s = ev.add_parser("segmentation", help="open-vocabulary segmentation mIoU (ADE20K, VOC, Context, Cityscapes, COCO-Stuff, demo)")
+    s.add_argument("--dataset", required=True,
+                   help="ade20k | voc21 | voc20 | context59 | cityscapes | coco_stuff171 | demo | demo_bg | custom")
+    s.add_argument("--root", required=True, help="dataset folder (demo: the world's eval shards, runs/demo_world/eval)")
+    s.add_argument("--split", default="val")
+    s.add_argument("--classnames", default=None, help="class-name file overriding the shipped list (required for custom)")
+    s.add_argument("--reduce-zero-label", action="store_true", help="custom: label 0 ignored, other labels - 1")
+    s.add_argument("--has-background", action="store_true", help="custom: label 0 is a background class")
+    s.add_argument("--limit", type=int, default=None, help="evaluate the first N images only")
+    s.add_argument("--out", default=None, help="report folder (default runs/eval/segmentation_DATASET)")
+    s.add_argument("--num-examples", type=int, default=4, help="example overlays written to the report")
+    s.add_argument("--json", action="store_true", help="also print the metrics as JSON")
+    dense_options(s)
+    s.set_defaults(func=_cmd_eval_segmentation)
+
+    r = ev.add_parser("retrieval", help="image<->text Recall@1/5/10 (COCO Karpathy, Flickr30k, webdataset shards)")
+    r.add_argument("--checkpoint", required=True, help="dinotxt checkpoint folder (runs/NAME/checkpoint)")
+    r.add_argument("--dataset", required=True, choices=["coco", "flickr30k", "shards"])
+    r.add_argument("--root", required=True, help="image folder (coco: holds val2014/) or the shards")
+    r.add_argument("--annotations", default=None, help="dataset_coco.json / dataset_flickr30k.json (default: under --root)")
+    r.add_argument("--split", default="test")
+    r.add_argument("--batch-size", type=int, default=64)
+    r.add_argument("--num-workers", type=int, default=2)
+    r.add_argument("--device", default=None)
+    r.add_argument("--backbone-weights", default=None, help="backbone weights file, if it moved since training")
+    r.add_argument("--json", action="store_true", help="also print the metrics as JSON")
+    r.set_defaults(func=_cmd_eval_retrieval)
+
+    su = ev.add_parser("suite", help="several evaluations of one model from a YAML recipe (JSON + markdown report)")
+    su.add_argument("recipe", help="suite YAML: name, output_dir, model {checkpoint | open_clip | loader}, tasks [...]")
+    su.add_argument("overrides", nargs="*", help="key=value overrides (e.g. model.checkpoint=runs/x/checkpoint)")
+    su.set_defaults(func=_cmd_eval_suite)
+
+    g = sub.add_parser("segment", help="segment one image into the given labels; writes a colour overlay + heat maps")
+    g.add_argument("image", help="image file")
+    g.add_argument("--labels", default=None, help='comma-separated class names, e.g. "cat,grass,sky"')
+    g.add_argument("--labels-file", default=None, help="or a file with one class name per line")
+    g.add_argument("--out", default="overlay.png", help="overlay image to write (.png/.jpg)")
+    g.add_argument("--heatmaps", default=None, help="per-class heat-map sheet (default: OUT_heatmaps.png)")
+    g.add_argument("--save-labels", default=None, help="also write the label map as a PNG of class indices")
+    g.add_argument("--alpha", type=float, default=0.5, help="opacity of the class colours")
+    dense_options(g)
+    g.set_defaults(func=_cmd_segment)
 
     d = sub.add_parser("demo", help="the built-in end-to-end demo (no downloads)")
     d.add_argument("overrides", nargs="*", help="key=value overrides of recipes/demo.yaml")

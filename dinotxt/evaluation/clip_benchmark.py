@@ -19,7 +19,6 @@ or run CLIP_benchmark's command line with the loader registered::
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 from typing import Optional, Union
 
 import torch
@@ -32,7 +31,7 @@ def load_dinotxt(model_name: str = MODEL_TYPE, pretrained: Optional[str] = None,
     """``(model, transform, tokenizer)`` of a dinotxt checkpoint, CLIP_benchmark's loader signature.
 
     Args:
-        model_name: ignored unless ``pretrained`` is None, in which case it may be the checkpoint folder.
+        model_name: unused (the checkpoint's config names the architecture).
         pretrained: the checkpoint folder (``runs/NAME/checkpoint``).
         cache_dir: unused (nothing is downloaded).
         device: where the model goes.
@@ -40,10 +39,9 @@ def load_dinotxt(model_name: str = MODEL_TYPE, pretrained: Optional[str] = None,
     """
     from ..checkpoint import load
 
-    checkpoint = pretrained or (model_name if model_name and Path(model_name).exists() else None)
-    if checkpoint is None:
+    if not pretrained:
         raise ValueError("pass the dinotxt checkpoint folder as pretrained= (CLIP_benchmark: --pretrained DIR)")
-    model, transform, tokenizer = load(checkpoint, device=device, backbone_weights=backbone_weights)
+    model, transform, tokenizer = load(pretrained, device=device, backbone_weights=backbone_weights)
     return model.eval(), transform, tokenizer
 
 
