@@ -45,12 +45,13 @@ class SegmentationResult:
         labels: (H, W) long tensor at the output size. Without a background threshold the
             values index ``class_names``; with one, 0 is background and ``1 + i`` is class i,
             and ``class_names`` starts with ``"background"``.
-        scores: (C, H, W) per-class probabilities (averaged softmax over the queried classes).
+        scores: (C, H, W) per-class probabilities (averaged softmax over the queried classes);
+            None when ``segment_batch`` ran with ``keep_scores=False``.
         class_names: names of the label values.
     """
 
     labels: torch.Tensor
-    scores: torch.Tensor
+    scores: Optional[torch.Tensor]
     class_names: List[str]
 
 
@@ -244,15 +245,44 @@ def segment(model, tokenizer: Optional[Callable], image: ImageLike, class_names:
         classifier = dense_classifier(model, tokenizer, names, templates)
     if classifier.shape[0] != len(names):
         raise ValueError(f"classifier has {classifier.shape[0]} rows for {len(names)} class names")
-    x, original = prepare_image(image, short_side)
-    probs = dense_probabilities(model, x, classifier, mode, window, stride, logit_scale, batch_size)
-    size = tuple(output_size) if output_size is not None else original
-    if tuple(probs.shape[-2:]) != size:
-        probs = F.interpolate(probs[None], size=size, mode="bilinear", align_corners=False)[0]
-    labels = predict_labels(probs, background_threshold)
+    return segment_batch(model, [image], classifier, names, mode, short_side, window, stride, logit_scale,
+                         background_threshold, None if output_size is None else [output_size], batch_size)[0]
+
+
+@torch.no_grad()
+def segment_batch(model, images: Sequence[ImageLike], classifier: torch.Tensor, class_names: Sequence[str],
+                  mode: str = "slide", short_side: Optional[int] = SHORT_SIDE, window: int = WINDOW, stride: int = STRIDE,
+                  logit_scale: float = 1.0, background_threshold: Optional[float] = None,
+                  output_sizes: Optional[Sequence[Tuple[int, int]]] = None, batch_size: int = 8,
+                  keep_scores: bool = True) -> List[SegmentationResult]:
+    """:func:`segment` for several images with a precomputed classifier (the evaluation loop).
+
+    In ``whole`` mode, images that come out the same size go through the model as one batch
+    (many small images are far faster batched on CPU); the result equals one image at a time.
+    ``output_sizes`` gives each image's (H, W) of the returned maps (default: its own size);
+    ``keep_scores=False`` drops the full-size score maps (150 classes at full size add up).
+    """
+    names = check_class_names(class_names)
+    prepared = [prepare_image(image, short_side) for image in images]
+    device = next(model.parameters()).device
+    if mode == "whole" and len(prepared) > 1 and len({tuple(x.shape) for x, _ in prepared}) == 1:
+        batch = torch.cat([x for x, _ in prepared])
+        probs_list = [p for i in range(0, len(batch), batch_size)
+                      for p in window_probabilities(model, batch[i:i + batch_size].to(device), classifier, logit_scale)]
+    else:
+        probs_list = [dense_probabilities(model, x, classifier, mode, window, stride, logit_scale, batch_size)
+                      for x, _ in prepared]
     if background_threshold is not None:
         names = ["background"] + names
-    return SegmentationResult(labels.cpu(), probs.cpu(), names)
+    results = []
+    for k, ((_, original), probs) in enumerate(zip(prepared, probs_list)):
+        size = tuple(output_sizes[k]) if output_sizes is not None else original
+        if tuple(probs.shape[-2:]) != size:
+            probs = F.interpolate(probs[None], size=size, mode="bilinear", align_corners=False)[0]
+        labels = predict_labels(probs, background_threshold).cpu()
+        results.append(SegmentationResult(labels, probs.cpu() if keep_scores else None, names))
+        probs_list[k] = None  # free each image's maps as soon as its labels exist
+    return results
 
 
 def forwards_per_image(height: int, width: int, mode: str = "slide", short_side: Optional[int] = SHORT_SIDE,

@@ -226,6 +226,9 @@ def test_official_model_works_with_the_zero_shot_and_dense_api(dinov2_release):
     assert probs.shape == (1, 3) and torch.allclose(probs.sum(), torch.tensor(1.0))
     dense = dinotxt.zero_shot_classifier(model, tok, ["cat", "dog"], templates=["a {}."], half="patch")
     assert patches.shape == (1, 4, 4, 384) and (patches @ dense.t()).shape == (1, 4, 4, 2)
+    seg = model.segment(Image.new("RGB", (60, 44)), ["cat", "sky"], tokenizer=tok, templates=["a {}."], mode="slide",
+                        short_side=56, window=42, stride=28)
+    assert seg.labels.shape == (44, 60) and seg.scores.shape == (2, 44, 60)
 
 
 def test_cli_export_writes_files_and_reports_errors_in_one_line(dinov2_release, tmp_path, capsys):
@@ -243,3 +246,32 @@ def test_cli_export_writes_files_and_reports_errors_in_one_line(dinov2_release, 
     assert err.startswith("dinotxt: error: ") and "is not a dinotxt checkpoint: it does not exist" in err
     assert "\n" not in err
     assert main(["export", str(ckpt), "--format", "official", "--include-backbone"]) == 2
+
+
+@pytest.mark.skipif(not __import__("os").environ.get("DINOTXT_FULLSIZE"),
+                    reason="full-size official files (3.5 GB, about a minute each on 2 cores): set DINOTXT_FULLSIZE=1")
+@pytest.mark.parametrize("release", ["dinov2_vitl14_reg4_dinotxt", "dinov3_vitl16_dinotxt"])
+def test_full_size_release_with_the_default_architecture(release, tmp_path, tokenizer):
+    """The released sizes end to end: ViT-L backbone at its 37 x 37 (DINOv2) grid, 2 head blocks at
+    width 1024, the 24 x 1280 text encoder; no overrides."""
+    v3 = release.startswith("dinov3")
+    backbone = (official_dinov3_state(dim=1024, depth=24, heads=16, qkv_bias=False) if v3
+                else official_dinov2_state(dim=1024, depth=24, grid=37))
+    head = official_vision_head_state(dim=1024, prefix="blocks" if v3 else "block_list")
+    text = official_text_encoder_state(width=1280, depth=24, output_dim=2048)
+    kw = {"backbone": save_pth(backbone, tmp_path / "backbone.pth")}
+    if v3:
+        kw["weights"] = save_pth({**{"visual_model.head." + k: v for k, v in head.items()},
+                                  **{"text_model." + k: v for k, v in text.items()}}, tmp_path / "dinotxt.pth")
+    else:
+        kw["vision_head"], kw["text_encoder"] = save_pth(head, tmp_path / "h.pth"), save_pth(text, tmp_path / "t.pth")
+    model, _, tok = dinotxt.load_official(release, **kw)
+    x = torch.randn(1, 3, 224, 224, generator=torch.Generator().manual_seed(0))
+    tokens = official_dinov3_tokens(backbone, x, 16) if v3 else official_dinov2_tokens(backbone, x, 16)
+    ref = official_vision_embedding(head, tokens, 16, 4, prefix="blocks" if v3 else "block_list")
+    ids = tok(CAPTIONS)
+    with torch.no_grad():
+        image_diff = (model.encode_image(x) - ref).abs().max().item()
+        text_diff = (model.encode_text(ids) - official_text_embedding(text, ids, heads=20)).abs().max().item()
+    print(f"{release}: image max abs diff {image_diff:.1e}, text max abs diff {text_diff:.1e}")
+    assert image_diff < ATOL and text_diff < ATOL

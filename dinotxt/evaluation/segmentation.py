@@ -94,7 +94,7 @@ def evaluate_segmentation(model, tokenizer: Optional[Callable], dataset: Segment
                           window: int = 384, stride: int = 192, logit_scale: float = 1.0,
                           background_threshold: Optional[float] = None, limit: Optional[int] = None,
                           out_dir: Optional[Union[str, Path]] = None, num_examples: int = 4,
-                          classifier: Optional[torch.Tensor] = None, progress: bool = True) -> Dict:
+                          classifier: Optional[torch.Tensor] = None, progress: bool = True, batch_size: int = 8) -> Dict:
     """Segment every image of ``dataset`` and score it against its label map.
 
     Args:
@@ -108,8 +108,9 @@ def evaluate_segmentation(model, tokenizer: Optional[Callable], dataset: Segment
         out_dir: when given, writes ``metrics.json``, ``per_class_iou.md``, ``confusion.png`` and
             overlays of the first ``num_examples`` images (prediction | ground truth).
         classifier: precomputed class embeddings (C, D) for the queried classes.
+        batch_size: images per forward pass in ``whole`` mode, windows per pass in ``slide`` mode.
     """
-    from ..segmentation import dense_classifier, segment
+    from ..segmentation import dense_classifier, segment_batch
 
     names = list(dataset.class_names)
     if background_threshold is not None:
@@ -125,17 +126,21 @@ def evaluate_segmentation(model, tokenizer: Optional[Callable], dataset: Segment
     conf = np.zeros((len(names), len(names)), dtype=np.int64)
     examples: List = []
     start = time.time()
-    for i in range(num):
-        sample = dataset[i]
-        h, w = sample.labels.shape
-        result = segment(model, None, sample.image, queried, mode=mode, short_side=short_side, window=window,
-                         stride=stride, logit_scale=logit_scale, background_threshold=background_threshold,
-                         output_size=(h, w), classifier=classifier)
-        conf += confusion_matrix(result.labels.numpy(), sample.labels, len(names))
-        if out_dir is not None and len(examples) < num_examples:
-            examples.append((sample, result.labels.numpy()))
-        if progress and (i + 1) % max(1, num // 10) == 0:
-            print(f"[dinotxt] segmentation {dataset.name}: {i + 1}/{num} images, {time.time() - start:.0f} s", flush=True)
+    done = 0
+    for first in range(0, num, batch_size if mode == "whole" else 1):
+        samples = [dataset[i] for i in range(first, min(num, first + (batch_size if mode == "whole" else 1)))]
+        results = segment_batch(model, [s.image for s in samples], classifier, queried, mode, short_side, window, stride,
+                                logit_scale, background_threshold, [s.labels.shape for s in samples], batch_size,
+                                keep_scores=False)
+        for sample, result in zip(samples, results):
+            conf += confusion_matrix(result.labels.numpy(), sample.labels, len(names))
+            if out_dir is not None and len(examples) < num_examples:
+                examples.append((sample, result.labels.numpy()))
+        step = max(1, num // 10)
+        if progress and (done + len(samples)) // step > done // step:
+            print(f"[dinotxt] segmentation {dataset.name}: {done + len(samples)}/{num} images, "
+                  f"{time.time() - start:.0f} s", flush=True)
+        done += len(samples)
     metrics = segmentation_metrics(conf, names)
     gt = conf.sum(1)
     metrics.update({
