@@ -47,6 +47,34 @@ def attribute_accuracy(zeroshot: dict) -> dict:
     return {"color_top1": same(0) / total, "shape_top1": same(1) / total}
 
 
+def random_label_miou(confusion) -> float:
+    """Expected mIoU of a uniformly random label per pixel, given the ground-truth class
+    frequencies p_c of the confusion matrix: IoU_c = p_c / (C p_c + 1 - p_c)."""
+    gt = [sum(row) for row in confusion]
+    total, c = sum(gt), len(gt)
+    ious = [(g / total) / (c * g / total + 1 - g / total) for g in gt if g > 0]
+    return sum(ious) / len(ious)
+
+
+def demo_segmentation(run_dir: Path) -> dict:
+    """Open-vocabulary segmentation of the held-out images against their label maps (the 24
+    object classes; background pixels are ignored), written to ``run_dir/segmentation``."""
+    from .. import load
+    from ..evaluation.datasets import segmentation_dataset
+    from ..evaluation.segmentation import evaluate_segmentation
+
+    cfg = load_train_config(str(Path(run_dir) / "config.yaml"), [])
+    model, _, tokenizer = load(str(Path(run_dir) / "checkpoint"))
+    dataset = segmentation_dataset("demo", Path(cfg.world.root) / "eval")
+    size = cfg.model.backbone.img_size
+    # the images are 128 px: at the training resolution one window covers each, so "whole" is exact
+    res = evaluate_segmentation(model, tokenizer, dataset, cfg.eval.templates, mode="whole", short_side=size,
+                                window=size, stride=size, out_dir=Path(run_dir) / "segmentation", progress=False,
+                                batch_size=32)
+    res["chance_miou"] = random_label_miou(res["confusion"])
+    return res
+
+
 def run_demo(overrides: List[str] = (), fresh: bool = False) -> dict:
     from ..train.run import run_training
 
@@ -71,6 +99,9 @@ def run_demo(overrides: List[str] = (), fresh: bool = False) -> dict:
     zs = metrics["zeroshot"]
     attrs = attribute_accuracy(zs)
     metrics["zeroshot"].update(attrs)
+    seg = demo_segmentation(run_dir)
+    metrics["segmentation"] = {k: seg[k] for k in ("miou", "macc", "num_images", "num_classes", "mode", "seconds",
+                                                   "chance_miou", "baseline_majority_miou")}
     total = time.time() - start
     chance = zs["chance_top1"]
     rows = [
@@ -87,10 +118,15 @@ def run_demo(overrides: List[str] = (), fresh: bool = False) -> dict:
     print(f"{'metric':<26}{'dinotxt':>10}{'chance':>10}{'x chance':>12}")
     for name, value, ch in rows:
         print(f"{name:<26}{100 * value:>9.1f}%{100 * ch:>9.1f}%{value / ch:>11.1f}x")
+    print(f"{'segmentation mIoU':<26}{100 * seg['miou']:>9.1f}%{100 * seg['chance_miou']:>9.1f}%"
+          f"{seg['miou'] / seg['chance_miou']:>11.1f}x")
     print("-" * 66)
+    print(f"segmentation: {seg['num_images']} held-out label maps, 24 classes, background ignored, "
+          f"{seg['mode']} inference; chance = a uniformly random label per pixel")
     print(f"backbone: random-weight DINOv2-architecture ViT-S/14 (frozen); trained {metrics['steps']} steps "
           f"in {metrics['train_seconds']:.0f} s; demo total {total:.0f} s")
-    print(f"run folder: {run_dir}/ (config.yaml, checkpoint/, metrics.json, loss_curve.png, logs/)")
+    print(f"run folder: {run_dir}/ (config.yaml, checkpoint/, metrics.json, loss_curve.png, logs/, "
+          "segmentation/ with per-class IoU, confusion.png and overlays)")
     print("=" * 66)
     metrics["demo_seconds"] = round(total, 1)
     atomic_write_bytes(run_dir / "metrics.json", json.dumps(metrics, indent=2).encode())
