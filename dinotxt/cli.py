@@ -1,13 +1,15 @@
 """The ``dinotxt`` command line.
 
     dinotxt train RECIPE [key=value ...] [--resume]
+    dinotxt cache RECIPE [key=value ...]
     dinotxt tokenizer train --data SHARDS_OR_MANIFEST --out tok.model [--vocab-size N]
     dinotxt eval zeroshot --checkpoint DIR --data IMAGE_FOLDER [--dataset imagenet|folder] [--classnames F] [--templates T]
     dinotxt eval segmentation --checkpoint DIR --dataset NAME --root DIR [--mode slide|whole] [--out DIR]
     dinotxt eval retrieval --checkpoint DIR --dataset coco|flickr30k|shards --root DIR [--annotations F]
     dinotxt eval suite RECIPE [key=value ...]
     dinotxt segment IMAGE --checkpoint DIR --labels "cat,grass,sky" --out overlay.png
-    dinotxt demo [key=value ...]
+    dinotxt curate RECIPE [key=value ...] [--stage NAME | --until NAME]
+    dinotxt demo [key=value ...] [--curation [--seeds N]]
     dinotxt export CHECKPOINT --format official|safetensors [--out PATH] [--include-backbone]
     dinotxt models
 
@@ -185,7 +187,19 @@ def _cmd_eval_suite(args) -> int:
     return 0
 
 
+def _cmd_curate(args) -> int:
+    from curation.pipeline import run_curation
+
+    run_curation(args.recipe, args.overrides, stage=args.stage, until=args.until)
+    return 0
+
+
 def _cmd_demo(args) -> int:
+    if args.curation:
+        from .demo.curation import run_curation_demo
+
+        run_curation_demo(args.overrides, seeds=args.seeds, fresh=args.fresh)
+        return 0
     from .demo.run import run_demo
 
     run_demo(args.overrides, fresh=args.fresh)
@@ -311,9 +325,20 @@ def build_parser() -> argparse.ArgumentParser:
     dense_options(g)
     g.set_defaults(func=_cmd_segment)
 
+    cu = sub.add_parser("curate", help="curate an image-text pool (embed, dedup, hierarchical k-means, MetaCLIP balancing)")
+    cu.add_argument("recipe", help="curation recipe YAML (e.g. recipes/curation/demo.yaml)")
+    cu.add_argument("overrides", nargs="*", help="key=value overrides (e.g. text_balance.t=500)")
+    cu.add_argument("--stage", default=None, help="run only this stage (e.g. cluster_level2); its inputs must be done")
+    cu.add_argument("--until", default=None, help="stop after this stage (e.g. embed)")
+    cu.set_defaults(func=_cmd_curate)
+
     d = sub.add_parser("demo", help="the built-in end-to-end demo (no downloads)")
     d.add_argument("overrides", nargs="*", help="key=value overrides of recipes/demo.yaml")
     d.add_argument("--fresh", action="store_true", help="discard a previous demo run and start again")
+    d.add_argument("--curation", action="store_true",
+                   help="the curation demo: curate a skewed, noisy, duplicated pool, then train on it and on a random "
+                        "subset of the same size (overrides apply to recipes/curation/demo.yaml)")
+    d.add_argument("--seeds", type=int, default=1, help="with --curation: training seeds to average over")
     d.set_defaults(func=_cmd_demo)
 
     x = sub.add_parser("export", help="write a checkpoint in the official dino.txt layout or as one safetensors file")
