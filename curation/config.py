@@ -177,6 +177,9 @@ def validate(cfg: DictConfig) -> None:
     ts = cfg.image_balance.target_size
     if not isinstance(ts, (int, float)) or ts <= 0:
         raise ConfigError(f"image_balance.target_size must be a positive int or a fraction in (0, 1] (got {ts!r})")
+    if isinstance(ts, float) and ts > 1 and not ts.is_integer():  # would silently become int(ts) samples
+        raise ConfigError(f"image_balance.target_size={ts} is neither a fraction in (0, 1] nor a whole number "
+                          "of samples")
     if cfg.text_balance.t < 1:
         raise ConfigError("text_balance.t must be >= 1")
     if not 0 < cfg.dedup.threshold <= 1:

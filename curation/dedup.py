@@ -84,11 +84,17 @@ def near_duplicates(store, uids: np.ndarray, threshold: float = 0.95, neighbors:
     kind = index if index != "auto" else ("flat" if n <= flat_max else "ivf")
     faiss_index = build_index(store, kind, nlist, nprobe, chunk_size, seed, gpus)
     k = min(n, neighbors + 1)  # +1: a sample finds itself
+    # float16 rows are unit length only to ~1e-4: the inner product of a row with its exact copy can be
+    # 0.9999, which would hide exact duplicates at threshold 1.0. Divide by the norms (cosine proper) and
+    # allow float32 rounding of the inner product (1e-5).
+    norms = np.concatenate([np.linalg.norm(x.astype(np.float64), axis=1) for _, x in store.chunks(chunk_size)])
+    norms = np.maximum(norms, 1e-12)
     edges_a, edges_b = [], []
     for start, x in store.chunks(chunk_size):
         sims, idx = faiss_index.search(x, k)
         rows = np.arange(start, start + len(x))[:, None].repeat(k, 1)
-        hit = (sims >= threshold) & (idx >= 0) & (idx != rows)
+        cosine = sims / (norms[start:start + len(x), None] * norms[np.maximum(idx, 0)])
+        hit = (cosine >= threshold - 1e-5) & (idx >= 0) & (idx != rows)
         edges_a.append(rows[hit])
         edges_b.append(idx[hit])
     a, b = np.concatenate(edges_a), np.concatenate(edges_b)

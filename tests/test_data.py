@@ -139,3 +139,18 @@ def test_collate(tmp_path):
     batch = collate_image_text(take(stream, 3))
     assert batch["image"].shape == (3, 3, 14, 14) and batch["text"].shape == (3, 5)
     assert batch["positions"] == {0: 3}
+
+
+def test_truncation_inside_a_sample_keeps_every_complete_sample_before_it(tmp_path):
+    import tarfile
+
+    from dinotxt.data.sources import iter_tar_samples
+
+    path = make_shard(tmp_path / "c.tar", [f"c{i}" for i in range(5)])
+    with tarfile.open(path) as tar:  # cut in the middle of the FIRST member of sample c3
+        first_of_c3 = next(m for m in tar.getmembers() if m.name.startswith("c3"))
+    data = open(path, "rb").read()
+    (tmp_path / "cut.tar").write_bytes(data[: first_of_c3.offset_data + first_of_c3.size // 2])
+    errors = {}
+    keys = [s["__key__"] for s in iter_tar_samples(str(tmp_path / "cut.tar"), errors)]
+    assert keys == ["c0", "c1", "c2"] and errors == {"corrupt_shard": 1}

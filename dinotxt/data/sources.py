@@ -105,12 +105,11 @@ def iter_tar_samples(path: str, errors: Dict[str, int]) -> Iterator[Dict[str, by
                     continue
                 stem, _, ext = base.partition(".")
                 key = f"{dirname}/{stem}" if dirname else stem
-                data = tar.extractfile(member).read()
                 if current and current["__key__"] != key:
-                    yield current
+                    yield current  # complete before the next member is read, so damage there cannot drop it
                     current = {}
                 current["__key__"] = key
-                current[ext.lower()] = data
+                current[ext.lower()] = tar.extractfile(member).read()
         problem = None if _has_end_marker(path) else "no end-of-archive marker"
     except (tarfile.TarError, OSError, EOFError) as e:
         problem = str(e)
