@@ -6,7 +6,7 @@ then train the same model on the curated subset and on a random subset of the sa
       world/pool.json                   what the pool really holds (concepts, noise, copies)
       curation/                         ``dinotxt curate recipes/curation/demo.yaml`` (report/ has plots)
       random/                           a seeded random subset of the pool, as many pairs as curated
-      train_curated_s<seed>/, train_random_s<seed>/   the two training runs per seed
+      train_curated_<hash>_s<seed>/, train_random_<hash>_s<seed>/   the training runs (hash of the subset)
       results.json                      the table printed at the end
 
 Both arms use ``recipes/curation/demo_train.yaml`` (same model, schedule, seed) and are scored
@@ -15,11 +15,13 @@ when the command is run again (``--fresh`` starts over); an interrupted training
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 import tarfile
 import time
 from collections import Counter
+from dataclasses import asdict
 from pathlib import Path
 from typing import Dict, List, Sequence
 
@@ -31,8 +33,8 @@ from ..fileio import atomic_write_json
 BANNER = """\
 dinotxt curation demo: does curating the pool help?
 
-  The pool (8,192 pairs of the demo world) is web-like: 3 of the 24 concepts hold about 60%
-  of it, 10% of the captions describe another image, 15% are re-encoded copies of 48 popular
+  The pool (8,192 pairs of the demo world) is web-like: 3 of the 24 concepts hold 87% of it,
+  10% of the captions describe another image, 15% are re-encoded copies of 48 popular
   images. It is curated with the dino.txt recipe (near-duplicate removal, hierarchical k-means
   balancing on image embeddings INTERSECTED with MetaCLIP-style balancing on captions), then
   the same model is trained on the curated subset and on a random subset of the same size,
@@ -84,6 +86,19 @@ def _concepts():
     return [(c, s) for c in COLORS for s in SHAPES]
 
 
+def write_concept_vocabulary(path: Path) -> Path:
+    """The demo's metadata vocabulary, MetaCLIP style (its entries are visual concepts: WordNet
+    synsets and Wikipedia titles there; colours, shapes and "<colour> <shape>" here)."""
+    from ..fileio import atomic_write_text
+    from .world import COLORS, SHAPES
+
+    entries = list(COLORS) + list(SHAPES) + [f"{c} {s}" for c in COLORS for s in SHAPES]
+    text = "\n".join(entries) + "\n"
+    if not (path.is_file() and path.read_text() == text):
+        atomic_write_text(path, text)
+    return path
+
+
 def random_subset(cur, size: int, seed: int, out_dir: Path, samples_per_shard: int) -> np.ndarray:
     """A seeded uniform sample of ``size`` pool rows written like the curated subset."""
     from curation.combine import write_subset
@@ -97,11 +112,13 @@ def random_subset(cur, size: int, seed: int, out_dir: Path, samples_per_shard: i
     return np.load(uids_file)
 
 
-def train_arm(root: Path, arm: str, shards: Path, seed: int, overrides: List[str]) -> Dict:
-    """Train ``recipes/curation/demo_train.yaml`` on ``shards``; reuse a finished run, resume a cut one."""
+def train_arm(root: Path, arm: str, shards: Path, uids: np.ndarray, seed: int, overrides: List[str]) -> Dict:
+    """Train ``recipes/curation/demo_train.yaml`` on ``shards``; reuse a finished run, resume a cut one.
+    The run's name holds a hash of the subset's ids (and of the overrides), so a changed subset trains anew."""
     from ..train.run import run_training
 
-    name = f"train_{arm}_s{seed}"
+    digest = hashlib.sha256(np.sort(uids).tobytes() + repr(list(overrides)).encode()).hexdigest()[:8]
+    name = f"train_{arm}_{digest}_s{seed}"
     run_dir = root / name
     if (run_dir / "metrics.json").is_file() and "zeroshot" in json.loads((run_dir / "metrics.json").read_text()):
         print(f"[dinotxt] {name}: finished earlier, reusing {run_dir}/metrics.json", flush=True)
@@ -141,15 +158,21 @@ def run_curation_demo(overrides: List[str] = (), seeds: int = 1, fresh: bool = F
     spec = spec or PoolSpec()
     print(f"[dinotxt] writing the pool ({spec.num_samples:,} pairs) and the balanced held-out set to {root / 'world'}",
           flush=True)
+    pool_json = root / "world" / "pool.json"
+    if pool_json.is_file() and json.loads(pool_json.read_text()).get("spec") != asdict(spec):
+        print("[dinotxt] the pool spec changed: the pool, its curation and the random subsets are redone", flush=True)
+        for stale in [root / "curation"] + sorted(root.glob("random*")):
+            shutil.rmtree(stale, ignore_errors=True)
     info = write_pool(str(root / "world"), spec)
     t = info["truth"]
     print(f"[dinotxt] pool: dominant concepts {', '.join(spec.dominant)} hold "
           f"{sum(t['concepts'].get(c, 0) for c in spec.dominant) / spec.num_samples:.0%}; "
           f"{t['noisy']:,} mismatched captions; {t['copies']:,} copies of {spec.popular_images} popular images", flush=True)
 
+    vocabulary = write_concept_vocabulary(root / "world" / "metadata.txt")
     cfg = load_curation_config(str(_find("recipes/curation/demo.yaml")),
-                               [f"pool.data={root / 'world' / 'pool'}", f"output_dir={root}", "name=curation"]
-                               + list(overrides))
+                               [f"pool.data={root / 'world' / 'pool'}", f"output_dir={root}", "name=curation",
+                                f"text_balance.metadata={vocabulary}"] + list(overrides))
     cur = Curation(cfg)
     cur.run()
     curated_uids = np.load(cur.out / "curated" / "uids.npy")
@@ -162,8 +185,9 @@ def run_curation_demo(overrides: List[str] = (), seeds: int = 1, fresh: bool = F
         random_uids = random_subset(cur, len(curated_uids), 1000 + seed, random_dir, cfg.combine.samples_per_shard)
         if seed == 0:
             arms["random"]["composition"] = composition(random_uids, truth, spec.dominant)
-        for arm, shards in (("curated", cur.out / "curated" / "shards"), ("random", random_dir / "shards")):
-            m = train_arm(root, arm, shards, seed, list(train_overrides))
+        for arm, shards, uids in (("curated", cur.out / "curated" / "shards", curated_uids),
+                                  ("random", random_dir / "shards", random_uids)):
+            m = train_arm(root, arm, shards, uids, seed, list(train_overrides))
             arms[arm]["runs"].append({k: m["zeroshot"][k] for k in ("top1", "top5", "mean_per_class_recall")})
     for arm in arms.values():
         for k in ("top1", "top5", "mean_per_class_recall"):

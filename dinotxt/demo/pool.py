@@ -6,7 +6,7 @@ again and again. This pool reproduces the three on the procedural world (``world
 
 - skew: the first object's concept ``(colour, shape)`` is drawn with weight
   ``dominant_weight`` for the ``dominant`` concepts and 1 for the other 21 (with the
-  defaults, 3 concepts hold 63% of the pool and each rare one under 2%);
+  defaults, 3 concepts hold 85% of the new images and each rare one under 1%);
 - noise: a share ``noise`` of the captions is replaced by the caption of another,
   unrelated image (drawn from the same skewed distribution, as web noise is);
 - duplicates: a share ``duplicates`` of the pool are re-encoded copies (JPEG quality
@@ -14,7 +14,8 @@ again and again. This pool reproduces the three on the procedural world (``world
 
 Every sample's ``key.json`` records the truth (concept, whether the caption is
 mismatched, which popular image it copies), so the demo can show what curation kept.
-Shards are written atomically in the img2dataset layout and reused when present; the
+Shards are written atomically in the img2dataset layout and reused when present (all are
+rewritten when the spec changed); the
 balanced held-out set is ``world.write_split``'s one-object split with an image folder.
 """
 from __future__ import annotations
@@ -46,18 +47,20 @@ class PoolSpec:
         popular_images: how many popular images the copies come from.
         num_eval: size of the balanced held-out set.
         image_size: pixels.
+        max_objects: objects per image (1: the caption's concept is the image's only object).
         samples_per_shard: samples per tar shard.
         seed: everything is a pure function of it.
     """
 
     num_samples: int = 8192
     dominant: List[str] = field(default_factory=lambda: ["red circle", "blue square", "green triangle"])
-    dominant_weight: float = 12.0
+    dominant_weight: float = 40.0
     noise: float = 0.1
     duplicates: float = 0.15
     popular_images: int = 48
     num_eval: int = 480
     image_size: int = 128
+    max_objects: int = 1
     samples_per_shard: int = 512
     seed: int = 0
 
@@ -91,12 +94,18 @@ def write_pool(root: str, spec: PoolSpec = PoolSpec()) -> Dict:
     (the spec and the pool's true composition). Existing shards are kept."""
     root = Path(root)
     weights = concept_weights(spec)
+    previous = root / "pool.json"
+    if previous.is_file() and json.loads(previous.read_text()).get("spec") != asdict(spec):
+        import shutil
+
+        shutil.rmtree(root / "pool", ignore_errors=True)  # another spec: its shards must not be reused
+        previous.unlink()
     rng = random.Random(spec.seed * 7_919 + 1)
     base = spec.seed * 10_000_019 + 5_000_000  # seeds apart from the ones of the demo's train / eval splits
     dominant = {c: w for c, w in weights.items() if c in spec.dominant} or weights
     popular = []
     for j in range(spec.popular_images):
-        s = render_sample(base + 9_000_000 + j, spec.image_size, 2, _draw_concept(rng, dominant))
+        s = render_sample(base + 9_000_000 + j, spec.image_size, spec.max_objects, _draw_concept(rng, dominant))
         popular.append((s, _encode(s.image, "JPEG")))
     # the whole plan first, so a shard's contents do not depend on which shards already exist
     plan = []
@@ -123,10 +132,10 @@ def write_pool(root: str, spec: PoolSpec = PoolSpec()) -> Dict:
                     sample, jpg = popular[what]
                     jpg, caption = _reencode(jpg, quality), sample.caption
                 else:
-                    sample = render_sample(base + i, spec.image_size, 2, what)
+                    sample = render_sample(base + i, spec.image_size, spec.max_objects, what)
                     jpg, caption = _encode(sample.image, "JPEG"), sample.caption
                     if donor is not None:  # the caption of an unrelated image
-                        caption = render_sample(base + 7_000_000 + i, spec.image_size, 2, donor).caption
+                        caption = render_sample(base + 7_000_000 + i, spec.image_size, spec.max_objects, donor).caption
                 meta = {"caption": caption, "concept": _concept_of(sample), "noisy": donor is not None,
                         "copy_of": f"popular{what:03d}" if kind == "copy" else None, "objects": sample.objects}
                 key = f"{shard:06d}{i:07d}"
