@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test setup clean
+.PHONY: demo demo-curation test setup clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -16,6 +16,9 @@ setup: $(STAMP)
 
 demo: $(STAMP)
 	$(BIN)/dinotxt demo
+
+demo-curation: $(STAMP)
+	$(BIN)/dinotxt demo --curation
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q tests

@@ -87,7 +87,7 @@ def train_tokenizer(captions: Iterable[str], vocab_size: int = 32000, context_le
         character_coverage=0.9995,
         hard_vocab_limit=False,
         byte_fallback=False,
-        input_sentence_size=len(captions),
+        input_sentence_size=0,  # 0 = every sentence given (SentencePiece rejects values of 1..100)
         shuffle_input_sentence=True,
         num_threads=os.cpu_count() or 1,
         minloglevel=2,

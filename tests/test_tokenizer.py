@@ -45,3 +45,11 @@ def test_save_load_roundtrip(tok, tmp_path):
 def test_no_captions():
     with pytest.raises(ValueError, match="no non-empty captions"):
         train_tokenizer(["", "  "], vocab_size=32)
+
+
+def test_trains_on_fewer_than_a_hundred_captions():
+    # SentencePiece rejects input_sentence_size in 1..100; a tiny caption set must still train
+    few = [f"a {c} {s}" for c in ("red", "blue", "green") for s in ("circle", "star", "square")]
+    tok = train_tokenizer(few, vocab_size=40, context_length=8)
+    ids = tok(["a red star"])
+    assert ids.shape == (1, 8) and int(ids[0, 0]) == tok.sot_id

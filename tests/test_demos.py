@@ -1,0 +1,70 @@
+"""The two built-in demos end to end at a tiny size (the real code paths, seconds instead of minutes)."""
+import json
+
+import pytest
+
+TINY_TRAIN = ["model.backbone.img_size=56", "model.backbone.kwargs={depth: 1, embed_dim: 96, num_heads: 2}",
+              "model.text={width: 64, depth: 2, heads: 2, context_length: 24}", "data.batch_size=16",
+              "data.num_workers=0", "data.shuffle_buffer=32", "optim.warmup_steps=1", "optim.max_steps=4",
+              "tokenizer.vocab_size=128", "trainer.log_every_n_steps=2", "trainer.checkpoint_every_n_steps=2",
+              "eval.batch_size=48"]
+
+
+def test_demo_reports_zero_shot_and_segmentation_and_writes_the_run_folder(tmp_path, capsys):
+    from dinotxt.demo.run import run_demo
+
+    world = tmp_path / "world"
+    overrides = TINY_TRAIN + [f"output_dir={tmp_path}", f"world.root={world}", "world.num_train=96",
+                              "world.num_eval=48", "world.image_size=64", "world.samples_per_shard=48",
+                              "trainer.val_every_n_steps=0"]
+    metrics = run_demo(overrides)
+    out = capsys.readouterr().out
+    assert "RANDOM weights" in out and "model.backbone.weights=" in out  # says so, and shows the one-line change
+    for row in ("zero-shot top-1", "zero-shot top-5", "segmentation mIoU", "x chance"):
+        assert row in out
+    run = tmp_path / "demo"
+    for name in ("config.yaml", "checkpoint/model.safetensors", "metrics.json", "loss_curve.png",
+                 "segmentation/metrics.json", "segmentation/per_class_iou.md", "segmentation/confusion.png"):
+        assert (run / name).is_file(), name
+    saved = json.loads((run / "metrics.json").read_text())
+    seg = saved["segmentation"]
+    assert saved["steps"] == 4 and seg["num_images"] == 48 and seg["num_classes"] == 24
+    assert 0 <= seg["miou"] <= 1 and 0 < seg["chance_miou"] < 0.1
+    assert metrics["zeroshot"]["num_images"] == 48 and list((run / "segmentation" / "examples").glob("*.png"))
+
+
+def test_random_label_miou_matches_a_simulation():
+    import numpy as np
+
+    from dinotxt.demo.run import random_label_miou
+    from dinotxt.evaluation.segmentation import confusion_matrix, segmentation_metrics
+
+    rng = np.random.default_rng(0)
+    gt = rng.choice(4, size=200_000, p=[0.1, 0.2, 0.3, 0.4])
+    conf = confusion_matrix(rng.integers(0, 4, size=gt.shape), gt, 4)
+    expected = random_label_miou(conf.tolist())
+    assert expected == pytest.approx(segmentation_metrics(conf, list("abcd"))["miou"], abs=3e-3)
+
+
+def test_curation_demo_curates_trains_both_arms_and_reuses_finished_work(tmp_path, capsys):
+    from dinotxt.demo.curation import run_curation_demo
+    from dinotxt.demo.pool import PoolSpec
+
+    spec = PoolSpec(num_samples=192, num_eval=48, popular_images=4, image_size=64, samples_per_shard=64)
+    curate = ["embed.backbone.img_size=56", "embed.backbone.kwargs={depth: 1, embed_dim: 96, num_heads: 2}",
+              "embed.num_workers=0", "cluster.levels=[8,2]", "cluster.iters=5", "text_balance.t=20",
+              "combine.samples_per_shard=64"]
+    train = TINY_TRAIN + [f"eval.zeroshot_dir={tmp_path / 'world' / 'eval' / 'classes'}"]
+    result = run_curation_demo(curate, root=str(tmp_path), train_overrides=train, spec=spec)
+    out = capsys.readouterr().out
+    assert "curated" in out and "random" in out and "zero-shot top-1" in out and "RANDOM weights" in out
+    arms = result["arms"]
+    assert arms["curated"]["composition"]["pairs"] == arms["random"]["composition"]["pairs"] > 0
+    assert arms["random"]["composition"]["copy_share"] >= arms["curated"]["composition"]["copy_share"]
+    assert json.loads((tmp_path / "results.json").read_text())["margin_top1"] == pytest.approx(result["margin_top1"])
+    runs = sorted(p.name for p in tmp_path.glob("train_*"))
+    assert len(runs) == 2 and all((tmp_path / r / "metrics.json").is_file() for r in runs)
+    # a second call reuses the pool, the curation and both finished runs
+    again = run_curation_demo(curate, root=str(tmp_path), train_overrides=train, spec=spec)
+    out = capsys.readouterr().out
+    assert out.count("finished earlier, reusing") == 2 and again["arms"]["curated"]["top1"] == arms["curated"]["top1"]
