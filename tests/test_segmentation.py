@@ -163,13 +163,13 @@ def test_batched_whole_mode_equals_one_image_at_a_time(tiny_model):
     from dinotxt.segmentation import segment_batch
 
     model = tiny_model.eval()
-    images = [random_image(60, 80, seed=s) for s in range(3)]
+    images = [random_image(60, 80, seed=s) for s in range(3)] + [random_image(80, 60, seed=3)]  # mixed sizes
     clf = random_classifier(model, 4, seed=3)
     names = list("abcd")
     batched = segment_batch(model, images, clf, names, mode="whole", short_side=None, batch_size=2)
     for image, res in zip(images, batched):
         single = segment(model, None, image, names, mode="whole", short_side=None, classifier=clf)
         assert torch.allclose(res.scores, single.scores, atol=1e-5) and torch.equal(res.labels, single.labels)
-    lean = segment_batch(model, images, clf, names, mode="whole", short_side=None, output_sizes=[(30, 40)] * 3,
+    lean = segment_batch(model, images, clf, names, mode="whole", short_side=None, output_sizes=[(30, 40)] * 4,
                          keep_scores=False)
     assert lean[0].scores is None and lean[0].labels.shape == (30, 40)
