@@ -126,8 +126,18 @@ def test_pooled_cache_for_the_lit_setting(world, tmp_path, head):
     pooled = torch.stack([cache.read(name, r) for r in range(4)]).float()
     expected = model.visual(model.backbone(crops))
     assert torch.allclose(model.visual.forward_pooled(pooled), expected, rtol=2e-3, atol=2e-3)
-    stream = CachedFeatureStream(cache, shuffle_buffer=0, rank=0, world_size=1)
+    stream = CachedFeatureStream(cache, shuffle_buffer=0, rank=0, world_size=1,
+                                 tokenizer=lambda c: torch.zeros(len(c), 8, dtype=torch.long))
     assert next(iter(stream))["pooled"].shape == (2, 96)
+    # the training path: the loader's collate keeps the pooled tokens and the step uses them
+    from torch.utils.data import DataLoader
+
+    from dinotxt.data.stream import collate_image_text
+    from dinotxt.train.step import image_features
+
+    batch = next(iter(DataLoader(stream, batch_size=4, collate_fn=collate_image_text)))
+    assert batch["pooled"].shape == (4, 2, 96) and batch["text"].shape == (4, 8)
+    assert torch.allclose(image_features(model, batch), model.visual.forward_pooled(batch["pooled"].float()))
 
 
 def test_pooled_cache_refused_for_a_head_with_blocks(world, tmp_path):

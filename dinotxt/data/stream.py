@@ -253,14 +253,14 @@ def sample_image(sample: Dict, image_keys: Sequence[str] = ("jpg", "jpeg", "png"
 
 
 def collate_image_text(samples: List[Dict]) -> Dict:
-    """Stack a list of stream samples (images, or cached ``tokens``, and token ids); skip
+    """Stack a list of stream samples (images, or cached ``tokens`` / ``pooled``, and token ids); skip
     counts are summed, reader positions kept as the max."""
     batch = {
         "caption": [s["caption"] for s in samples],
         "skipped": {k: sum(s["skipped"].get(k, 0) for s in samples) for k in SKIP_REASONS},
         "positions": {},
     }
-    for field in ("image", "tokens", "text"):
+    for field in ("image", "tokens", "pooled", "text"):
         if field in samples[0]:
             batch[field] = torch.stack([s[field] for s in samples])
     for s in samples:
