@@ -140,6 +140,9 @@ def assign(data, centroids: np.ndarray, opts: KMeansOptions) -> Tuple[np.ndarray
     return assignment, dist2
 
 
+_SUM_ROWS = 4096
+
+
 def lloyd(data, centroids: np.ndarray, opts: KMeansOptions) -> KMeansLevel:
     """Lloyd iterations from ``centroids``; float64 sums; an empty cluster keeps its centroid."""
     k, d = centroids.shape
@@ -154,7 +157,9 @@ def lloyd(data, centroids: np.ndarray, opts: KMeansOptions) -> KMeansLevel:
         for start, x in data.chunks(opts.chunk_size):
             dd, a = search.search(x)
             assignment[start:start + len(x)], dist2[start:start + len(x)] = a, dd
-            sums.index_add_(0, torch.from_numpy(a), torch.from_numpy(x).double())
+            a_t, x_t = torch.from_numpy(a), torch.from_numpy(x)
+            for i in range(0, len(x), _SUM_ROWS):  # float64 copies of a few rows at a time, not of the chunk
+                sums.index_add_(0, a_t[i:i + _SUM_ROWS], x_t[i:i + _SUM_ROWS].double())
             counts += np.bincount(a, minlength=k)
         if previous is not None and np.array_equal(previous, assignment):
             # converged: the update would reproduce the centroids this assignment was made with
@@ -256,7 +261,8 @@ def kmeans_level(data, k: int, opts: KMeansOptions, resampling_steps: int, sampl
             rows = closest_per_cluster(current.assignment, current.dist2, s)
             log(f"level {level}: resampling step {phase}/{resampling_steps}: refit on {len(rows):,} items "
                 f"(<= {s} per cluster), reassign all {n:,}")
-            refit = kmeans(ArrayView(data.take(rows)), k, opts, rng)
+            # a view of the pool, not a copy: the refit set can be half the pool
+            refit = kmeans(data.subset(rows), k, opts, rng)
             assignment, dist2 = assign(data, refit.centroids, opts)
             current = KMeansLevel(refit.centroids, assignment, dist2)
         _save_phase(path, current)

@@ -57,7 +57,7 @@ def _is_numeric(arrow_type) -> bool:
 
 class ArrayView:
     """An in-memory ``(n, d)`` array behind the chunked interface of ``EmbeddingStore``
-    (used for the centroids of a lower k-means level and for resampled subsets)."""
+    (used for the centroids of a lower k-means level)."""
 
     def __init__(self, array: np.ndarray):
         self.array = np.asarray(array)
@@ -72,6 +72,9 @@ class ArrayView:
 
     def take(self, rows: np.ndarray) -> np.ndarray:
         return np.ascontiguousarray(self.array[np.asarray(rows)], dtype=np.float32)
+
+    def subset(self, rows: np.ndarray) -> "ArrayView":
+        return ArrayView(self.array[np.asarray(rows)])
 
 
 class EmbeddingStore:
