@@ -131,11 +131,11 @@ def test_vit_b_file_for_a_vit_l_config_names_the_mismatch(tmp_path):
 
 def test_depth_registers_patch_and_layout_mismatches_are_named(tmp_path):
     deeper = official_dinov2_state(dim=384, depth=2, grid=4)
-    with pytest.raises(ValueError, match=r"2 blocks.*1 blocks.*unexpected \d+ keys \(e.g. blocks.1."):
+    with pytest.raises(ValueError, match=r"2 blocks.*1 block\b.*unexpected \d+ keys \(e.g. blocks.1."):
         FrozenBackbone("vit_small_patch14_reg4_dinov2", weights=deeper, img_size=56, depth=1)
     with pytest.raises(ValueError, match="4 registers.*0 registers"):
         FrozenBackbone("vit_small_patch14_dinov2", weights=official_dinov2_state(depth=1, grid=4), img_size=56, depth=1)
-    with pytest.raises(ValueError, match="official DINOv3 layout: width 384, 1 blocks, patch 16.*patch 14"):
+    with pytest.raises(ValueError, match="official DINOv3 layout: width 384, 1 block, patch 16.*patch 14"):
         FrozenBackbone("vit_small_patch14_reg4_dinov2", weights=official_dinov3_state(depth=1), img_size=56, depth=1)
     head = save_pth(official_vision_head_state(dim=384), tmp_path / "vision_head.pth")
     with pytest.raises(ValueError, match="does not look like a ViT backbone"):

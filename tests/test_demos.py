@@ -68,3 +68,10 @@ def test_curation_demo_curates_trains_both_arms_and_reuses_finished_work(tmp_pat
     again = run_curation_demo(curate, root=str(tmp_path), train_overrides=train, spec=spec)
     out = capsys.readouterr().out
     assert out.count("finished earlier, reusing") == 2 and again["arms"]["curated"]["top1"] == arms["curated"]["top1"]
+    # a run cut after its last checkpoint (no metrics.json yet) resumes in its own folder
+    cut = tmp_path / runs[0]
+    (cut / "metrics.json").unlink()
+    run_curation_demo(curate, root=str(tmp_path), train_overrides=train, spec=spec)
+    out = capsys.readouterr().out
+    assert out.count("finished earlier, reusing") == 1 and (cut / "metrics.json").is_file()
+    assert sorted(p.name for p in tmp_path.glob("train_*")) == runs

@@ -133,7 +133,8 @@ def train_arm(root: Path, arm: str, shards: Path, uids: np.ndarray, seed: int, o
         shutil.rmtree(run_dir)
     print(f"[dinotxt] training on the {arm} subset ({shards}), seed {seed}", flush=True)
     args = [f"data.train={shards}", f"output_dir={root}", f"name={name}", f"seed={seed}"] + list(overrides)
-    return run_training(str(_find("recipes/curation/demo_train.yaml")), [] if resume else args, resume=resume)
+    # on --resume the saved config is kept and these (identical) overrides locate the run folder
+    return run_training(str(_find("recipes/curation/demo_train.yaml")), args, resume=resume)
 
 
 def run_curation_demo(overrides: List[str] = (), seeds: int = 1, fresh: bool = False,
