@@ -51,7 +51,7 @@ def pool_units(pool_cfg) -> List[PoolUnit]:
         step = max(1, int(pool_cfg.manifest_rows_per_unit))
         return [PoolUnit(i, Path(spec).name, str(spec), start, min(rows, start + step))
                 for i, start in enumerate(range(0, rows, step))]
-    shards = expand_shards(list(spec) if not isinstance(spec, str) else spec)
+    shards = expand_shards(list(spec) if not isinstance(spec, str) else spec, key="pool.data")
     seen: Dict[str, str] = {}
     for s in shards:
         name = Path(s).name

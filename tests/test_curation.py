@@ -1150,3 +1150,11 @@ def test_cli_curate_end_to_end(reference, world, tmp_path):
     reference_uids = np.load(reference[0] / "debug" / "curated" / "uids.npy")
     assert np.array_equal(np.load(run / "curated" / "uids.npy"), reference_uids)
     assert report["kept"] == reference[1]["kept"]
+
+
+def test_a_missing_pool_names_the_pool_key(tmp_path, capsys):
+    from dinotxt.cli import main
+
+    assert main(["curate", RECIPE, f"pool.data={tmp_path / 'nowhere' / '{0..3}.tar'}", f"output_dir={tmp_path}"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("dinotxt: error: shard not found") and err.endswith("check pool.data") and "\n" not in err

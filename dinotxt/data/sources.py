@@ -28,11 +28,12 @@ def _brace_expand(pattern: str) -> List[str]:
     return out
 
 
-def expand_shards(spec: Union[str, Sequence[str]]) -> List[str]:
+def expand_shards(spec: Union[str, Sequence[str]], key: str = "data.train") -> List[str]:
     """Shard list from ``dir/{00000..00099}.tar``, a glob, a directory of .tar files, a
-    ``::``-separated string or a list of any of these. Missing shards are an error."""
+    ``::``-separated string or a list of any of these. Missing shards are an error that names
+    the config ``key`` the shards came from."""
     if spec is None:
-        raise ValueError("no training data: set data.train to shards (dir/{00000..00009}.tar) or a .csv/.parquet manifest")
+        raise ValueError(f"no data: set {key} to shards (dir/{{00000..00009}}.tar) or a .csv/.parquet manifest")
     items = [spec] if isinstance(spec, str) else list(spec)
     shards: List[str] = []
     for item in items:
@@ -41,19 +42,19 @@ def expand_shards(spec: Union[str, Sequence[str]]) -> List[str]:
             if p.is_dir():
                 found = sorted(str(x) for x in p.glob("*.tar"))
                 if not found:
-                    raise FileNotFoundError(f"no .tar shards in directory {p}")
+                    raise FileNotFoundError(f"no .tar shards in directory {p}; check {key}")
                 shards.extend(found)
             elif any(c in part for c in "*?["):
                 found = sorted(glob.glob(part))
                 if not found:
-                    raise FileNotFoundError(f"no shards match {part}")
+                    raise FileNotFoundError(f"no shards match {part}; check {key}")
                 shards.extend(found)
             else:
                 shards.extend(_brace_expand(part))
     missing = [s for s in shards if not Path(s).is_file()]
     if missing:
         more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
-        raise FileNotFoundError(f"shard not found: {missing[0]}{more}; check data.train")
+        raise FileNotFoundError(f"shard not found: {missing[0]}{more}; check {key}")
     return shards
 
 
