@@ -143,8 +143,9 @@ def assign(data, centroids: np.ndarray, opts: KMeansOptions) -> Tuple[np.ndarray
 _SUM_ROWS = 4096
 
 
-def lloyd(data, centroids: np.ndarray, opts: KMeansOptions) -> KMeansLevel:
-    """Lloyd iterations from ``centroids``; float64 sums; an empty cluster keeps its centroid."""
+def lloyd(data, centroids: np.ndarray, opts: KMeansOptions, assign_all: bool = True) -> KMeansLevel:
+    """Lloyd iterations from ``centroids``; float64 sums; an empty cluster keeps its centroid.
+    ``assign_all=False`` skips the final assignment pass (callers that only need the centroids)."""
     k, d = centroids.shape
     centroids = np.array(centroids, dtype=np.float32)
     previous = None
@@ -167,11 +168,13 @@ def lloyd(data, centroids: np.ndarray, opts: KMeansOptions) -> KMeansLevel:
         filled = counts > 0
         centroids[filled] = (sums.numpy()[filled] / counts[filled, None]).astype(np.float32)
         previous = assignment
+    if not assign_all:
+        return KMeansLevel(centroids, np.empty(0, dtype=np.int64), np.empty(0, dtype=np.float32))
     assignment, dist2 = assign(data, centroids, opts)
     return KMeansLevel(centroids, assignment, dist2)
 
 
-def kmeans(data, k: int, opts: KMeansOptions, rng: np.random.Generator) -> KMeansLevel:
+def kmeans(data, k: int, opts: KMeansOptions, rng: np.random.Generator, assign_all: bool = True) -> KMeansLevel:
     """One k-means run: seeding on a random subset, then Lloyd over all of ``data``."""
     n = len(data)
     sample = min(n, max(k, opts.init_sample_per_centroid * k))
@@ -181,7 +184,7 @@ def kmeans(data, k: int, opts: KMeansOptions, rng: np.random.Generator) -> KMean
         init = kmeans_plusplus(points, k, rng)
     else:
         init = points[rng.choice(len(points), size=k, replace=len(points) < k)]
-    return lloyd(data, init, opts)
+    return lloyd(data, init, opts, assign_all)
 
 
 def rank_within_clusters(assignment: np.ndarray, key: np.ndarray) -> np.ndarray:
@@ -262,7 +265,7 @@ def kmeans_level(data, k: int, opts: KMeansOptions, resampling_steps: int, sampl
             log(f"level {level}: resampling step {phase}/{resampling_steps}: refit on {len(rows):,} items "
                 f"(<= {s} per cluster), reassign all {n:,}")
             # a view of the pool, not a copy: the refit set can be half the pool
-            refit = kmeans(data.subset(rows), k, opts, rng)
+            refit = kmeans(data.subset(rows), k, opts, rng, assign_all=False)  # all items are assigned next
             assignment, dist2 = assign(data, refit.centroids, opts)
             current = KMeansLevel(refit.centroids, assignment, dist2)
         _save_phase(path, current)

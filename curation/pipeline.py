@@ -116,7 +116,9 @@ class Curation:
         return self._pool
 
     def image_store(self, rows: Optional[np.ndarray] = None) -> EmbeddingStore:
-        return EmbeddingStore(shard_paths(self.out / "embed" / "image", len(self.units)), rows)
+        # once embed is done, every shard must have the width it recorded (so a bad shard 0 is named too)
+        return EmbeddingStore(shard_paths(self.out / "embed" / "image", len(self.units)), rows,
+                              expect_dim=self.stages["embed"][0].stats.get("dim"))
 
     def text_store(self, rows: Optional[np.ndarray] = None) -> EmbeddingStore:
         return EmbeddingStore(shard_paths(self.out / "embed_text", len(self.units)), rows)

@@ -1080,13 +1080,14 @@ def test_text_encoder_of_inconsistent_width_is_a_clear_error(reference, world, t
     assert "has no attribute 'missing'" in _one_line_error(rc, err)
 
 
-def test_stored_embeddings_of_the_wrong_width_are_a_clear_error(reference, world, tmp_path, capsys):
+@pytest.mark.parametrize("bad", ["000001.npy", "000000.npy"])  # shard 0 too: the width recorded by embed is expected
+def test_stored_embeddings_of_the_wrong_width_are_a_clear_error(reference, world, tmp_path, capsys, bad):
     out = _clone(reference[0], tmp_path, keep=["embed"])
-    shard = out / "debug" / "embed" / "image" / "000001.npy"
+    shard = out / "debug" / "embed" / "image" / bad
     np.save(shard, np.zeros((len(np.load(shard)), 10), np.float16))
     rc, _, err = _cli(RECIPE, f"pool.data={world}", f"output_dir={out}", "--until", "dedup", capsys=capsys)
     line = _one_line_error(rc, err)
-    assert "000001.npy has width 10 but 192 was expected" in line
+    assert f"{bad} has width 10 but 192 was expected" in line
 
 
 def test_target_size_larger_than_the_pool_is_a_clear_error(reference, world, tmp_path, capsys):
