@@ -37,6 +37,16 @@ def _union_find_groups(n: int, a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return np.fromiter((root(i) for i in range(n)), dtype=np.int64, count=n)
 
 
+def _return_freed_memory() -> None:
+    """Give freed heap pages back to the OS (glibc keeps them otherwise); a no-op elsewhere."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 def build_index(store, kind: str, nlist, nprobe: int, chunk_size: int, seed: int, gpus: int = 0):
     """A faiss inner-product index holding every row of ``store`` (float16 inside faiss)."""
     import faiss
@@ -98,6 +108,8 @@ def near_duplicates(store, uids: np.ndarray, threshold: float = 0.95, neighbors:
         edges_a.append(rows[hit])
         edges_b.append(idx[hit])
     a, b = np.concatenate(edges_a), np.concatenate(edges_b)
+    del faiss_index
+    _return_freed_memory()  # the index's pages would otherwise stay in this process during clustering
     # label every component by its smallest position, then keep its smallest uid
     component = _union_find_groups(n, a, b)
     uids = np.asarray(uids, dtype=np.int64)
