@@ -48,7 +48,8 @@ def _return_freed_memory() -> None:
 
 
 def build_index(store, kind: str, nlist, nprobe: int, chunk_size: int, seed: int, gpus: int = 0):
-    """A faiss inner-product index holding every row of ``store`` (float16 inside faiss)."""
+    """A faiss inner-product index holding every row of ``store`` (float16 inside faiss), and the
+    rows' L2 norms (float64), computed in the same pass over the store."""
     import faiss
 
     n, d = len(store), store.dim
@@ -67,9 +68,11 @@ def build_index(store, kind: str, nlist, nprobe: int, chunk_size: int, seed: int
         options = faiss.GpuMultipleClonerOptions()
         options.useFloat16 = True
         index = faiss.index_cpu_to_all_gpus(faiss.IndexFlatIP(d) if kind == "flat" else index, co=options)
+    norms = []
     for _, x in store.chunks(chunk_size):
         index.add(x)
-    return index
+        norms.append(np.linalg.norm(x.astype(np.float64), axis=1))
+    return index, np.concatenate(norms) if norms else np.zeros(0)
 
 
 def near_duplicates(store, uids: np.ndarray, threshold: float = 0.95, neighbors: int = 16, index: str = "auto",
@@ -92,12 +95,11 @@ def near_duplicates(store, uids: np.ndarray, threshold: float = 0.95, neighbors:
     if n == 0:
         return np.zeros(0, dtype=bool), {"groups": 0, "removed": 0, "kept": 0, "group_sizes": {}}
     kind = index if index != "auto" else ("flat" if n <= flat_max else "ivf")
-    faiss_index = build_index(store, kind, nlist, nprobe, chunk_size, seed, gpus)
+    faiss_index, norms = build_index(store, kind, nlist, nprobe, chunk_size, seed, gpus)
     k = min(n, neighbors + 1)  # +1: a sample finds itself
     # float16 rows are unit length only to ~1e-4: the inner product of a row with its exact copy can be
     # 0.9999, which would hide exact duplicates at threshold 1.0. Divide by the norms (cosine proper) and
     # allow float32 rounding of the inner product (1e-5).
-    norms = np.concatenate([np.linalg.norm(x.astype(np.float64), axis=1) for _, x in store.chunks(chunk_size)])
     norms = np.maximum(norms, 1e-12)
     edges_a, edges_b = [], []
     for start, x in store.chunks(chunk_size):

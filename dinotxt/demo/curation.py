@@ -18,10 +18,8 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
-import tarfile
 import time
 from collections import Counter
-from dataclasses import asdict
 from pathlib import Path
 from typing import Dict, List, Sequence
 
@@ -29,7 +27,7 @@ import numpy as np
 
 from ..config import ConfigError
 from ..fileio import atomic_write_json
-from .run import attribute_accuracy
+from .run import attribute_accuracy, find_recipe
 
 BANNER = """\
 dinotxt curation demo: does curating the pool help?
@@ -48,26 +46,18 @@ METRICS = {"top1": "zero-shot top-1", "top5": "zero-shot top-5", "mean_per_class
            "color_top1": "colour correct (of 6)", "shape_top1": "shape correct (of 4)"}
 
 
-def _find(relative: str) -> Path:
-    for base in (Path.cwd(), Path(__file__).resolve().parents[2]):
-        p = base / relative
-        if p.is_file():
-            return p
-    raise ConfigError(f"{relative} not found: run the demo from the dinotxt source tree")
-
-
 def pool_truth(pool_dir: Path) -> Dict[int, Dict]:
     """uid -> {concept, noisy, copy} for every pool sample, read from the shards' ``key.json``."""
     from curation.pool import sample_uid
 
+    from ..data.sources import iter_tar_samples
+
     truth = {}
     for shard in sorted(Path(pool_dir).glob("*.tar")):
-        with tarfile.open(shard) as tar:
-            for m in tar.getmembers():
-                if m.name.endswith(".json"):
-                    meta = json.loads(tar.extractfile(m).read())
-                    truth[sample_uid(shard.name, m.name[:-5])] = {
-                        "concept": meta["concept"], "noisy": bool(meta["noisy"]), "copy": meta["copy_of"] is not None}
+        for sample in iter_tar_samples(str(shard), {}):
+            meta = json.loads(sample["json"])
+            truth[sample_uid(shard.name, sample["__key__"])] = {
+                "concept": meta["concept"], "noisy": bool(meta["noisy"]), "copy": meta["copy_of"] is not None}
     return truth
 
 
@@ -125,16 +115,17 @@ def train_arm(root: Path, arm: str, shards: Path, uids: np.ndarray, seed: int, o
     digest = hashlib.sha256(np.sort(uids).tobytes() + repr(list(overrides)).encode()).hexdigest()[:8]
     name = f"train_{arm}_{digest}_s{seed}"
     run_dir = root / name
-    if (run_dir / "metrics.json").is_file() and "zeroshot" in json.loads((run_dir / "metrics.json").read_text()):
+    finished = json.loads((run_dir / "metrics.json").read_text()) if (run_dir / "metrics.json").is_file() else {}
+    if "zeroshot" in finished:
         print(f"[dinotxt] {name}: finished earlier, reusing {run_dir}/metrics.json", flush=True)
-        return json.loads((run_dir / "metrics.json").read_text())
+        return finished
     resume = (run_dir / "checkpoints" / "last.ckpt").is_file()
     if run_dir.exists() and not resume:
         shutil.rmtree(run_dir)
     print(f"[dinotxt] training on the {arm} subset ({shards}), seed {seed}", flush=True)
     args = [f"data.train={shards}", f"output_dir={root}", f"name={name}", f"seed={seed}"] + list(overrides)
     # on --resume the saved config is kept and these (identical) overrides locate the run folder
-    return run_training(str(_find("recipes/curation/demo_train.yaml")), args, resume=resume)
+    return run_training(str(find_recipe("recipes/curation/demo_train.yaml")), args, resume=resume)
 
 
 def run_curation_demo(overrides: List[str] = (), seeds: int = 1, fresh: bool = False,
@@ -152,7 +143,7 @@ def run_curation_demo(overrides: List[str] = (), seeds: int = 1, fresh: bool = F
     from curation.config import load_curation_config
     from curation.pipeline import Curation
 
-    from .pool import PoolSpec, write_pool
+    from .pool import PoolSpec, pool_spec_changed, write_pool
 
     print(BANNER, flush=True)
     if seeds < 1:
@@ -164,8 +155,7 @@ def run_curation_demo(overrides: List[str] = (), seeds: int = 1, fresh: bool = F
     spec = spec or PoolSpec()
     print(f"[dinotxt] writing the pool ({spec.num_samples:,} pairs) and the balanced held-out set to {root / 'world'}",
           flush=True)
-    pool_json = root / "world" / "pool.json"
-    if pool_json.is_file() and json.loads(pool_json.read_text()).get("spec") != asdict(spec):
+    if pool_spec_changed(root / "world", spec):
         print("[dinotxt] the pool spec changed: the pool, its curation and the random subsets are redone", flush=True)
         for stale in [root / "curation"] + sorted(root.glob("random*")):
             shutil.rmtree(stale, ignore_errors=True)
@@ -176,7 +166,7 @@ def run_curation_demo(overrides: List[str] = (), seeds: int = 1, fresh: bool = F
           f"{t['noisy']:,} mismatched captions; {t['copies']:,} copies of {spec.popular_images} popular images", flush=True)
 
     vocabulary = write_concept_vocabulary(root / "world" / "metadata.txt")
-    cfg = load_curation_config(str(_find("recipes/curation/demo.yaml")),
+    cfg = load_curation_config(str(find_recipe("recipes/curation/demo.yaml")),
                                [f"pool.data={root / 'world' / 'pool'}", f"output_dir={root}", "name=curation",
                                 f"text_balance.metadata={vocabulary}"] + list(overrides))
     cur = Curation(cfg)

@@ -89,17 +89,22 @@ def _reencode(jpg: bytes, quality: int) -> bytes:
     return buf.getvalue()
 
 
+def pool_spec_changed(root, spec: PoolSpec) -> bool:
+    """True when ``root`` holds a pool written from another spec."""
+    previous = Path(root) / "pool.json"
+    return previous.is_file() and json.loads(previous.read_text()).get("spec") != asdict(spec)
+
+
 def write_pool(root: str, spec: PoolSpec = PoolSpec()) -> Dict:
     """Write ``root/pool/*.tar`` (the pool), ``root/eval`` (balanced held-out set) and ``root/pool.json``
     (the spec and the pool's true composition). Existing shards are kept."""
     root = Path(root)
     weights = concept_weights(spec)
-    previous = root / "pool.json"
-    if previous.is_file() and json.loads(previous.read_text()).get("spec") != asdict(spec):
+    if pool_spec_changed(root, spec):
         import shutil
 
         shutil.rmtree(root / "pool", ignore_errors=True)  # another spec: its shards must not be reused
-        previous.unlink()
+        (root / "pool.json").unlink()
     rng = random.Random(spec.seed * 7_919 + 1)
     base = spec.seed * 10_000_019 + 5_000_000  # seeds apart from the ones of the demo's train / eval splits
     dominant = {c: w for c, w in weights.items() if c in spec.dominant} or weights

@@ -29,12 +29,13 @@ dinotxt demo: align a text tower to a frozen vision encoder, end to end, on CPU.
 """
 
 
-def find_demo_recipe() -> Path:
+def find_recipe(relative: str = "recipes/demo.yaml") -> Path:
+    """A recipe shipped with the source tree, from the working directory or next to the package."""
     for base in (Path.cwd(), Path(__file__).resolve().parents[2]):
-        p = base / "recipes" / "demo.yaml"
+        p = base / relative
         if p.is_file():
             return p
-    raise ConfigError("recipes/demo.yaml not found: run the demo from the dinotxt source tree")
+    raise ConfigError(f"{relative} not found: run the demo from the dinotxt source tree")
 
 
 def attribute_accuracy(zeroshot: dict) -> dict:
@@ -79,7 +80,7 @@ def run_demo(overrides: List[str] = (), fresh: bool = False) -> dict:
     from ..train.run import run_training
 
     print(BANNER, flush=True)
-    recipe = find_demo_recipe()
+    recipe = find_recipe()
     cfg = load_train_config(str(recipe), list(overrides))
     run_dir = Path(cfg.output_dir) / cfg.name
     resume = False
