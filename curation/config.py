@@ -13,7 +13,7 @@ from typing import Any, Dict, List, Optional
 
 from omegaconf import DictConfig, OmegaConf
 
-from dinotxt.config import ConfigError, _merge, _parse_dotlist, _read_yaml
+from dinotxt.config import ConfigError, _merge, _parse_dotlist, _read_yaml, find_recipe
 
 
 @dataclass
@@ -195,7 +195,8 @@ def validate(cfg: DictConfig) -> None:
 def load_curation_config(recipe: Optional[str] = None, overrides: Optional[List[str]] = None) -> DictConfig:
     """Resolve defaults -> recipe -> command-line overrides into a validated CurationConfig."""
     cfg = OmegaConf.structured(CurationConfig)
-    recipe_cfg = _read_yaml(Path(recipe)) if recipe else OmegaConf.create({})
+    recipe = find_recipe(recipe) if recipe else None
+    recipe_cfg = _read_yaml(recipe) if recipe else OmegaConf.create({})
     cfg = _merge(cfg, recipe_cfg, str(recipe) if recipe else "recipe")
     cfg = _merge(cfg, _parse_dotlist(overrides or []), "command line")
     if cfg.name is None:

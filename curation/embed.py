@@ -166,7 +166,7 @@ def _lightning_embedder(backbone: FrozenBackbone, out_dir: Path):
     return ImageEmbedder(), UnitWriter()
 
 
-def embed_images(cfg, units: List[PoolUnit], out_dir: Path) -> bool:
+def embed_images(cfg, units: List[PoolUnit], out_dir: Path, trust_code: bool = False) -> bool:
     """Embed every unit without a finished metadata table. Returns False on a non-zero rank of a multi-GPU
     run (that process's share is written and it has nothing else to do)."""
     import lightning as L
@@ -178,7 +178,7 @@ def embed_images(cfg, units: List[PoolUnit], out_dir: Path) -> bool:
         return True
     e = cfg.embed
     bcfg = backbone_config(e)
-    backbone = create_backbone(bcfg)  # seeded like dinotxt.create_model: curation and training see one encoder
+    backbone = create_backbone(bcfg, trust_code=trust_code)  # seeded like create_model: curation and training see one encoder
     transform = eval_transform(bcfg.img_size)
     precision = e.precision
     if precision == "auto":
@@ -197,11 +197,11 @@ def embed_images(cfg, units: List[PoolUnit], out_dir: Path) -> bool:
     return trainer.is_global_zero
 
 
-def embed_texts(cfg, units: List[PoolUnit], embed_dir: Path, text_dir: Path) -> Dict:
+def embed_texts(cfg, units: List[PoolUnit], embed_dir: Path, text_dir: Path, trust_code: bool = False) -> Dict:
     """Caption embeddings per unit from the captions in the metadata tables (no image is read again)."""
     e = cfg.embed
     meta = [embed_dir / "meta" / f"{u.index:06d}.parquet" for u in units]
-    encoder = load_text_encoder(e.text_encoder, e.text_dim, e.text_ngrams, e.text_kwargs)
+    encoder = load_text_encoder(e.text_encoder, e.text_dim, e.text_ngrams, e.text_kwargs, trust_code)
     if isinstance(encoder, HashedTfidfEncoder):
         idf_path = text_dir / "idf.npy"
         if idf_path.is_file():

@@ -42,10 +42,13 @@ class Curation:
 
     Args:
         cfg: resolved CurationConfig (``load_curation_config``).
+        trust_code: allow the recipe to name code by import path (a backbone factory, a caption
+            encoder; ``dinotxt.plugins``).
     """
 
-    def __init__(self, cfg):
+    def __init__(self, cfg, trust_code: bool = False):
         self.cfg = cfg
+        self.trust_code = trust_code
         self.out = Path(cfg.output_dir) / cfg.name
         self.units = pool_units(cfg.pool)
         if not self.units:
@@ -135,7 +138,7 @@ class Curation:
     def _embed(self, resuming: bool) -> Dict:
         from .embed import embed_images, read_skipped
 
-        if not embed_images(self.cfg, self.units, self.out / "embed"):
+        if not embed_images(self.cfg, self.units, self.out / "embed", self.trust_code):
             raise _NotGlobalZero()
         pool = self.pool  # checks that sample ids are unique
         store = self.image_store()
@@ -145,7 +148,7 @@ class Curation:
     def _embed_text(self, resuming: bool) -> Dict:
         from .embed import embed_texts
 
-        return embed_texts(self.cfg, self.units, self.out / "embed", self.out / "embed_text")
+        return embed_texts(self.cfg, self.units, self.out / "embed", self.out / "embed_text", self.trust_code)
 
     def _dedup(self, resuming: bool) -> Dict:
         from .dedup import near_duplicates
@@ -370,7 +373,7 @@ class _NotGlobalZero(Exception):
 
 
 def run_curation(recipe: Optional[str], overrides: List[str] = (), stage: Optional[str] = None,
-                 until: Optional[str] = None) -> Optional[Dict]:
+                 until: Optional[str] = None, trust_code: bool = False) -> Optional[Dict]:
     """Resolve the recipe and run its stages (all, one, or up to one). Returns the report (or stage statistics)."""
     cfg = load_curation_config(recipe, list(overrides))
-    return Curation(cfg).run(stage, until)
+    return Curation(cfg, trust_code).run(stage, until)

@@ -14,7 +14,6 @@ A plug-in is ``package.module:factory`` (``embed.text_encoder``); the factory is
 from __future__ import annotations
 
 import hashlib
-import importlib
 from typing import Any, Dict, Iterable, List, Optional, Tuple
 
 import numpy as np
@@ -83,20 +82,17 @@ class HashedTfidfEncoder:
         return out / np.maximum(norms, 1e-12)
 
 
-def load_text_encoder(spec: str, dim: int = 512, ngrams: int = 2, kwargs: Optional[Dict[str, Any]] = None):
-    """``"tfidf"`` -> ``HashedTfidfEncoder(dim, ngrams)``; ``"package.module:factory"`` -> ``factory(**kwargs)``."""
+def load_text_encoder(spec: str, dim: int = 512, ngrams: int = 2, kwargs: Optional[Dict[str, Any]] = None,
+                      trust_code: bool = False):
+    """``"tfidf"`` -> ``HashedTfidfEncoder(dim, ngrams)``; ``"package.module:factory"`` -> ``factory(**kwargs)``
+    (only with ``trust_code=True``: the recipe names that code, see ``dinotxt.plugins``)."""
+    from dinotxt.plugins import import_object, is_import_path
+
     if spec == "tfidf":
         return HashedTfidfEncoder(dim, ngrams)
-    module_name, _, attr = spec.partition(":")
-    if not module_name or not attr:
+    if not is_import_path(spec):
         raise ValueError(f"embed.text_encoder={spec!r}: use 'tfidf' or 'package.module:factory'")
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as e:
-        raise ImportError(f"cannot import text encoder module '{module_name}' (embed.text_encoder={spec}): {e}") from None
-    if not hasattr(module, attr):
-        raise ImportError(f"module '{module_name}' has no attribute '{attr}' (embed.text_encoder={spec})")
-    encoder = getattr(module, attr)(**dict(kwargs or {}))
+    encoder = import_object(spec, trust_code=trust_code, setting="embed.text_encoder")(**dict(kwargs or {}))
     if not callable(getattr(encoder, "encode", None)):
         raise ValueError(f"text encoder {spec} returned {type(encoder).__name__}, which has no encode(captions) method")
     return encoder

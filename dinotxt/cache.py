@@ -124,7 +124,8 @@ def backbone_fingerprint(backbone: torch.nn.Module) -> str:
     for name, tensor in backbone.state_dict().items():
         t = tensor.detach().cpu().contiguous()
         h.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        # flat first: a 0-dim tensor (BatchNorm's num_batches_tracked) cannot be viewed as bytes
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return h.hexdigest()
 
 
@@ -368,8 +369,10 @@ def _shard_complete(root: Path, name: str) -> bool:
     return (root / f"{name}.json").is_file() and (root / f"{name}.bin").is_file()
 
 
-def build_cache(cfg: DictConfig, device: Optional[str] = None, log: Callable[[str], None] = print) -> Dict[str, Any]:
-    """Run the frozen backbone of ``cfg`` over ``data.train`` once and write ``cache.path``.
+def build_cache(cfg: DictConfig, device: Optional[str] = None, log: Callable[[str], None] = print,
+                trust_code: bool = False) -> Dict[str, Any]:
+    """Run the frozen backbone of ``cfg`` over ``data.train`` once and write ``cache.path``
+    (``trust_code``: the recipe may name its backbone by import path).
 
     Resumes a partial cache with the same spec; refuses a folder holding a cache with another
     spec. Returns a summary (samples, skipped, shards, bytes, seconds, images/s).
@@ -385,7 +388,7 @@ def build_cache(cfg: DictConfig, device: Optional[str] = None, log: Callable[[st
     jobs = _source_jobs(cfg)
     source = _source_fingerprint(cfg)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    backbone = create_backbone(cfg.model.backbone).to(device)
+    backbone = create_backbone(cfg.model.backbone, trust_code=trust_code).to(device)
     weights_hash = backbone_fingerprint(backbone)
     with torch.inference_mode():
         size = spec["backbone"]["img_size"]

@@ -74,11 +74,11 @@ def save_checkpoint(directory: Union[str, Path], model, tokenizer, train_config:
     from safetensors.torch import save_file
 
     directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    cfg = _checkpoint_config(model, tokenizer, train_config)
+    cfg = _checkpoint_config(model, tokenizer, train_config)  # raises before anything is written
     state = {k: v.detach().cpu().contiguous() for k, v in model.trainable_state_dict().items()}
+    directory.mkdir(parents=True, exist_ok=True)
     with atomic_output(directory / WEIGHTS_NAME) as tmp:
-        save_file(state, str(tmp), metadata={"format": "dinotxt", "arch": str(model.config.arch)})
+        save_file(state, str(tmp), metadata={"format": "dinotxt", "arch": str(cfg.model.arch)})
     atomic_write_bytes(directory / CONFIG_NAME, OmegaConf.to_yaml(cfg, resolve=True).encode())
     tokenizer.save(directory / cfg.tokenizer.file)
     return directory
@@ -118,18 +118,21 @@ def _single_file_metadata(path: Path) -> Optional[Dict[str, str]]:
         return None
 
 
-def load(checkpoint: Union[str, Path], device: Union[str, torch.device] = "cpu", backbone_weights: Optional[str] = None):
+def load(checkpoint: Union[str, Path], device: Union[str, torch.device] = "cpu", backbone_weights: Optional[str] = None,
+         trust_code: bool = False):
     """Load a dinotxt checkpoint folder or single file. Returns ``(model, transform, tokenizer)``.
 
     ``backbone_weights`` points at the frozen backbone's weights file when it moved
-    since training (the config records the original path).
+    since training (the config records the original path). A checkpoint whose backbone is
+    an import path ``package.module:factory`` is refused unless ``trust_code=True``: the
+    checkpoint's author chose that code (``dinotxt.plugins``).
     """
     path = Path(checkpoint)
     if path.is_file():
         if path.name == WEIGHTS_NAME and (path.parent / CONFIG_NAME).is_file():
             path = path.parent
         else:
-            return load_single_file(path, device, backbone_weights)
+            return load_single_file(path, device, backbone_weights, trust_code)
     if not path.exists():
         raise FileNotFoundError(f"{path} is not a dinotxt checkpoint: it does not exist")
     for name in (WEIGHTS_NAME, CONFIG_NAME):
@@ -153,7 +156,8 @@ def load(checkpoint: Union[str, Path], device: Union[str, torch.device] = "cpu",
     except Exception as e:
         raise ValueError(f"cannot read {path / WEIGHTS_NAME}: {e}") from None
     tokenizer = build_tokenizer(kind, tok_file, cfg.model.text.context_length)
-    return _assemble(cfg.model, state, tokenizer, device, backbone_weights)
+    return _assemble(cfg.model, state, tokenizer, device, backbone_weights, trust_code=trust_code,
+                     source=str(path / CONFIG_NAME))
 
 
 def read_single_file(path: Union[str, Path]):
@@ -174,20 +178,27 @@ def read_single_file(path: Union[str, Path]):
 
 
 def load_single_file(path: Union[str, Path], device: Union[str, torch.device] = "cpu",
-                     backbone_weights: Optional[str] = None):
+                     backbone_weights: Optional[str] = None, trust_code: bool = False):
     """Load a file written by ``save_single_file``. Returns ``(model, transform, tokenizer)``."""
     cfg, state, tok_bytes = read_single_file(path)
     tokenizer = build_tokenizer(cfg.tokenizer.kind, tok_bytes, cfg.model.text.context_length)
     backbone = {k[len(BACKBONE_PREFIX):]: state.pop(k) for k in [k for k in state if k.startswith(BACKBONE_PREFIX)]}
-    return _assemble(cfg.model, state, tokenizer, device, backbone_weights, backbone_state=backbone or None)
+    return _assemble(cfg.model, state, tokenizer, device, backbone_weights, backbone_state=backbone or None,
+                     trust_code=trust_code, source=str(path))
 
 
 def _assemble(mcfg: DictConfig, state: Dict[str, torch.Tensor], tokenizer, device, backbone_weights: Optional[str],
-              backbone_state: Optional[Dict[str, torch.Tensor]] = None):
+              backbone_state: Optional[Dict[str, torch.Tensor]] = None, trust_code: bool = False,
+              source: str = "checkpoint"):
     from .models.backbone import FrozenBackbone
     from .models.factory import create_model
+    from .plugins import UntrustedCodeError, is_import_path
     from .transforms import eval_transform
 
+    if is_import_path(mcfg.backbone.name) and not trust_code:  # before anything is imported or built
+        raise UntrustedCodeError(
+            f"{source}: model.backbone.name={mcfg.backbone.name!r} names code to import and call; load this "
+            "checkpoint with trust_code=True (command line: --trust-code) only if you trust whoever made it")
     recorded = mcfg.backbone.weights
     if backbone_state is not None and backbone_weights is None:
         mcfg.backbone.weights = None  # the backbone travels in the file; the recorded path is not needed
@@ -198,12 +209,13 @@ def _assemble(mcfg: DictConfig, state: Dict[str, torch.Tensor], tokenizer, devic
             f"the backbone weights this model was trained with are not at {mcfg.backbone.weights}; "
             "pass backbone_weights=PATH (CLI: --backbone-weights PATH)"
         )
-    model = create_model(mcfg)
+    model = create_model(mcfg, trust_code=trust_code)
     if backbone_state is not None and backbone_weights is None:
         b = mcfg.backbone
-        model.backbone = FrozenBackbone(b.name, weights=backbone_state, img_size=b.img_size,
-                                        **OmegaConf.to_container(b.kwargs))
-        mcfg.backbone.weights = recorded
+        model.backbone = FrozenBackbone(b.name, weights=backbone_state, img_size=b.img_size, init_seed=b.init_seed,
+                                        trust_code=trust_code, **OmegaConf.to_container(b.kwargs))
+        # the weights travel in the file; a config written from this model records the original file
+        model.backbone.weights_file, model.backbone.rebuild_problem = recorded, None
     model.load_trainable_state_dict(state)
     model.eval().to(device)
     if tokenizer.vocab_size > mcfg.text.vocab_size:

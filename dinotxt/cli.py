@@ -11,7 +11,7 @@
     dinotxt curate RECIPE [key=value ...] [--stage NAME | --until NAME]
     dinotxt demo [key=value ...] [--curation [--seeds N]]
     dinotxt export CHECKPOINT --format official|safetensors [--out PATH] [--include-backbone]
-    dinotxt models
+    dinotxt models | recipes
 
 User errors (bad config, missing files, wrong checkpoints) print one line and exit 2;
 set DINOTXT_DEBUG=1 to see the traceback instead.
@@ -28,7 +28,7 @@ from typing import List, Optional
 def _cmd_train(args) -> int:
     from .train.run import run_training
 
-    metrics = run_training(args.recipe, args.overrides, resume=args.resume)
+    metrics = run_training(args.recipe, args.overrides, resume=args.resume, trust_code=args.trust_code)
     print(json.dumps(metrics, indent=2))
     return 0
 
@@ -40,7 +40,7 @@ def _cmd_cache(args) -> int:
 
     cfg = load_train_config(args.recipe, args.overrides)
     generate_world(cfg)
-    summary = build_cache(cfg, device=args.device)
+    summary = build_cache(cfg, device=args.device, trust_code=args.trust_code)
     print(json.dumps(summary, indent=2))
     return 0
 
@@ -66,7 +66,8 @@ def _cmd_eval_zeroshot(args) -> int:
     from .evaluation.zeroshot import evaluate_zeroshot
 
     device = args.device or ("cuda" if __import__("torch").cuda.is_available() else "cpu")
-    model, transform, tokenizer = load(args.checkpoint, device=device, backbone_weights=args.backbone_weights)
+    model, transform, tokenizer = load(args.checkpoint, device=device, backbone_weights=args.backbone_weights,
+                                       trust_code=args.trust_code)
     res = evaluate_zeroshot(model, transform, tokenizer, args.data, args.classnames, args.templates,
                             args.batch_size, args.num_workers, device, dataset=args.dataset)
     print(f"{'dataset':<28}{'images':>8}{'classes':>9}{'top-1':>8}{'top-5':>8}{'mean recall':>13}{'chance':>8}")
@@ -116,7 +117,8 @@ def _cmd_segment(args) -> int:
     except Exception as e:
         raise ValueError(f"cannot read image {args.image}: {e}") from None
     prepare_image(image, args.short_side)  # size checks before the model loads
-    model, _, tokenizer = load(args.checkpoint, device=_device(args.device), backbone_weights=args.backbone_weights)
+    model, _, tokenizer = load(args.checkpoint, device=_device(args.device), backbone_weights=args.backbone_weights,
+                                       trust_code=args.trust_code)
     result = model.segment(image, names, tokenizer=tokenizer, templates=args.templates, mode=args.mode,
                            short_side=args.short_side or None, window=args.window, stride=args.stride,
                            logit_scale=args.logit_scale, background_threshold=args.background_threshold)
@@ -143,7 +145,8 @@ def _cmd_eval_segmentation(args) -> int:
 
     dataset = segmentation_dataset(args.dataset, args.root, args.split, args.classnames, args.reduce_zero_label,
                                    args.has_background)
-    model, _, tokenizer = load(args.checkpoint, device=_device(args.device), backbone_weights=args.backbone_weights)
+    model, _, tokenizer = load(args.checkpoint, device=_device(args.device), backbone_weights=args.backbone_weights,
+                                       trust_code=args.trust_code)
     out = args.out or os.path.join("runs", "eval", f"segmentation_{args.dataset}")
     res = evaluate_segmentation(model, tokenizer, dataset, args.templates, args.mode, args.short_side or None,
                                 args.window, args.stride, args.logit_scale, args.background_threshold, args.limit,
@@ -166,7 +169,8 @@ def _cmd_eval_retrieval(args) -> int:
     from .evaluation.retrieval import evaluate_retrieval
 
     dataset = retrieval_dataset(args.dataset, args.root, args.annotations, args.split)
-    model, transform, tokenizer = load(args.checkpoint, device=_device(args.device), backbone_weights=args.backbone_weights)
+    model, transform, tokenizer = load(args.checkpoint, device=_device(args.device), backbone_weights=args.backbone_weights,
+                                       trust_code=args.trust_code)
     res = evaluate_retrieval(model, transform, tokenizer, dataset, args.batch_size, args.num_workers)
     print(f"{'dataset':<16}{'images':>8}{'texts':>8}" + "".join(f"{'i->t R@' + str(k):>10}" for k in (1, 5, 10))
           + "".join(f"{'t->i R@' + str(k):>10}" for k in (1, 5, 10)) + f"{'chance R@1':>12}")
@@ -181,7 +185,7 @@ def _cmd_eval_retrieval(args) -> int:
 def _cmd_eval_suite(args) -> int:
     from .evaluation.suite import run_suite
 
-    res = run_suite(args.recipe, args.overrides)
+    res = run_suite(args.recipe, args.overrides, trust_code=args.trust_code)
     print(open(os.path.join(res["output_dir"], "results.md"), encoding="utf-8").read())
     print(f"wrote {res['output_dir']}/results.json and results.md")
     return 0
@@ -190,7 +194,7 @@ def _cmd_eval_suite(args) -> int:
 def _cmd_curate(args) -> int:
     from curation.pipeline import run_curation
 
-    run_curation(args.recipe, args.overrides, stage=args.stage, until=args.until)
+    run_curation(args.recipe, args.overrides, stage=args.stage, until=args.until, trust_code=args.trust_code)
     return 0
 
 
@@ -210,7 +214,8 @@ def _cmd_export(args) -> int:
     from .export import export_checkpoint
 
     report = export_checkpoint(args.checkpoint, args.format, args.out, layout=args.layout,
-                               include_backbone=args.include_backbone, backbone_weights=args.backbone_weights)
+                               include_backbone=args.include_backbone, backbone_weights=args.backbone_weights,
+                               trust_code=args.trust_code)
     if args.format == "official":
         print(f"wrote {', '.join(report['files'])} ({report['layout']} release layout) and export.json to {report['out']}")
         for note in report["notes"]:
@@ -228,20 +233,38 @@ def _cmd_models(args) -> int:
     return 0
 
 
+def _cmd_recipes(args) -> int:
+    from .config import RECIPE_DIRS, shipped_recipes
+
+    folder = next((d for d in RECIPE_DIRS if d.is_dir()), None)
+    print(f"# shipped recipes ({folder}); pass a name or a path to train / cache / curate / eval suite")
+    print("\n".join(shipped_recipes()))
+    return 0
+
+
+def trust_option(q: argparse.ArgumentParser) -> None:
+    """``--trust-code``: the opt-in before a recipe or checkpoint may name code to import (dinotxt.plugins)."""
+    q.add_argument("--trust-code", action="store_true",
+                   help="allow the recipe or checkpoint to name code to import (package.module:factory); "
+                        "only for files whose author you trust")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="dinotxt", description="Align text to a frozen vision encoder (dino.txt / LiT).")
     sub = p.add_subparsers(dest="command", required=True)
 
     t = sub.add_parser("train", help="train an aligner from a recipe YAML")
-    t.add_argument("recipe", help="recipe YAML (e.g. recipes/debug.yaml)")
+    t.add_argument("recipe", help="recipe YAML or the name of a shipped one (e.g. debug; see `dinotxt recipes`)")
     t.add_argument("overrides", nargs="*", help="key=value overrides (e.g. optim.lr=3e-4)")
     t.add_argument("--resume", action="store_true", help="continue the run in the recipe's run folder")
+    trust_option(t)
     t.set_defaults(func=_cmd_train)
 
     c = sub.add_parser("cache", help="run the frozen backbone once over data.train and store its tokens (feature cache)")
     c.add_argument("recipe", help="recipe YAML; cache.* settings say where and how (e.g. cache.path=runs/cache)")
     c.add_argument("overrides", nargs="*", help="key=value overrides (e.g. cache.views=4 cache.dtype=bfloat16)")
     c.add_argument("--device", default=None, help="cpu | cuda (default: cuda when available)")
+    trust_option(c)
     c.set_defaults(func=_cmd_cache)
 
     tok = sub.add_parser("tokenizer", help="tokenizer tools").add_subparsers(dest="action", required=True)
@@ -266,6 +289,7 @@ def build_parser() -> argparse.ArgumentParser:
     z.add_argument("--device", default=None)
     z.add_argument("--backbone-weights", default=None, help="backbone weights file, if it moved since training")
     z.add_argument("--json", action="store_true", help="also print the metrics as JSON")
+    trust_option(z)
     z.set_defaults(func=_cmd_eval_zeroshot)
 
     def dense_options(q) -> None:
@@ -294,6 +318,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--num-examples", type=int, default=4, help="example overlays written to the report")
     s.add_argument("--json", action="store_true", help="also print the metrics as JSON")
     dense_options(s)
+    trust_option(s)
     s.set_defaults(func=_cmd_eval_segmentation)
 
     r = ev.add_parser("retrieval", help="image<->text Recall@1/5/10 (COCO Karpathy, Flickr30k, webdataset shards)")
@@ -307,11 +332,13 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--device", default=None)
     r.add_argument("--backbone-weights", default=None, help="backbone weights file, if it moved since training")
     r.add_argument("--json", action="store_true", help="also print the metrics as JSON")
+    trust_option(r)
     r.set_defaults(func=_cmd_eval_retrieval)
 
     su = ev.add_parser("suite", help="several evaluations of one model from a YAML recipe (JSON + markdown report)")
     su.add_argument("recipe", help="suite YAML: name, output_dir, model {checkpoint | open_clip | loader}, tasks [...]")
     su.add_argument("overrides", nargs="*", help="key=value overrides (e.g. model.checkpoint=runs/x/checkpoint)")
+    trust_option(su)
     su.set_defaults(func=_cmd_eval_suite)
 
     g = sub.add_parser("segment", help="segment one image into the given labels; writes a colour overlay + heat maps")
@@ -323,6 +350,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--save-labels", default=None, help="also write the label map as a PNG of class indices")
     g.add_argument("--alpha", type=float, default=0.5, help="opacity of the class colours")
     dense_options(g)
+    trust_option(g)
     g.set_defaults(func=_cmd_segment)
 
     cu = sub.add_parser("curate", help="curate an image-text pool (embed, dedup, hierarchical k-means, MetaCLIP balancing)")
@@ -330,6 +358,7 @@ def build_parser() -> argparse.ArgumentParser:
     cu.add_argument("overrides", nargs="*", help="key=value overrides (e.g. text_balance.t=500)")
     cu.add_argument("--stage", default=None, help="run only this stage (e.g. cluster_level2); its inputs must be done")
     cu.add_argument("--until", default=None, help="stop after this stage (e.g. embed)")
+    trust_option(cu)
     cu.set_defaults(func=_cmd_curate)
 
     d = sub.add_parser("demo", help="the built-in end-to-end demo (no downloads)")
@@ -351,10 +380,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="official layout: dinov2 (two files) or dinov3 (one file); default from the backbone")
     x.add_argument("--include-backbone", action="store_true", help="safetensors: also store the frozen backbone")
     x.add_argument("--backbone-weights", default=None, help="backbone weights file, if it moved since training")
+    trust_option(x)
     x.set_defaults(func=_cmd_export)
 
     m = sub.add_parser("models", help="list registered model configs")
     m.set_defaults(func=_cmd_models)
+
+    rc = sub.add_parser("recipes", help="list the recipes shipped with dinotxt (usable by name: dinotxt train demo)")
+    rc.set_defaults(func=_cmd_recipes)
     return p
 
 

@@ -14,13 +14,16 @@ import difflib
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Union
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 MODEL_CONFIG_DIR = CONFIG_DIR / "models"
 TRAIN_DEFAULTS = CONFIG_DIR / "defaults.yaml"
+# the shipped recipes: inside the installed package (the wheel maps the top-level recipes/ folder
+# to dinotxt/recipes), or next to the package in a source checkout / editable install
+RECIPE_DIRS = (Path(__file__).parent / "recipes", Path(__file__).resolve().parent.parent / "recipes")
 
 
 class ConfigError(ValueError):
@@ -235,6 +238,33 @@ def _read_yaml(path: Path) -> DictConfig:
     return cfg if cfg is not None else OmegaConf.create({})
 
 
+def shipped_recipes() -> List[str]:
+    """Names of the recipes that ship with dinotxt (``demo``, ``curation/demo``, ...)."""
+    for folder in RECIPE_DIRS:
+        if folder.is_dir():
+            return sorted(str(p.relative_to(folder).with_suffix("")) for p in folder.rglob("*.yaml"))
+    return []
+
+
+def find_recipe(recipe: Union[str, Path]) -> Path:
+    """A recipe file: the path as given if it exists, else a shipped recipe by name (``demo``,
+    ``curation/demo``, ``recipes/demo.yaml`` ...), so commands work from any folder."""
+    path = Path(recipe)
+    if path.is_file():
+        return path
+    name = path.as_posix()
+    name = name[len("recipes/"):] if name.startswith("recipes/") else name
+    name = name[:-len(".yaml")] if name.endswith(".yaml") else name
+    for folder in RECIPE_DIRS:
+        candidate = folder / f"{name}.yaml"
+        if candidate.is_file():
+            return candidate
+    shipped = shipped_recipes()
+    close = difflib.get_close_matches(name, shipped, n=1, cutoff=0.5)
+    hint = f"did you mean '{close[0]}'?" if close else f"shipped recipes: {', '.join(shipped) or 'none found'}"
+    raise ConfigError(f"recipe not found: {recipe} is not a file and not a shipped recipe; {hint}")
+
+
 def list_models() -> List[str]:
     """Names of the registered model configs (files in dinotxt/configs/models)."""
     return sorted(p.stem for p in MODEL_CONFIG_DIR.glob("*.yaml"))
@@ -268,7 +298,8 @@ def load_train_config(recipe: Optional[str] = None, overrides: Optional[List[str
     """Resolve defaults -> model registry entry -> recipe -> command-line overrides."""
     cfg = OmegaConf.structured(TrainConfig)
     cfg = _merge(cfg, _read_yaml(TRAIN_DEFAULTS), str(TRAIN_DEFAULTS))
-    recipe_cfg = _read_yaml(Path(recipe)) if recipe else OmegaConf.create({})
+    recipe = find_recipe(recipe) if recipe else None
+    recipe_cfg = _read_yaml(recipe) if recipe else OmegaConf.create({})
     cli_cfg = _parse_dotlist(overrides or [])
     # the architecture chosen last wins; its registry file is the base the recipe's model section edits
     arch = OmegaConf.select(cli_cfg, "model.arch") or OmegaConf.select(recipe_cfg, "model.arch") or cfg.model.arch
@@ -299,6 +330,6 @@ def to_yaml(cfg: Any) -> str:
 
 __all__ = [
     "BackboneConfig", "VisionHeadConfig", "TextConfig", "ModelConfig", "TrainConfig",
-    "ConfigError", "list_models", "model_config", "load_train_config", "check_keys",
+    "ConfigError", "list_models", "model_config", "load_train_config", "check_keys", "find_recipe", "shipped_recipes",
     "resolve_model_dims", "to_yaml", "ListConfig",
 ]

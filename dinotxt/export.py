@@ -143,7 +143,8 @@ def export_official(checkpoint: Union[str, Path], out: Optional[Union[str, Path]
 
 
 def export_safetensors(checkpoint: Union[str, Path], out: Optional[Union[str, Path]] = None,
-                       include_backbone: bool = False, backbone_weights: Optional[str] = None) -> Dict[str, object]:
+                       include_backbone: bool = False, backbone_weights: Optional[str] = None,
+                       trust_code: bool = False) -> Dict[str, object]:
     """Write a checkpoint as one self-describing safetensors file that ``dinotxt.load`` reads."""
     checkpoint = Path(checkpoint)
     cfg, state, tok_bytes = _read_checkpoint(checkpoint)
@@ -157,7 +158,7 @@ def export_safetensors(checkpoint: Union[str, Path], out: Optional[Union[str, Pa
         elif bcfg.weights and not Path(bcfg.weights).is_file():
             raise FileNotFoundError(f"the backbone weights this model was trained with are not at {bcfg.weights}; "
                                     "pass --backbone-weights PATH")
-        backbone = create_backbone(bcfg)
+        backbone = create_backbone(bcfg, trust_code=trust_code)
         state.update({BACKBONE_PREFIX + k: v for k, v in backbone.full_state_dict().items()})
     out = Path(out) if out is not None else checkpoint.with_name(checkpoint.stem + ".safetensors")
     if out.is_dir():
@@ -169,7 +170,7 @@ def export_safetensors(checkpoint: Union[str, Path], out: Optional[Union[str, Pa
 
 def export_checkpoint(checkpoint: Union[str, Path], fmt: str, out: Optional[Union[str, Path]] = None,
                       layout: Optional[str] = None, include_backbone: bool = False,
-                      backbone_weights: Optional[str] = None) -> Dict[str, object]:
+                      backbone_weights: Optional[str] = None, trust_code: bool = False) -> Dict[str, object]:
     if fmt not in FORMATS:
         raise ValueError(f"unknown export format '{fmt}' (use {' or '.join(FORMATS)})")
     if fmt == "official":
@@ -179,7 +180,7 @@ def export_checkpoint(checkpoint: Union[str, Path], fmt: str, out: Optional[Unio
         return export_official(checkpoint, out, layout)
     if layout is not None:
         raise ValueError("--layout applies to --format official")
-    return export_safetensors(checkpoint, out, include_backbone, backbone_weights)
+    return export_safetensors(checkpoint, out, include_backbone, backbone_weights, trust_code)
 
 
 __all__ = ["export_checkpoint", "export_official", "export_safetensors", "FORMATS"]

@@ -29,6 +29,8 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 import torch
 import torch.nn.functional as F
 
+from .precision import at_least_fp32
+
 SHORT_SIDE = 512
 WINDOW = 384
 STRIDE = 192
@@ -142,13 +144,13 @@ def window_probabilities(model, windows: torch.Tensor, classifier: torch.Tensor,
     patch = model.patch_size
     size = (snap_to_patch(h, patch), snap_to_patch(w, patch))
     x = windows if size == (h, w) else F.interpolate(windows, size=size, mode="bicubic", align_corners=False)
-    patches = model.encode_patches(x, normalize=True).float()
+    patches = at_least_fp32(model.encode_patches(x, normalize=True))
     if patches.shape[-1] != classifier.shape[-1]:
         raise ValueError(f"patch tokens have width {patches.shape[-1]} but class embeddings {classifier.shape[-1]}: "
                          "build the classifier with zero_shot_classifier(..., half='patch')")
     # the scale is applied at patch resolution: bilinear upsampling is linear, so this equals
     # scaling the full-size map, at a fraction of the cost
-    logits = logit_scale * torch.einsum("bhwd,cd->bchw", patches, classifier.float().to(patches.device))
+    logits = logit_scale * torch.einsum("bhwd,cd->bchw", patches, classifier.to(patches.device, patches.dtype))
     return F.interpolate(logits, size=(h, w), mode="bilinear", align_corners=False).softmax(dim=1)
 
 
@@ -164,14 +166,15 @@ def dense_probabilities(model, image: torch.Tensor, classifier: torch.Tensor, mo
     """
     if mode not in MODES:
         raise ValueError(f"unknown segmentation mode '{mode}' (use {' or '.join(MODES)})")
-    device = next(model.parameters()).device
-    image = image.to(device)
+    param = next(model.parameters())
+    image = image.to(param.device, param.dtype)  # images follow the model (fp32, or float64 in the exactness tests)
     if mode == "whole":
         return window_probabilities(model, image, classifier, logit_scale)[0]
     _, _, height, width = image.shape
     boxes = window_grid(height, width, window, stride)
-    total = torch.zeros(classifier.shape[0], height, width, device=device)
-    visits = torch.zeros(1, height, width, device=device)
+    dtype = torch.promote_types(param.dtype, torch.float32)  # the dtype window_probabilities returns
+    total = torch.zeros(classifier.shape[0], height, width, device=param.device, dtype=dtype)
+    visits = torch.zeros(1, height, width, device=param.device, dtype=dtype)
     for i in range(0, len(boxes), batch_size):
         chunk = boxes[i:i + batch_size]
         crops = torch.cat([image[:, :, y1:y2, x1:x2] for y1, y2, x1, x2 in chunk])
@@ -265,7 +268,7 @@ def segment_batch(model, images: Sequence[ImageLike], classifier: torch.Tensor, 
     """
     names = check_class_names(class_names)
     prepared = [prepare_image(image, short_side) for image in images]
-    device = next(model.parameters()).device
+    param = next(model.parameters())
     if mode == "whole":  # images of the same prepared size go through the model together
         probs_list: List[Optional[torch.Tensor]] = [None] * len(prepared)
         groups: Dict[Tuple[int, ...], List[int]] = {}
@@ -274,7 +277,7 @@ def segment_batch(model, images: Sequence[ImageLike], classifier: torch.Tensor, 
         for members in groups.values():
             for i in range(0, len(members), batch_size):
                 chunk = members[i:i + batch_size]
-                batch = torch.cat([prepared[k][0] for k in chunk]).to(device)
+                batch = torch.cat([prepared[k][0] for k in chunk]).to(param.device, param.dtype)
                 for k, p in zip(chunk, window_probabilities(model, batch, classifier, logit_scale)):
                     probs_list[k] = p
     else:

@@ -12,6 +12,8 @@ from typing import Callable, List, Optional, Sequence, Union
 import torch
 import torch.nn.functional as F
 
+from .precision import at_least_fp32
+
 DATA_DIR = Path(__file__).parent / "assets"
 
 
@@ -75,7 +77,7 @@ def zero_shot_classifier(model, tokenizer: Callable, classnames: Sequence[str], 
         texts = [t.format(name) for t in templates]
         feats = []
         for i in range(0, len(texts), batch_size):
-            feats.append(model.encode_text(tokenizer(texts[i:i + batch_size]).to(device)).float())
+            feats.append(at_least_fp32(model.encode_text(tokenizer(texts[i:i + batch_size]).to(device))))
         feats = torch.cat(feats)
         if half == "patch":
             feats = model.dense_text(feats, normalize=False)

@@ -3,7 +3,9 @@ import os
 import pytest
 import torch
 
-torch.set_num_threads(min(2, os.cpu_count() or 1))
+# DINOTXT_TEST_THREADS=1 runs the suite single-threaded: reductions split differently over threads,
+# so a tolerance must hold for both
+torch.set_num_threads(int(os.environ.get("DINOTXT_TEST_THREADS", min(2, os.cpu_count() or 1))))
 
 # reduced sizes so every registered architecture builds in well under a second
 TINY_BACKBONE = {"img_size": 56, "kwargs": {"depth": 1, "embed_dim": 96, "num_heads": 2}}

@@ -2,26 +2,44 @@ import math
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 
 import dinotxt
 from dinotxt.models import FrozenBackbone, TextTower, VisionHead, pool_patches, swiglu_hidden_dim
 from conftest import TINY_BACKBONE, TINY_TEXT
+from numerics import assert_float64_equal
 
 
 @pytest.mark.parametrize("arch", dinotxt.list_models())
 def test_registry_forward_backward(arch):
-    """Every registered config builds (at reduced size) and trains one step."""
+    """Every registered config builds (at reduced size) and trains one step: every trainable
+    parameter gets a finite, non-zero gradient, and no frozen one gets any."""
     backbone = dict(TINY_BACKBONE, img_size=112)  # 112 divides patch 14 and 16
-    model = dinotxt.create_model(arch, backbone=backbone, text=TINY_TEXT)
+    model = dinotxt.create_model(arch, backbone=backbone, text=TINY_TEXT).eval()  # eval: no drop path skips a block
     images, ids = torch.randn(2, 3, 112, 112), torch.randint(1, 99, (2, 16))
     logits, logits_t = model.get_logits(images, ids)
-    assert logits.shape == (2, 2) and torch.allclose(logits, logits_t.t())
-    loss = dinotxt.clip_loss(model.encode_image(images), model.encode_text(ids), model.logit_scale)
+    assert logits.shape == (2, 2) and torch.equal(logits, logits_t.t())
+    loss = dinotxt.ClipLoss()(**model(images, ids))
     loss.backward()
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    assert model.text.backbone.token_embedding.weight.grad is not None
-    assert all(p.grad is None for p in model.backbone.parameters())
-    assert model.logit_scale.grad is not None and len(trainable) > 0
+    trainable = dict(model.trainable_parameters())
+    assert "logit_scale" in trainable and any(k.startswith("text.") for k in trainable)
+    for name, p in model.named_parameters():
+        if name in trainable:
+            assert p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0, name
+        else:
+            assert name.startswith("backbone.") and p.grad is None, name
+    assert all(not p.requires_grad for p in model.backbone.parameters())
+
+
+@pytest.mark.parametrize("arch", dinotxt.list_models())
+def test_config_read_off_the_modules_is_the_registry_config(arch):
+    """``model.config`` is derived from the modules; for a factory model it is the resolved registry entry."""
+    from dinotxt.config import model_config, resolve_model_dims
+
+    model = dinotxt.create_model(arch, backbone=TINY_BACKBONE, text=TINY_TEXT)
+    expected = model_config(arch, {"backbone": TINY_BACKBONE, "text": TINY_TEXT})
+    resolve_model_dims(expected, model.backbone.embed_dim)
+    assert OmegaConf.to_container(model.config) == OmegaConf.to_container(expected)
 
 
 def test_paper_model_exact_sizes():
@@ -92,14 +110,17 @@ def test_head_zero_blocks_and_invalid_pooling():
 
 
 def test_text_tower_causal_eot_pooling():
+    """Padding after EOT is inert (causal attention) and only the EOT token is projected: exact
+    claims, so both paths run in float64."""
     torch.manual_seed(0)
-    tower = TextTower(vocab_size=50, context_length=12, width=32, depth=2, heads=4, output_dim=24).eval()
+    tower = TextTower(vocab_size=50, context_length=12, width=32, depth=2, heads=4, output_dim=24).double().eval()
     ids = torch.tensor([[47, 5, 6, 7, 49, 0, 0, 0, 0, 0, 0, 0]])
     junk = ids.clone()
     junk[0, 5:] = torch.randint(1, 40, (7,))  # anything after EOT (the largest id) is inert
-    assert torch.allclose(tower(ids), tower(junk), atol=1e-6)
-    full = tower.head.linear_projection(tower.backbone(ids))
-    assert torch.allclose(tower(ids), full[0, 4])
+    assert_float64_equal(tower(ids), tower(junk), "padding after EOT")
+    full = tower.head.linear_projection(tower.backbone(ids))  # every column, every token projected
+    assert_float64_equal(tower(ids), full[:, 4], "EOT pooling")
+    assert not torch.allclose(tower(ids), full[:, 3])  # another token is another embedding
     with pytest.raises(ValueError, match="vocab_size"):
         tower(torch.tensor([[60, 1]]))
 
@@ -127,16 +148,20 @@ def test_frozen_backbone_is_pinned(tiny_model):
 
 
 def test_custom_encoder_by_import_path():
-    bb = FrozenBackbone("custom_encoder:build", dropout=0.5)
+    from dinotxt.plugins import UntrustedCodeError
+
+    with pytest.raises(UntrustedCodeError, match="trust_code=True"):  # code named by a setting needs the opt-in
+        FrozenBackbone("custom_encoder:build", dropout=0.5)
+    bb = FrozenBackbone("custom_encoder:build", dropout=0.5, trust_code=True)
     assert bb.num_prefix_tokens == 3 and bb.patch_size == 8 and bb.embed_dim == 32
     bb.train()
     x = torch.randn(2, 3, 32, 32)
     assert torch.equal(bb(x), bb(x))  # dropout inactive: eval pinned
     model = dinotxt.create_model("dinotxt_vitl14_reg4", backbone={"name": "custom_encoder:build"},
-                                 text=TINY_TEXT)
+                                 text=TINY_TEXT, trust_code=True)
     assert model.encode_image(x).shape == (2, 64)
     with pytest.raises(ImportError, match="no attribute"):
-        FrozenBackbone("custom_encoder:nope")
+        FrozenBackbone("custom_encoder:nope", trust_code=True)
 
 
 def test_backbone_tokens_match_timm_forward_features():

@@ -9,6 +9,7 @@ from dinotxt.demo.world import class_names, render_sample
 from dinotxt.segmentation import (dense_classifier, dense_probabilities, forwards_per_image, predict_labels, prepare_image,
                                   resized_short_side, segment, window_grid, window_probabilities)
 from dinotxt.visualize import heatmap_sheet, label_palette, overlay_segmentation, save_image
+from numerics import assert_float64_equal
 
 
 def fake_tokenizer(texts):
@@ -67,11 +68,11 @@ def test_slide_equals_whole_when_the_image_fits_one_window(tiny_model):
 
 def test_slide_equals_the_plain_per_window_average(tiny_model):
     """The batched accumulation against a naive loop over windows (sizes not multiples of the patch)."""
-    model = tiny_model.eval()
+    model = tiny_model.double().eval()  # the same mathematics: float64 on both sides (tests/numerics.py)
     x, _ = prepare_image(random_image(60, 130, seed=1), short_side=None)
-    clf = random_classifier(model, 4, seed=1)
+    x, clf = x.double(), random_classifier(model, 4, seed=1).double()
     fast = dense_probabilities(model, x, clf, "slide", window=50, stride=30, batch_size=3, logit_scale=10.0)
-    total, visits = torch.zeros(4, 60, 130), torch.zeros(60, 130)
+    total, visits = torch.zeros(4, 60, 130, dtype=torch.float64), torch.zeros(60, 130, dtype=torch.float64)
     for y1, y2, x1, x2 in window_grid(60, 130, 50, 30):
         crop = x[:, :, y1:y2, x1:x2]
         resized = F.interpolate(crop, size=(56, 56), mode="bicubic", align_corners=False)  # 50 -> 4 patches of 14
@@ -80,19 +81,19 @@ def test_slide_equals_the_plain_per_window_average(tiny_model):
         cosine = F.interpolate(cosine[None], size=(50, 50), mode="bilinear", align_corners=False)[0]
         total[:, y1:y2, x1:x2] += (10.0 * cosine).softmax(0)
         visits[y1:y2, x1:x2] += 1
-    assert torch.allclose(fast, total / visits, atol=1e-5)
+    assert_float64_equal(fast, total / visits, "slide")
     assert not torch.allclose(fast, dense_probabilities(model, x, clf, "whole", logit_scale=10.0), atol=1e-3)
 
 
 def test_dense_classifier_uses_the_patch_half(tiny_model):
-    model = tiny_model.eval()
+    model = tiny_model.double().eval()
     names, templates = ["red circle", "blue star"], ["a photo of a {}.", "a {} on a plain background"]
     clf = dense_classifier(model, fake_tokenizer, names, templates)
     d = model.visual.dim
     for i, name in enumerate(names):
         feats = model.encode_text(fake_tokenizer([t.format(name) for t in templates]))[:, d:]
         expected = F.normalize(F.normalize(feats, dim=-1).mean(0), dim=-1)
-        assert torch.allclose(clf[i], expected, atol=1e-6)
+        assert_float64_equal(clf[i], expected, name)
 
 
 def test_segment_returns_maps_at_the_image_size_and_applies_the_background_threshold(tiny_model):
@@ -162,14 +163,15 @@ def test_heatmap_sheet_and_bad_label_values(tmp_path):
 def test_batched_whole_mode_equals_one_image_at_a_time(tiny_model):
     from dinotxt.segmentation import segment_batch
 
-    model = tiny_model.eval()
+    model = tiny_model.double().eval()  # batched and single are the same mathematics: float64
     images = [random_image(60, 80, seed=s) for s in range(3)] + [random_image(80, 60, seed=3)]  # mixed sizes
-    clf = random_classifier(model, 4, seed=3)
+    clf = random_classifier(model, 4, seed=3).double()
     names = list("abcd")
     batched = segment_batch(model, images, clf, names, mode="whole", short_side=None, batch_size=2)
     for image, res in zip(images, batched):
         single = segment(model, None, image, names, mode="whole", short_side=None, classifier=clf)
-        assert torch.allclose(res.scores, single.scores, atol=1e-5) and torch.equal(res.labels, single.labels)
+        assert_float64_equal(res.scores, single.scores, "scores")
+        assert torch.equal(res.labels, single.labels)
     lean = segment_batch(model, images, clf, names, mode="whole", short_side=None, output_sizes=[(30, 40)] * 4,
                          keep_scores=False)
     assert lean[0].scores is None and lean[0].labels.shape == (30, 40)

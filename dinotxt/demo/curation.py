@@ -25,9 +25,9 @@ from typing import Dict, List, Sequence
 
 import numpy as np
 
-from ..config import ConfigError
+from ..config import ConfigError, find_recipe
 from ..fileio import atomic_write_json
-from .run import attribute_accuracy, find_recipe
+from .run import attribute_accuracy
 
 BANNER = """\
 dinotxt curation demo: does curating the pool help?
@@ -125,7 +125,7 @@ def train_arm(root: Path, arm: str, shards: Path, uids: np.ndarray, seed: int, o
     print(f"[dinotxt] training on the {arm} subset ({shards}), seed {seed}", flush=True)
     args = [f"data.train={shards}", f"output_dir={root}", f"name={name}", f"seed={seed}"] + list(overrides)
     # on --resume the saved config is kept and these (identical) overrides locate the run folder
-    return run_training(str(find_recipe("recipes/curation/demo_train.yaml")), args, resume=resume)
+    return run_training(str(find_recipe("curation/demo_train")), args, resume=resume)
 
 
 def run_curation_demo(overrides: List[str] = (), seeds: int = 1, fresh: bool = False,
@@ -166,7 +166,7 @@ def run_curation_demo(overrides: List[str] = (), seeds: int = 1, fresh: bool = F
           f"{t['noisy']:,} mismatched captions; {t['copies']:,} copies of {spec.popular_images} popular images", flush=True)
 
     vocabulary = write_concept_vocabulary(root / "world" / "metadata.txt")
-    cfg = load_curation_config(str(find_recipe("recipes/curation/demo.yaml")),
+    cfg = load_curation_config(str(find_recipe("curation/demo")),
                                [f"pool.data={root / 'world' / 'pool'}", f"output_dir={root}", "name=curation",
                                 f"text_balance.metadata={vocabulary}"] + list(overrides))
     cur = Curation(cfg)

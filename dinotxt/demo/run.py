@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 from typing import List
 
-from ..config import ConfigError, load_train_config
+from ..config import find_recipe, load_train_config
 from ..fileio import atomic_write_bytes
 
 BANNER = """\
@@ -27,15 +27,6 @@ dinotxt demo: align a text tower to a frozen vision encoder, end to end, on CPU.
     dinotxt train recipes/demo.yaml model.arch=dinotxt_vits14_reg4 \\
         model.backbone.weights=/path/to/dinov2_vits14_reg4_pretrain.pth
 """
-
-
-def find_recipe(relative: str = "recipes/demo.yaml") -> Path:
-    """A recipe shipped with the source tree, from the working directory or next to the package."""
-    for base in (Path.cwd(), Path(__file__).resolve().parents[2]):
-        p = base / relative
-        if p.is_file():
-            return p
-    raise ConfigError(f"{relative} not found: run the demo from the dinotxt source tree")
 
 
 def attribute_accuracy(zeroshot: dict) -> dict:
@@ -80,7 +71,7 @@ def run_demo(overrides: List[str] = (), fresh: bool = False) -> dict:
     from ..train.run import run_training
 
     print(BANNER, flush=True)
-    recipe = find_recipe()
+    recipe = find_recipe("demo")
     cfg = load_train_config(str(recipe), list(overrides))
     run_dir = Path(cfg.output_dir) / cfg.name
     resume = False

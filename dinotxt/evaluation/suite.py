@@ -32,7 +32,7 @@ from typing import Any, Dict, List, Optional, Tuple
 import torch
 from omegaconf import OmegaConf
 
-from ..config import ConfigError, _merge, _read_yaml, check_keys
+from ..config import ConfigError, _merge, _read_yaml, check_keys, find_recipe
 from ..fileio import atomic_write_json, atomic_write_text
 
 TASKS = ("zeroshot", "segmentation", "retrieval")
@@ -83,7 +83,8 @@ class SuiteConfig:
 
 def load_suite_config(path: str, overrides: Optional[List[str]] = None):
     """Defaults <- recipe <- ``key=value`` overrides, every key checked (tasks one by one)."""
-    raw = _read_yaml(Path(path))
+    path = find_recipe(path)
+    raw = _read_yaml(path)
     if overrides:
         from ..config import _parse_dotlist
 
@@ -116,15 +117,17 @@ def load_suite_config(path: str, overrides: Optional[List[str]] = None):
     return cfg
 
 
-def load_model(mcfg) -> Tuple[Any, Any, Any, str]:
-    """(model, transform, tokenizer, description) for the suite's model section."""
+def load_model(mcfg, trust_code: bool = False) -> Tuple[Any, Any, Any, str]:
+    """(model, transform, tokenizer, description) for the suite's model section; a ``loader`` import path
+    (or a checkpoint whose backbone is one) needs ``trust_code=True``."""
     device = mcfg.device
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if mcfg.checkpoint:
         from ..checkpoint import load
 
-        model, transform, tokenizer = load(mcfg.checkpoint, device=device, backbone_weights=mcfg.backbone_weights)
+        model, transform, tokenizer = load(mcfg.checkpoint, device=device, backbone_weights=mcfg.backbone_weights,
+                                           trust_code=trust_code)
         return model, transform, tokenizer, f"dinotxt checkpoint {mcfg.checkpoint}"
     if mcfg.open_clip:
         import open_clip
@@ -141,9 +144,10 @@ def load_model(mcfg) -> Tuple[Any, Any, Any, str]:
         model, _, transform = open_clip.create_model_and_transforms(name, pretrained=mcfg.pretrained, device=device)
         what = f"open_clip {name} ({'weights ' + mcfg.pretrained if mcfg.pretrained else 'random init'})"
         return model.eval(), transform, open_clip.get_tokenizer(name), what
-    from ..models.backbone import _import_factory
+    from ..plugins import import_object
 
-    loaded = _import_factory(mcfg.loader)(device=device, **OmegaConf.to_container(mcfg.loader_kwargs))
+    loader = import_object(mcfg.loader, trust_code=trust_code, setting="model.loader")
+    loaded = loader(device=device, **OmegaConf.to_container(mcfg.loader_kwargs))
     if not (isinstance(loaded, tuple) and len(loaded) == 3):
         raise ValueError(f"loader {mcfg.loader} must return (model, transform, tokenizer)")
     model, transform, tokenizer = loaded
@@ -193,8 +197,9 @@ def markdown_table(results: Dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def run_suite(recipe: str, overrides: Optional[List[str]] = None) -> Dict:
-    """Run every task of the recipe; returns the results dict written to ``results.json``."""
+def run_suite(recipe: str, overrides: Optional[List[str]] = None, trust_code: bool = False) -> Dict:
+    """Run every task of the recipe; returns the results dict written to ``results.json``. ``trust_code``
+    lets the recipe name code by import path (``model.loader``)."""
     from .retrieval import evaluate_retrieval
     from .segmentation import evaluate_segmentation
     from .zeroshot import evaluate_zeroshot
@@ -202,7 +207,7 @@ def run_suite(recipe: str, overrides: Optional[List[str]] = None) -> Dict:
     cfg = load_suite_config(recipe, overrides)
     datasets = [_open_dataset(t) for t in cfg.tasks]
     start = time.time()
-    model, transform, tokenizer, what = load_model(cfg.model)
+    model, transform, tokenizer, what = load_model(cfg.model, trust_code)
     dense = hasattr(model, "encode_patches") and hasattr(model, "dense_text")
     seg = [t.name for t in cfg.tasks if t.task == "segmentation"]
     if seg and not dense:

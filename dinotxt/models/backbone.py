@@ -51,7 +51,6 @@ official model uses the stored ones.
 """
 from __future__ import annotations
 
-import importlib
 import math
 import re
 import sys
@@ -281,17 +280,6 @@ def _dinov3_effective_qkv_bias(state: StateDict) -> StateDict:
     return out
 
 
-def _import_factory(spec: str) -> Callable[..., nn.Module]:
-    module_name, _, attr = spec.partition(":")
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as e:
-        raise ImportError(f"cannot import backbone factory module '{module_name}' from '{spec}': {e}") from None
-    if not hasattr(module, attr):
-        raise ImportError(f"module '{module_name}' has no attribute '{attr}' (backbone spec '{spec}')")
-    return getattr(module, attr)
-
-
 class FrozenBackbone(nn.Module):
     """A frozen ViT returning ``[CLS, registers, patches]`` tokens.
 
@@ -305,7 +293,11 @@ class FrozenBackbone(nn.Module):
             resized from it for every input size.
         module: an already built ``nn.Module`` (takes precedence over ``name``). It must map
             images to tokens and expose ``embed_dim``, ``patch_size`` and either
-            ``num_prefix_tokens`` or ``num_register_tokens``.
+            ``num_prefix_tokens`` or ``num_register_tokens``. A model holding such a
+            backbone cannot be saved as a checkpoint (nothing could rebuild it).
+        init_seed: seed of the random init when there are no weights, so a random-weight
+            backbone is rebuilt identically (on load, in the feature cache, in curation).
+        trust_code: allow ``name`` to be an import path (see ``dinotxt.plugins``).
         **kwargs: extra constructor arguments (timm overrides such as ``depth``).
     """
 
@@ -315,18 +307,38 @@ class FrozenBackbone(nn.Module):
         weights: Union[str, Path, StateDict, None] = None,
         img_size: int = 224,
         module: Optional[nn.Module] = None,
+        init_seed: int = 0,
+        trust_code: bool = False,
         **kwargs: Any,
     ):
         super().__init__()
         self.name = name
         self.img_size = img_size
+        self.init_seed = int(init_seed)
+        self.kwargs = dict(kwargs)
+        # what rebuilds this backbone (DinoTxt.config): a weights file by path; a state dict or a
+        # ready module cannot be written into a config
+        self.weights_file: Optional[str] = str(weights) if isinstance(weights, (str, Path)) else None
+        self.rebuild_problem: Optional[str] = None
+        if module is not None:
+            self.rebuild_problem = "it was passed as a ready module"
+        elif weights is not None and self.weights_file is None:
+            self.rebuild_problem = "its weights were passed as a state dict, not a file"
         self.is_timm = False
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.init_seed)
+            encoder, state, layout = self._build_encoder(name, weights, img_size, module, trust_code, kwargs)
+        self._setup(encoder, name, weights, state, layout)
+
+    def _build_encoder(self, name, weights, img_size, module, trust_code, kwargs):
         state: Optional[StateDict] = None
         layout = None
         if module is not None:
             encoder = module
         elif ":" in name:
-            encoder = _import_factory(name)(**kwargs)
+            from ..plugins import import_object
+
+            encoder = import_object(name, trust_code=trust_code, setting="model.backbone.name")(**kwargs)
         else:
             import timm
 
@@ -345,6 +357,9 @@ class FrozenBackbone(nn.Module):
             except RuntimeError as e:
                 raise ValueError(f"unknown timm backbone '{name}': {e}") from None
             self.is_timm = True
+        return encoder, state, layout
+
+    def _setup(self, encoder, name, weights, state, layout) -> None:
         if not isinstance(encoder, nn.Module):
             raise TypeError(f"backbone '{name}' did not build an nn.Module (got {type(encoder).__name__})")
         self.encoder = encoder
@@ -376,6 +391,14 @@ class FrozenBackbone(nn.Module):
     def num_register_tokens(self) -> int:
         return self.num_prefix_tokens - 1
 
+    def config_dict(self) -> Dict[str, Any]:
+        """The ``BackboneConfig`` fields that rebuild this backbone (raises if nothing can)."""
+        if self.rebuild_problem:
+            raise ValueError(f"backbone '{self.name}' cannot be described by a config because {self.rebuild_problem}; "
+                             "build it by name (a timm architecture or an import path) with weights from a file")
+        return {"name": self.name, "weights": self.weights_file, "img_size": int(self.img_size),
+                "init_seed": self.init_seed, "kwargs": dict(self.kwargs)}
+
     @staticmethod
     def _read_plain(weights: Union[str, Path, StateDict]) -> StateDict:
         return load_state_dict_file(weights) if isinstance(weights, (str, Path)) else dict(weights)
@@ -385,6 +408,10 @@ class FrozenBackbone(nn.Module):
         source = str(path) if isinstance(path, (str, Path)) else "state dict"
         state, layout = read_backbone_state(path) if self.is_timm else (self._read_plain(path), "plain")
         self.load_state(state, layout, source)
+        if isinstance(path, (str, Path)):
+            self.weights_file = str(path)
+        elif self.rebuild_problem is None:
+            self.rebuild_problem = "its weights were passed as a state dict, not a file"
 
     def _model_description(self) -> Dict[str, int]:
         depth = len(getattr(self.encoder, "blocks", []))

@@ -38,8 +38,23 @@ class DinoTxt(nn.Module):
         self.visual = vision_head
         self.text = text
         self.logit_scale = nn.Parameter(torch.tensor(float(init_logit_scale)))
+        self.init_logit_scale = float(init_logit_scale)
         self.max_logit_scale = float(max_logit_scale)
-        self.config = None  # the resolved ModelConfig, set by the factory
+        self.arch = ""  # the registry entry it was built from (informational; set by create_model)
+
+    @property
+    def config(self):
+        """The resolved ``ModelConfig`` that rebuilds this model, read off its modules, so a model
+        assembled by hand saves and loads like one from ``create_model``. Raises ValueError when
+        the backbone cannot be rebuilt from a config (a ready module, or weights given as a dict)."""
+        from omegaconf import OmegaConf
+
+        from ..config import ModelConfig
+
+        return OmegaConf.merge(OmegaConf.structured(ModelConfig), {
+            "arch": self.arch, "backbone": self.backbone.config_dict(), "vision_head": self.visual.config_dict(),
+            "text": self.text.config_dict(), "init_logit_scale": self.init_logit_scale,
+            "max_logit_scale": self.max_logit_scale})
 
     @property
     def embed_dim(self) -> int:

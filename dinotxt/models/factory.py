@@ -3,7 +3,6 @@ from __future__ import annotations
 
 from typing import Any, Optional, Union
 
-import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
@@ -14,11 +13,13 @@ from .text_tower import TextTower
 from .vision_head import VisionHead
 
 
-def create_model(arch: Union[str, DictConfig, dict], backbone_module: Optional[nn.Module] = None, **overrides: Any) -> DinoTxt:
+def create_model(arch: Union[str, DictConfig, dict], backbone_module: Optional[nn.Module] = None,
+                 trust_code: bool = False, **overrides: Any) -> DinoTxt:
     """Create a model from a registry name (see ``list_models()``) or a config.
 
     ``overrides`` are nested dicts merged over the config (e.g. ``text={"depth": 2}``).
     ``backbone_module`` plugs in a user encoder instead of building one by name.
+    ``trust_code`` allows ``backbone.name`` to be an import path ``package.module:factory``.
     """
     if isinstance(arch, str):
         cfg = model_config(arch, overrides or None)
@@ -26,7 +27,7 @@ def create_model(arch: Union[str, DictConfig, dict], backbone_module: Optional[n
         cfg = model_config_from(arch)
         if overrides:
             cfg = OmegaConf.merge(cfg, overrides)
-    backbone = create_backbone(cfg.backbone, backbone_module)
+    backbone = create_backbone(cfg.backbone, backbone_module, trust_code)
     resolve_model_dims(cfg, backbone.embed_dim)
     h = cfg.vision_head
     head = VisionHead(backbone.embed_dim, backbone.num_prefix_tokens, h.num_blocks, h.num_heads, h.mlp_ratio,
@@ -36,16 +37,15 @@ def create_model(arch: Union[str, DictConfig, dict], backbone_module: Optional[n
     text = TextTower(t.vocab_size, t.context_length, t.width, t.depth, t.heads, t.mlp_ratio, t.output_dim)
     text.set_grad_checkpointing(t.grad_checkpointing)
     model = DinoTxt(backbone, head, text, cfg.init_logit_scale, cfg.max_logit_scale)
-    model.config = cfg
+    model.arch = str(cfg.arch)
     return model
 
 
-def create_backbone(bcfg: DictConfig, backbone_module: Optional[nn.Module] = None) -> FrozenBackbone:
+def create_backbone(bcfg: DictConfig, backbone_module: Optional[nn.Module] = None,
+                    trust_code: bool = False) -> FrozenBackbone:
     """The frozen backbone of a model config alone (the feature cache needs nothing else)."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(bcfg.init_seed)  # a random-weight backbone is rebuilt identically on load
-        return FrozenBackbone(bcfg.name, weights=bcfg.weights, img_size=bcfg.img_size, module=backbone_module,
-                              **OmegaConf.to_container(bcfg.kwargs))
+    return FrozenBackbone(bcfg.name, weights=bcfg.weights, img_size=bcfg.img_size, module=backbone_module,
+                          init_seed=bcfg.init_seed, trust_code=trust_code, **OmegaConf.to_container(bcfg.kwargs))
 
 
 def model_config_from(cfg: Union[DictConfig, dict]) -> DictConfig:

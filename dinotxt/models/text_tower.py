@@ -110,6 +110,7 @@ class TextTower(nn.Module):
         super().__init__()
         self.vocab_size = vocab_size
         self.context_length = context_length
+        self.width, self.depth, self.heads, self.mlp_ratio = width, depth, heads, float(mlp_ratio)
         self.output_dim = output_dim
         self.backbone = TextTransformer(vocab_size, context_length, width, depth, heads, mlp_ratio)
         self.head = TextHead(width, output_dim)
@@ -135,6 +136,12 @@ class TextTower(nn.Module):
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.backbone.grad_checkpointing = enable
+
+    def config_dict(self) -> dict:
+        """The ``TextConfig`` fields that rebuild this tower."""
+        return {"vocab_size": self.vocab_size, "context_length": self.context_length, "width": self.width,
+                "depth": self.depth, "heads": self.heads, "mlp_ratio": self.mlp_ratio, "output_dim": self.output_dim,
+                "grad_checkpointing": bool(self.backbone.grad_checkpointing)}
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         if ids.numel() and int(ids.max()) >= self.vocab_size:

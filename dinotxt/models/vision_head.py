@@ -181,6 +181,9 @@ class VisionHead(nn.Module):
             raise ValueError(f"unknown pooling '{pooling}' (use mean, max or gem)")
         self.dim = dim
         self.num_prefix_tokens = num_prefix_tokens
+        self.num_heads = num_heads
+        self.mlp_ratio, self.drop_path, self.layer_scale_init = float(mlp_ratio), float(drop_path), float(layer_scale_init)
+        self.attn_impl = attn_impl
         self.pooling = pooling
         self.gem_p = gem_p
         self.use_patch_tokens = use_patch_tokens
@@ -195,6 +198,14 @@ class VisionHead(nn.Module):
     @property
     def output_dim(self) -> int:
         return self.dim * (2 if self.use_patch_tokens else 1)
+
+    def config_dict(self) -> dict:
+        """The ``VisionHeadConfig`` fields that rebuild this head (its width comes from the backbone)."""
+        return {"num_blocks": len(self.block_list), "num_heads": self.num_heads, "mlp_ratio": self.mlp_ratio,
+                "drop_path": self.drop_path, "layer_scale_init": self.layer_scale_init, "pooling": self.pooling,
+                "gem_p": float(self.gem_p), "use_patch_tokens": self.use_patch_tokens,
+                "final_norm": not isinstance(self.ln_final, nn.Identity), "attn_impl": self.attn_impl,
+                "grad_checkpointing": bool(self.grad_checkpointing)}
 
     @staticmethod
     def _init_weights(m: nn.Module) -> None:

@@ -184,7 +184,8 @@ def generate_world(cfg: DictConfig) -> None:
         write_world(w.root, w.num_train, w.num_eval, w.image_size, w.samples_per_shard, w.seed)
 
 
-def run_training(recipe: Optional[str], overrides: List[str] = (), resume: bool = False) -> Dict:
+def run_training(recipe: Optional[str], overrides: List[str] = (), resume: bool = False, trust_code: bool = False) -> Dict:
+    """Train the recipe (``trust_code`` lets it name a backbone by import path) and return its metrics."""
     _quiet_expected_warnings()
     cfg = resolve_run(recipe, list(overrides), resume)
     run_dir = Path(cfg.output_dir) / cfg.name
@@ -204,7 +205,7 @@ def run_training(recipe: Optional[str], overrides: List[str] = (), resume: bool 
         classnames = load_classnames(cfg.eval.classnames) if cfg.eval.classnames else [c.replace("_", " ") for c in folder.classes]
         templates = load_templates(cfg.eval.templates)
     datamodule = ImageTextDataModule(cfg, tokenizer, val_dir if cfg.trainer.val_every_n_steps > 0 else None)
-    system = DinoTxtSystem(cfg, tokenizer, classnames, templates)
+    system = DinoTxtSystem(cfg, tokenizer, classnames, templates, trust_code=trust_code)
     if datamodule.cache is not None:  # refuse features of another backbone, image size, transform or data
         datamodule.cache.check_fits(cfg, system.model.backbone)
         print(f"[dinotxt] training on the feature cache {cfg.cache.path} ({len(datamodule.cache.names)} shards, "

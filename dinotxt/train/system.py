@@ -33,13 +33,14 @@ class DinoTxtSystem(L.LightningModule):
         cfg: the resolved training config (model, optim, eval sections are used here).
         tokenizer: the run's tokenizer (for zero-shot validation prompts).
         classnames, templates: zero-shot validation classes and prompts (optional).
+        trust_code: allow ``model.backbone.name`` to be an import path (``dinotxt.plugins``).
     """
 
     def __init__(self, cfg: DictConfig, tokenizer=None, classnames: Optional[List[str]] = None,
-                 templates: Optional[List[str]] = None):
+                 templates: Optional[List[str]] = None, trust_code: bool = False):
         super().__init__()
         self.cfg = cfg
-        self.model = create_model(cfg.model)
+        self.model = create_model(cfg.model, trust_code=trust_code)
         self.loss_fn = ClipLoss()
         self.tokenizer = tokenizer
         self.classnames = classnames
