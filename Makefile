@@ -3,8 +3,15 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
+# the tests whose results depend on floating-point kernels (tests/numerics.py says how they compare)
+NUMERICS := tests/test_models.py tests/test_speed_parity.py tests/test_loss.py tests/test_distributed.py \
+            tests/test_cache.py tests/test_official.py tests/test_backbone_weights.py tests/test_segmentation.py \
+            tests/test_checkpoint.py
+# another CPU's kernels, emulated on this one: torch's own dispatch, MKL's and oneDNN's
+BASELINE_KERNELS := ATEN_CPU_CAPABILITY=default MKL_ENABLE_INSTRUCTIONS=SSE4_2 ONEDNN_MAX_CPU_ISA=SSE41
+AVX2_KERNELS     := ATEN_CPU_CAPABILITY=avx2 MKL_ENABLE_INSTRUCTIONS=AVX2 ONEDNN_MAX_CPU_ISA=AVX2
 
-.PHONY: demo demo-curation test setup clean
+.PHONY: demo demo-curation test test-kernels check-install setup clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -22,6 +29,21 @@ demo-curation: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q tests
+
+# the numerics-sensitive tests on the baseline (SSE) kernels with 1 thread, and on AVX2 kernels
+test-kernels: $(STAMP)
+	env $(BASELINE_KERNELS) DINOTXT_TEST_THREADS=1 $(BIN)/python -m pytest -q -p no:cacheprovider $(NUMERICS)
+	env $(AVX2_KERNELS) $(BIN)/python -m pytest -q -p no:cacheprovider $(NUMERICS)
+
+# a fresh venv, a non-editable `pip install .` with every dependency from the registry, and the CLI
+# from another folder (about 6 GB and a few minutes)
+check-install:
+	rm -rf /tmp/dinotxt-check-install && $(PYTHON) -m venv /tmp/dinotxt-check-install/venv
+	/tmp/dinotxt-check-install/venv/bin/python -m pip install --quiet .
+	cd /tmp/dinotxt-check-install && venv/bin/dinotxt demo --help > /dev/null && venv/bin/dinotxt models \
+	  && venv/bin/dinotxt train debug optim.max_steps=2 trainer.val_every_n_steps=0 world.num_train=32 \
+	     world.num_eval=0 world.samples_per_shard=32 data.num_workers=0 eval.zeroshot_dir=null \
+	  && test -f runs/debug/checkpoint/model.safetensors && echo "check-install: OK"
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

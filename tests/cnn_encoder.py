@@ -10,9 +10,9 @@ class CnnTokens(nn.Module):
 
     num_prefix_tokens = 1
 
-    def __init__(self, name: str = "resnet18"):
+    def __init__(self, arch: str = "resnet18"):
         super().__init__()
-        self.net = timm.create_model(name, pretrained=False, num_classes=0, global_pool="")
+        self.net = timm.create_model(arch, pretrained=False, num_classes=0, global_pool="")
         self.embed_dim = self.net.num_features
         self.patch_size = 32  # the stride of the last stage
 
@@ -21,5 +21,5 @@ class CnnTokens(nn.Module):
         return torch.cat([cells.mean(1, keepdim=True), cells], 1)
 
 
-def build(name: str = "resnet18"):
-    return CnnTokens(name)
+def build(arch: str = "resnet18"):
+    return CnnTokens(arch)

@@ -46,12 +46,11 @@ def test_train_writes_a_complete_run_folder(debug_run):
     assert not any(k.startswith("backbone.") for k in load_file(str(run / "checkpoint" / "model.safetensors")))
 
 
-def test_checkpoint_loads_and_classifies_and_backbone_unchanged(debug_run):
+def test_checkpoint_loads_and_classifies(debug_run):
+    # (that training leaves the live frozen weights untouched is checked in one process, before and
+    # after a real fit, in tests/test_batchnorm_encoder.py)
     work, _, _ = debug_run
     model, transform, tokenizer = dinotxt.load(work / "runs" / "debug" / "checkpoint")
-    fresh = dinotxt.create_model(model.config)  # same config, same init seed
-    for k, v in fresh.backbone_state().items():  # training + validation never touched the frozen backbone
-        assert torch.equal(v, model.backbone_state()[k]), k
     names = ["red circle", "blue square", "green star"]
     clf = dinotxt.zero_shot_classifier(model, tokenizer, names, ["a photo of a {}."])
     from PIL import Image

@@ -1,0 +1,60 @@
+"""Every shipped recipe resolves (no unknown key, valid choices) and builds its model at reduced
+depth (the recipe's widths, one block), found by name the way `dinotxt train NAME` finds it."""
+import pytest
+import yaml
+
+import dinotxt
+from dinotxt.config import ConfigError, find_recipe, load_train_config, shipped_recipes
+
+RECIPES = shipped_recipes()
+
+
+def kind(name):
+    """What a recipe configures, from its top-level sections."""
+    keys = set(yaml.safe_load(find_recipe(name).read_text()) or {})
+    return "suite" if "tasks" in keys else "curation" if keys & {"pool", "embed", "cluster"} else "train"
+
+
+KINDS = {name: kind(name) for name in RECIPES}
+
+
+def test_the_shipped_recipes_are_found_by_name_and_as_paths():
+    assert {"demo", "debug", "dinotxt_vitl14", "lit_vitl14", "curation/demo", "eval/demo_suite"} <= set(RECIPES)
+    assert find_recipe("demo").resolve() == find_recipe("recipes/demo.yaml").resolve() == find_recipe("demo.yaml").resolve()
+    with pytest.raises(ConfigError, match="did you mean 'demo'"):
+        find_recipe("dem")
+
+
+@pytest.mark.parametrize("name", [r for r, k in KINDS.items() if k == "train"])
+def test_training_recipe_builds_its_model(name):
+    cfg = load_train_config(name, ["model.backbone.kwargs.depth=1", "model.text.depth=1", "model.backbone.weights=null"])
+    model = dinotxt.create_model(cfg.model)
+    assert len(model.backbone.encoder.blocks) == 1 and len(model.text.backbone.blocks) == 1
+    assert model.text.output_dim == model.embed_dim == model.visual.output_dim
+    assert model.config.text.width == load_train_config(name).model.text.width  # its own widths
+
+
+@pytest.mark.parametrize("name", [r for r, k in KINDS.items() if k == "curation"])
+def test_curation_recipe_builds_its_embedding_backbone(name):
+    from curation.config import load_curation_config
+    from curation.embed import backbone_config
+    from dinotxt.models.factory import create_backbone
+
+    cfg = load_curation_config(name, ["pool.data=/nowhere", "embed.backbone.weights=null"])
+    bcfg = backbone_config(cfg.embed)
+    bcfg.kwargs = {**bcfg.kwargs, "depth": 1}
+    backbone = create_backbone(bcfg)
+    assert backbone.embed_dim > 0 and len(backbone.encoder.blocks) == 1
+
+
+@pytest.mark.parametrize("name", [r for r, k in KINDS.items() if k == "suite"])
+def test_eval_suite_recipe_resolves(name):
+    from dinotxt.evaluation.suite import TASKS, load_suite_config
+
+    cfg = load_suite_config(name)
+    assert cfg.tasks and all(t.task in TASKS for t in cfg.tasks)
+    assert sum(bool(cfg.model.get(k)) for k in ("checkpoint", "open_clip", "loader")) == 1
+
+
+def test_every_kind_of_recipe_is_shipped():
+    assert set(KINDS.values()) == {"train", "curation", "suite"} and KINDS["curation/demo_train"] == "train"
