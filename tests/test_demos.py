@@ -20,6 +20,9 @@ def test_demo_reports_zero_shot_and_segmentation_and_writes_the_run_folder(tmp_p
     metrics = run_demo(overrides)
     out = capsys.readouterr().out
     assert "RANDOM weights" in out and "model.backbone.weights=" in out  # says so, and shows the one-line change
+    # the frozen backbone ran once, into the feature cache, and training read the cached tokens
+    assert "the frozen backbone ran once over 96 training images x 2 views" in out
+    assert "training on the feature cache" in out and (tmp_path / "demo_cache" / "cache.json").is_file()
     for row in ("zero-shot top-1", "zero-shot top-5", "segmentation mIoU", "x chance"):
         assert row in out
     run = tmp_path / "demo"
