@@ -17,10 +17,10 @@ normalisation, the backbone and head, cosine maps, upsampling, softmax, the resi
 (``keep_scores=False``, ``output_sizes`` = the label size).
 
 Rows (per architecture):
-  whole, batched      ``segment_batch(mode="whole")`` on ``--images`` images at once (same size,
+  whole, batched      ``segment_batch`` in whole mode on ``--images`` images at once (same size,
                       so one backbone pass over the batch), as the evaluation loop runs whole mode.
-  whole, 1 at a time  ``segment_batch(mode="whole")`` on one image per call.
-  slide (baseline)    ``segment_batch(mode="slide")`` on one image per call (the official protocol,
+  whole, 1 at a time  ``segment_batch`` in whole mode on one image per call.
+  slide (baseline)    ``segment_batch`` in slide mode on one image per call (the official protocol,
                       as the evaluation loop runs it): 384 x 384 windows at stride 192 (each
                       resized to 378 x 378, a multiple of the patch), ``--window-batch`` windows
                       per backbone call.
@@ -33,7 +33,7 @@ Rows (per architecture):
                       80 prompts (the ViT-S text tower needs ~10 min on 2 cores for all 150).
 
 Columns: images/s (median over interleaved rounds; classes/s for the text row), ms per image,
-backbone forwards per image twice: from ``dinotxt.segmentation.forwards_per_image`` (images
+backbone forwards per image twice: from ``dinotxt.inference.dense.forwards_per_image`` (images
 the backbone sees per input image: 1 in whole mode, the number of windows in slide mode) and
 counted by a forward hook on ``model.backbone`` (the images in the batches it received, per
 input image), plus the hooked number of backbone *calls* per image (windows and images are
@@ -170,9 +170,10 @@ def _sync(device: torch.device) -> None:
 
 def build_rows(arch: str, args, device: torch.device, log) -> Tuple[List[Row], Dict]:
     import dinotxt
-    from dinotxt.segmentation import (forwards_per_image, resized_short_side, segment_batch, snap_to_patch,
-                                      window_grid)
-    from dinotxt.zero_shot import load_classnames, load_templates, zero_shot_classifier
+    from dinotxt.inference.classifier import load_classnames, load_templates, zero_shot_classifier
+    from dinotxt.inference.dense import (forwards_per_image, resized_short_side, segment_batch, snap_to_patch,
+                                         window_grid)
+    from dinotxt.inference.settings import DenseSettings
 
     torch.manual_seed(0)
     start = time.perf_counter()
@@ -180,7 +181,7 @@ def build_rows(arch: str, args, device: torch.device, log) -> Tuple[List[Row], D
     patch = model.patch_size
     counter = ForwardCounter(model.backbone)
     names = (load_classnames("ade20k") * (1 + args.classes // ADE_CLASSES))[:args.classes]
-    dense = random_classifier(len(names), model.visual.dim, 1).to(device)
+    dense = random_classifier(len(names), model.vision_head.dim, 1).to(device)
     full = random_classifier(IMAGENET_CLASSES, model.embed_dim, 2).to(device)
     tokenizer = make_tokenizer(model)
     templates = load_templates("imagenet")
@@ -189,16 +190,15 @@ def build_rows(arch: str, args, device: torch.device, log) -> Tuple[List[Row], D
     height, width = args.input_size
     pool = noise_images(max(args.images, args.slide_images, 2), (height, width), seed=0)
     zs = torch.randn(args.zs_batch, 3, ZS_SIZE, ZS_SIZE, generator=torch.Generator().manual_seed(3)).to(device)
-    geometry = dict(short_side=args.short_side, window=args.window, stride=args.stride)
+    geometry = DenseSettings(short_side=args.short_side, window=args.window, stride=args.stride)
     sizes = [(height, width)]
 
     def seg(mode: str, per_call: int) -> Callable[[int], None]:
         def run(n: int) -> None:
             for i in range(0, n, per_call):
                 imgs = pool[i:i + per_call] if per_call > 1 else [pool[i % len(pool)]]
-                segment_batch(model, imgs, dense, names, mode, args.short_side, args.window, args.stride,
-                              batch_size=per_call if mode == "whole" else args.window_batch,
-                              output_sizes=sizes * len(imgs), keep_scores=False)
+                settings = geometry.but(mode=mode, batch_size=per_call if mode == "whole" else args.window_batch)
+                segment_batch(model, imgs, dense, names, settings, output_sizes=sizes * len(imgs), keep_scores=False)
         return run
 
     @torch.no_grad()
@@ -211,8 +211,8 @@ def build_rows(arch: str, args, device: torch.device, log) -> Tuple[List[Row], D
         for i in range(n):
             zero_shot_classifier(model, tokenizer, [text_names[i % len(text_names)]], templates, half="patch")
 
-    whole_fwd = forwards_per_image(height, width, "whole", **geometry)
-    slide_fwd = forwards_per_image(height, width, "slide", **geometry)
+    whole_fwd = forwards_per_image(height, width, geometry.but(mode="whole"))
+    slide_fwd = forwards_per_image(height, width, geometry.but(mode="slide"))
     rows = [
         Row(f"whole, batched x{args.images}", "whole-batch", arch, "image", args.images, seg("whole", args.images), whole_fwd, counter),
         Row("whole, 1 at a time", "whole-1", arch, "image", args.images, seg("whole", 1), whole_fwd, counter),
@@ -281,14 +281,14 @@ def main(argv: Optional[List[str]] = None) -> Dict:
     p.add_argument("--device", default="cpu", help="cpu (the requirement) or cuda")
     p.add_argument("--json", default=None, help="also write the results here")
     args = p.parse_args(argv)
-    from dinotxt.segmentation import SHORT_SIDE, STRIDE, WINDOW
+    from dinotxt.inference.settings import DEFAULTS
 
     quick = args.quick
     defaults = {"arch": "dinotxt_demo" if quick else DEFAULT_ARCHS, "rounds": 2 if quick else 3,
                 "images": 2 if quick else 3, "slide_images": 1 if quick else 2, "zs_batch": 8 if quick else 32,
                 "text_classes": 1 if quick else 2, "input_size": (120, 160) if quick else INPUT_SIZE,
-                "short_side": 160 if quick else SHORT_SIDE, "window": 112 if quick else WINDOW,
-                "stride": 56 if quick else STRIDE}
+                "short_side": 160 if quick else DEFAULTS.short_side, "window": 112 if quick else DEFAULTS.window,
+                "stride": 56 if quick else DEFAULTS.stride}
     for key, value in defaults.items():
         if getattr(args, key) is None:
             setattr(args, key, value)

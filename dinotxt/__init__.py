@@ -7,7 +7,7 @@ from .config import ConfigError, list_models, model_config
 from .models import DinoTxt, FrozenBackbone, TextTower, VisionHead, create_model
 from .tokenizer import Tokenizer, train_tokenizer
 from .loss import ClipLoss, clip_loss
-from .zero_shot import load_templates, zero_shot_classifier
+from .inference import DenseSettings, load_templates, segment, zero_shot_classifier
 from .checkpoint import load, save_checkpoint
 from .clip_tokenizer import ClipTokenizer
 from .models.official import load_official

@@ -67,7 +67,7 @@ def _cmd_eval_zeroshot(args) -> int:
 
     device = args.device or ("cuda" if __import__("torch").cuda.is_available() else "cpu")
     model, transform, tokenizer = load(args.checkpoint, device=device, backbone_weights=args.backbone_weights,
-                                       trust_code=args.trust_code)
+                               trust_code=args.trust_code)
     res = evaluate_zeroshot(model, transform, tokenizer, args.data, args.classnames, args.templates,
                             args.batch_size, args.num_workers, device, dataset=args.dataset)
     print(f"{'dataset':<28}{'images':>8}{'classes':>9}{'top-1':>8}{'top-5':>8}{'mean recall':>13}{'chance':>8}")
@@ -86,7 +86,7 @@ def _device(name: Optional[str]) -> str:
 
 
 def _parse_labels(args) -> List[str]:
-    from .zero_shot import load_classnames
+    from .inference.classifier import load_classnames
 
     if args.labels_file:
         return load_classnames(args.labels_file)
@@ -98,12 +98,20 @@ def _parse_labels(args) -> List[str]:
     return names
 
 
+def _dense_settings(args):
+    from .inference.settings import DenseSettings
+
+    return DenseSettings(mode=args.mode, short_side=args.short_side or None, window=args.window, stride=args.stride,
+                         logit_scale=args.logit_scale, background_threshold=args.background_threshold,
+                         templates=args.templates)
+
+
 def _cmd_segment(args) -> int:
     from pathlib import Path
 
     from .checkpoint import load
-    from .segmentation import prepare_image
-    from .visualize import heatmap_sheet, overlay_segmentation, save_image
+    from .inference.dense import prepare_image, segment
+    from .inference.visualize import heatmap_sheet, overlay_segmentation, save_image
 
     names = _parse_labels(args)
     if not args.out.lower().endswith((".png", ".jpg", ".jpeg", ".webp")):
@@ -118,10 +126,8 @@ def _cmd_segment(args) -> int:
         raise ValueError(f"cannot read image {args.image}: {e}") from None
     prepare_image(image, args.short_side)  # size checks before the model loads
     model, _, tokenizer = load(args.checkpoint, device=_device(args.device), backbone_weights=args.backbone_weights,
-                                       trust_code=args.trust_code)
-    result = model.segment(image, names, tokenizer=tokenizer, templates=args.templates, mode=args.mode,
-                           short_side=args.short_side or None, window=args.window, stride=args.stride,
-                           logit_scale=args.logit_scale, background_threshold=args.background_threshold)
+                               trust_code=args.trust_code)
+    result = segment(model, tokenizer, image, names, _dense_settings(args))
     out = Path(args.out)
     save_image(overlay_segmentation(image, result.labels, result.class_names, alpha=args.alpha), out)
     heat = Path(args.heatmaps) if args.heatmaps else out.with_name(out.stem + "_heatmaps.png")
@@ -146,11 +152,9 @@ def _cmd_eval_segmentation(args) -> int:
     dataset = segmentation_dataset(args.dataset, args.root, args.split, args.classnames, args.reduce_zero_label,
                                    args.has_background)
     model, _, tokenizer = load(args.checkpoint, device=_device(args.device), backbone_weights=args.backbone_weights,
-                                       trust_code=args.trust_code)
+                               trust_code=args.trust_code)
     out = args.out or os.path.join("runs", "eval", f"segmentation_{args.dataset}")
-    res = evaluate_segmentation(model, tokenizer, dataset, args.templates, args.mode, args.short_side or None,
-                                args.window, args.stride, args.logit_scale, args.background_threshold, args.limit,
-                                out, args.num_examples)
+    res = evaluate_segmentation(model, tokenizer, dataset, _dense_settings(args), args.limit, out, args.num_examples)
     print(f"{'dataset':<16}{'images':>8}{'classes':>9}{'mode':>7}{'mIoU':>8}{'aAcc':>8}{'mAcc':>8}"
           f"{'majority-class mIoU':>21}")
     print(f"{args.dataset:<16}{res['num_images']:>8}{res['num_classes']:>9}{res['mode']:>7}{100 * res['miou']:>7.1f}%"
@@ -170,7 +174,7 @@ def _cmd_eval_retrieval(args) -> int:
 
     dataset = retrieval_dataset(args.dataset, args.root, args.annotations, args.split)
     model, transform, tokenizer = load(args.checkpoint, device=_device(args.device), backbone_weights=args.backbone_weights,
-                                       trust_code=args.trust_code)
+                               trust_code=args.trust_code)
     res = evaluate_retrieval(model, transform, tokenizer, dataset, args.batch_size, args.num_workers)
     print(f"{'dataset':<16}{'images':>8}{'texts':>8}" + "".join(f"{'i->t R@' + str(k):>10}" for k in (1, 5, 10))
           + "".join(f"{'t->i R@' + str(k):>10}" for k in (1, 5, 10)) + f"{'chance R@1':>12}")
@@ -294,13 +298,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     def dense_options(q) -> None:
         q.add_argument("--checkpoint", required=True, help="dinotxt checkpoint folder (runs/NAME/checkpoint)")
-        q.add_argument("--templates", default="imagenet", help="imagenet (80) | ovseg (14) | simple | a file of templates with {}")
-        q.add_argument("--mode", default="slide", choices=["slide", "whole"], help="slide windows (official) or one pass")
-        q.add_argument("--short-side", type=int, default=512, help="resize the image's short side to this (0 keeps it)")
-        q.add_argument("--window", type=int, default=384)
-        q.add_argument("--stride", type=int, default=192)
-        q.add_argument("--logit-scale", type=float, default=1.0, help="cosine multiplier before the softmax")
-        q.add_argument("--background-threshold", type=float, default=None,
+        from .inference.settings import DEFAULTS, MODES
+
+        q.add_argument("--templates", default=DEFAULTS.templates,
+                       help=f"imagenet (80) | ovseg (14) | simple | a file of templates with {{}} (default {DEFAULTS.templates})")
+        q.add_argument("--mode", default=DEFAULTS.mode, choices=MODES, help="slide windows (official) or one pass")
+        q.add_argument("--short-side", type=int, default=DEFAULTS.short_side,
+                       help=f"resize the image's short side to this (0 keeps it; default {DEFAULTS.short_side})")
+        q.add_argument("--window", type=int, default=DEFAULTS.window, help=f"slide window (default {DEFAULTS.window})")
+        q.add_argument("--stride", type=int, default=DEFAULTS.stride, help=f"slide stride (default {DEFAULTS.stride})")
+        q.add_argument("--logit-scale", type=float, default=DEFAULTS.logit_scale, help="cosine multiplier before the softmax")
+        q.add_argument("--background-threshold", type=float, default=DEFAULTS.background_threshold,
                        help="pixels whose best class probability is below this become background")
         q.add_argument("--device", default=None)
         q.add_argument("--backbone-weights", default=None, help="backbone weights file, if it moved since training")

@@ -64,7 +64,7 @@ def _read_checkpoint(checkpoint: Path):
 
 def _architecture(model_cfg, state: Dict[str, torch.Tensor]) -> Dict[str, object]:
     """The sizes the official modules must be built with to take these files."""
-    blocks = {k.split(".")[2] for k in state if k.startswith("visual.block_list.")}
+    blocks = {k.split(".")[2] for k in state if k.startswith("vision_head.block_list.")}
     text_blocks = {k.split(".")[3] for k in state if k.startswith("text.backbone.blocks.")}
     emb = state["text.backbone.token_embedding.weight"]
     return {

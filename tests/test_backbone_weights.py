@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import save_file
 
 from dinotxt.models import FrozenBackbone
-from dinotxt.models.backbone import detect_layout, native_grid, read_backbone_state
+from dinotxt.models.weights import detect_layout, native_grid, read_backbone_state
 from test_official_reference import (official_dinov2_state, official_dinov2_tokens, official_dinov3_state,
                                      official_dinov3_tokens, official_to_hf_dinov2, official_vision_head_state,
                                      save_pth)

@@ -87,11 +87,11 @@ def test_training_leaves_the_live_frozen_weights_and_running_statistics_untouche
     class Spy(run_module.DinoTxtSystem):
         def on_fit_start(self):
             seen["before"] = {k: v.clone() for k, v in self.model.backbone.state_dict().items()}
-            seen["head_before"] = {k: v.clone() for k, v in self.model.visual.state_dict().items()}
+            seen["head_before"] = {k: v.clone() for k, v in self.model.vision_head.state_dict().items()}
 
         def on_fit_end(self):
             seen["after"] = {k: v.clone() for k, v in self.model.backbone.state_dict().items()}
-            seen["head_after"] = {k: v.clone() for k, v in self.model.visual.state_dict().items()}
+            seen["head_after"] = {k: v.clone() for k, v in self.model.vision_head.state_dict().items()}
             seen["modes"] = {m.training for m in self.model.backbone.modules()}
 
     monkeypatch.setattr(run_module, "DinoTxtSystem", Spy)

@@ -107,7 +107,7 @@ def test_step_on_cached_tokens_equals_step_on_images_with_the_same_crops(built, 
     loss_tokens, grads_tokens = step(exact, {"tokens": frozen_tokens(exact.backbone, crops64), "text": ids})
     assert_float64_equal(loss_tokens, loss_images, "loss")
     assert_grads_float64_equal(grads_tokens, grads_images)
-    assert any(k.startswith("visual.") for k in grads_images)
+    assert any(k.startswith("vision_head.") for k in grads_images)
     # the cache stores fp16 (relative rounding 2**-11): the fp32 step on cached tokens stays close
     loss_online, grads_online = step(model, {"image": crops, "text": ids})
     cached = {"tokens": torch.stack([cache.read(name, r, 1) for r in range(n)]), "text": ids}
@@ -134,8 +134,8 @@ def test_pooled_cache_for_the_lit_setting(world, tmp_path, head):
     keys = cache.index(name)["keys"][:4]
     crops = torch.stack([cache_views(images[k][0], k, view_transform(cfg), cfg.seed, 1)[0] for k in keys])
     pooled = torch.stack([cache.read(name, r) for r in range(4)]).float()
-    expected = model.visual(model.backbone(crops))
-    assert torch.allclose(model.visual.forward_pooled(pooled), expected, rtol=2e-3, atol=2e-3)
+    expected = model.vision_head(model.backbone(crops))
+    assert torch.allclose(model.vision_head.forward_pooled(pooled), expected, rtol=2e-3, atol=2e-3)
     stream = CachedFeatureStream(cache, shuffle_buffer=0, rank=0, world_size=1,
                                  tokenizer=lambda c: torch.zeros(len(c), 8, dtype=torch.long))
     assert next(iter(stream))["pooled"].shape == (2, 96)
@@ -147,7 +147,7 @@ def test_pooled_cache_for_the_lit_setting(world, tmp_path, head):
 
     batch = next(iter(DataLoader(stream, batch_size=4, collate_fn=collate_image_text)))
     assert batch["pooled"].shape == (4, 2, 96) and batch["text"].shape == (4, 8)
-    assert torch.equal(image_features(model, batch), model.visual.forward_pooled(batch["pooled"].float()))
+    assert torch.equal(image_features(model, batch), model.vision_head.forward_pooled(batch["pooled"].float()))
 
 
 def test_pooled_cache_refused_for_a_head_with_blocks(world, tmp_path):

@@ -5,7 +5,7 @@ from PIL import Image
 
 from dinotxt.evaluation.datasets import (COCO_STUFF_RAW_TO_TRAIN_ID, imagenet_names, segmentation_dataset,
                                          zeroshot_folder)
-from dinotxt.zero_shot import load_classnames, load_templates
+from dinotxt.inference.classifier import load_classnames, load_templates
 
 
 def test_shipped_lists_have_the_standard_sizes():

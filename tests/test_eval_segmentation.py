@@ -6,6 +6,7 @@ import pytest
 
 from dinotxt.demo.world import write_split
 from dinotxt.evaluation.datasets import segmentation_dataset
+from dinotxt.inference.settings import DenseSettings
 from dinotxt.evaluation.segmentation import (confusion_matrix, constant_prediction_miou, evaluate_segmentation,
                                              segmentation_metrics)
 
@@ -69,8 +70,9 @@ def test_evaluate_on_demo_shards_writes_a_report(tiny_model, demo_shards, tmp_pa
 
     data = segmentation_dataset("demo", demo_shards)
     assert len(data) == 6 and len(data.class_names) == 24
-    res = evaluate_segmentation(tiny_model.eval(), fake_tokenizer, data, templates="simple", mode="whole",
-                                short_side=None, out_dir=tmp_path / "report", num_examples=2, progress=False)
+    whole = DenseSettings(templates="simple", mode="whole", short_side=None)
+    res = evaluate_segmentation(tiny_model.eval(), fake_tokenizer, data, whole, out_dir=tmp_path / "report",
+                                num_examples=2, progress=False)
     conf = np.array(res["confusion"])
     object_pixels = sum(int((data[i].labels != 255).sum()) for i in range(6))
     assert conf.sum() == object_pixels and conf.shape == (24, 24)
@@ -82,8 +84,8 @@ def test_evaluate_on_demo_shards_writes_a_report(tiny_model, demo_shards, tmp_pa
     assert "| **mean** |" in (tmp_path / "report" / "per_class_iou.md").read_text()
 
     with_bg = segmentation_dataset("demo_bg", demo_shards)
-    res_bg = evaluate_segmentation(tiny_model, fake_tokenizer, with_bg, templates="simple", mode="whole", short_side=None,
-                                   background_threshold=2.0, progress=False)  # nothing reaches 2: all background
+    res_bg = evaluate_segmentation(tiny_model, fake_tokenizer, with_bg, whole.but(background_threshold=2.0),
+                                   progress=False)  # nothing reaches 2: all background
     assert res_bg["miou"] == pytest.approx(res_bg["baseline_all_background_miou"])
     with pytest.raises(ValueError, match="background"):
-        evaluate_segmentation(tiny_model, fake_tokenizer, data, templates="simple", background_threshold=0.5)
+        evaluate_segmentation(tiny_model, fake_tokenizer, data, whole.but(background_threshold=0.5))

@@ -45,14 +45,14 @@ def test_config_read_off_the_modules_is_the_registry_config(arch):
 def test_paper_model_exact_sizes():
     model = dinotxt.create_model("dinotxt_vitl14_reg4", backbone={"kwargs": {"depth": 1}}, text={"depth": 1})
     assert model.backbone.embed_dim == 1024 and model.backbone.num_prefix_tokens == 5
-    block = model.visual.block_list[0]
-    assert len(model.visual.block_list) == 2
+    block = model.vision_head.block_list[0]
+    assert len(model.vision_head.block_list) == 2
     assert block.attn.qkv.weight.shape == (3072, 1024) and block.attn.qkv.bias is None
     assert block.attn.proj.bias is not None and block.attn.num_heads == 16
     assert block.mlp.w1.weight.shape == (2752, 1024) and block.mlp.w2.weight.shape == (2752, 1024)
     assert block.mlp.w3.weight.shape == (1024, 2752) and block.mlp.w1.bias is not None
     assert torch.all(block.ls1.gamma == 1e-5) and torch.all(block.ls2.gamma == 1e-5)
-    assert block.norm1.eps == 1e-5 and model.visual.block_list[1].drop_path.p == pytest.approx(0.3)
+    assert block.norm1.eps == 1e-5 and model.vision_head.block_list[1].drop_path.p == pytest.approx(0.3)
     assert model.embed_dim == 2048
     t = model.text
     assert t.head.linear_projection.weight.shape == (2048, 1280) and t.head.linear_projection.bias is None
@@ -70,7 +70,7 @@ def test_swiglu_hidden():
 
 def test_lit_baseline_is_cls_only():
     model = dinotxt.create_model("lit_vitl14_reg4", backbone=TINY_BACKBONE, text=TINY_TEXT)
-    assert len(model.visual.block_list) == 0 and model.embed_dim == 96
+    assert len(model.vision_head.block_list) == 0 and model.embed_dim == 96
     images = torch.randn(2, 3, 56, 56)
     tokens = model.backbone(images)
     assert torch.allclose(model.encode_image(images), tokens[:, 0])  # exactly the frozen CLS
@@ -79,7 +79,7 @@ def test_lit_baseline_is_cls_only():
 def test_embedding_is_cls_concat_pooled_patches(tiny_model):
     images = torch.randn(2, 3, 56, 56)
     tokens = tiny_model.backbone(images)
-    cls, patches = tiny_model.visual.forward_tokens(tokens)
+    cls, patches = tiny_model.vision_head.forward_tokens(tokens)
     assert patches.shape == (2, 16, 96)  # registers dropped: 56/14 = 4 -> 16 patches
     emb = tiny_model.encode_image(images)
     assert torch.allclose(emb, torch.cat([cls, patches.mean(1)], -1), atol=1e-6)
@@ -144,7 +144,7 @@ def test_frozen_backbone_is_pinned(tiny_model):
     out = bb(torch.randn(1, 3, 56, 56, requires_grad=True))
     assert not out.requires_grad
     assert not any(k.startswith("backbone.") for k in tiny_model.trainable_state_dict())
-    assert tiny_model.visual.training  # the head itself trains
+    assert tiny_model.vision_head.training  # the head itself trains
 
 
 def test_custom_encoder_by_import_path():

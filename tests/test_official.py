@@ -71,7 +71,7 @@ def test_full_size_official_keys_and_shapes_match_method_md():
     with torch.device("meta"):
         head = VisionHead(D, 5, cfg.vision_head.num_blocks)
         text = TextTower(t.vocab_size, t.context_length, t.width, t.depth, t.heads, t.mlp_ratio, 2 * D)
-    trainable = {**{"visual." + k: v for k, v in head.state_dict().items()},
+    trainable = {**{"vision_head." + k: v for k, v in head.state_dict().items()},
                  **{"text." + k: v for k, v in text.state_dict().items()}, "logit_scale": torch.zeros(())}
     files = {role: {k: tuple(v.shape) for k, v in sd.items()} for role, sd in official_state_dicts(trainable).items()}
     expected_head = {"ln_final.weight": (D,), "ln_final.bias": (D,)}
@@ -236,8 +236,8 @@ def test_official_model_works_with_the_zero_shot_and_dense_api(dinov2_release):
     assert probs.shape == (1, 3) and torch.allclose(probs.sum(), torch.tensor(1.0))
     dense = dinotxt.zero_shot_classifier(model, tok, ["cat", "dog"], templates=["a {}."], half="patch")
     assert patches.shape == (1, 4, 4, 384) and (patches @ dense.t()).shape == (1, 4, 4, 2)
-    seg = model.segment(Image.new("RGB", (60, 44)), ["cat", "sky"], tokenizer=tok, templates=["a {}."], mode="slide",
-                        short_side=56, window=42, stride=28)
+    seg = dinotxt.segment(model, tok, Image.new("RGB", (60, 44)), ["cat", "sky"], templates=["a {}."], mode="slide",
+                          short_side=56, window=42, stride=28)
     assert seg.labels.shape == (44, 60) and seg.scores.shape == (2, 44, 60)
 
 

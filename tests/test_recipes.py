@@ -30,7 +30,7 @@ def test_training_recipe_builds_its_model(name):
     cfg = load_train_config(name, ["model.backbone.kwargs.depth=1", "model.text.depth=1", "model.backbone.weights=null"])
     model = dinotxt.create_model(cfg.model)
     assert len(model.backbone.encoder.blocks) == 1 and len(model.text.backbone.blocks) == 1
-    assert model.text.output_dim == model.embed_dim == model.visual.output_dim
+    assert model.text.output_dim == model.embed_dim == model.vision_head.output_dim
     assert model.config.text.width == load_train_config(name).model.text.width  # its own widths
 
 

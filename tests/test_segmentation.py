@@ -6,9 +6,10 @@ import torch.nn.functional as F
 from PIL import Image
 
 from dinotxt.demo.world import class_names, render_sample
-from dinotxt.segmentation import (dense_classifier, dense_probabilities, forwards_per_image, predict_labels, prepare_image,
+from dinotxt.inference.dense import (dense_classifier, dense_probabilities, forwards_per_image, predict_labels, prepare_image,
                                   resized_short_side, segment, window_grid, window_probabilities)
-from dinotxt.visualize import heatmap_sheet, label_palette, overlay_segmentation, save_image
+from dinotxt.inference.settings import DenseSettings
+from dinotxt.inference.visualize import heatmap_sheet, label_palette, overlay_segmentation, save_image
 from numerics import assert_float64_equal
 
 
@@ -24,7 +25,7 @@ def fake_tokenizer(texts):
 
 def random_classifier(model, num_classes, seed=0):
     g = torch.Generator().manual_seed(seed)
-    return F.normalize(torch.randn(num_classes, model.visual.dim, generator=g), dim=-1)
+    return F.normalize(torch.randn(num_classes, model.vision_head.dim, generator=g), dim=-1)
 
 
 def random_image(h, w, seed=0):
@@ -50,7 +51,7 @@ def test_window_grid_covers_the_image_with_equal_windows(h, w, window, stride):
 
 def test_official_geometry_counts_forwards():
     assert resized_short_side(480, 640) == (512, 682)
-    assert forwards_per_image(480, 640, "whole") == 1
+    assert forwards_per_image(480, 640, DenseSettings(mode="whole")) == 1
     assert forwards_per_image(480, 640) == 2 * 3  # 512 x 682: 2 rows, 3 columns of 384 windows at stride 192
     with pytest.raises(ValueError, match="stride"):
         window_grid(100, 100, 50, 60)
@@ -60,8 +61,8 @@ def test_slide_equals_whole_when_the_image_fits_one_window(tiny_model):
     model = tiny_model.eval()
     x, _ = prepare_image(random_image(70, 98), short_side=None)
     clf = random_classifier(model, 5)
-    whole = dense_probabilities(model, x, clf, "whole")
-    slide = dense_probabilities(model, x, clf, "slide", window=384, stride=192)
+    whole = dense_probabilities(model, x, clf, DenseSettings(mode="whole"))
+    slide = dense_probabilities(model, x, clf, DenseSettings(mode="slide", window=384, stride=192))
     assert torch.equal(whole, slide)
     assert torch.allclose(whole.sum(0), torch.ones(70, 98), atol=1e-5)
 
@@ -71,7 +72,7 @@ def test_slide_equals_the_plain_per_window_average(tiny_model):
     model = tiny_model.double().eval()  # the same mathematics: float64 on both sides (tests/numerics.py)
     x, _ = prepare_image(random_image(60, 130, seed=1), short_side=None)
     x, clf = x.double(), random_classifier(model, 4, seed=1).double()
-    fast = dense_probabilities(model, x, clf, "slide", window=50, stride=30, batch_size=3, logit_scale=10.0)
+    fast = dense_probabilities(model, x, clf, DenseSettings(window=50, stride=30, batch_size=3, logit_scale=10.0))
     total, visits = torch.zeros(4, 60, 130, dtype=torch.float64), torch.zeros(60, 130, dtype=torch.float64)
     for y1, y2, x1, x2 in window_grid(60, 130, 50, 30):
         crop = x[:, :, y1:y2, x1:x2]
@@ -82,14 +83,14 @@ def test_slide_equals_the_plain_per_window_average(tiny_model):
         total[:, y1:y2, x1:x2] += (10.0 * cosine).softmax(0)
         visits[y1:y2, x1:x2] += 1
     assert_float64_equal(fast, total / visits, "slide")
-    assert not torch.allclose(fast, dense_probabilities(model, x, clf, "whole", logit_scale=10.0), atol=1e-3)
+    assert not torch.allclose(fast, dense_probabilities(model, x, clf, DenseSettings(mode="whole", logit_scale=10.0)), atol=1e-3)
 
 
 def test_dense_classifier_uses_the_patch_half(tiny_model):
     model = tiny_model.double().eval()
     names, templates = ["red circle", "blue star"], ["a photo of a {}.", "a {} on a plain background"]
     clf = dense_classifier(model, fake_tokenizer, names, templates)
-    d = model.visual.dim
+    d = model.vision_head.dim
     for i, name in enumerate(names):
         feats = model.encode_text(fake_tokenizer([t.format(name) for t in templates]))[:, d:]
         expected = F.normalize(F.normalize(feats, dim=-1).mean(0), dim=-1)
@@ -99,11 +100,11 @@ def test_dense_classifier_uses_the_patch_half(tiny_model):
 def test_segment_returns_maps_at_the_image_size_and_applies_the_background_threshold(tiny_model):
     model = tiny_model.eval()
     image = random_image(90, 120, seed=2)
-    res = model.segment(image, ["cat", "grass", "sky"], tokenizer=fake_tokenizer, templates="simple", short_side=112)
+    res = segment(model, fake_tokenizer, image, ["cat", "grass", "sky"], templates="simple", short_side=112)
     assert res.labels.shape == (90, 120) and res.scores.shape == (3, 90, 120)
     assert res.class_names == ["cat", "grass", "sky"] and int(res.labels.max()) < 3
     assert torch.equal(res.labels, res.scores.argmax(0))
-    none = model.segment(image, ["cat", "grass"], tokenizer=fake_tokenizer, templates="simple", background_threshold=1.01)
+    none = segment(model, fake_tokenizer, image, ["cat", "grass"], templates="simple", background_threshold=1.01)
     assert none.class_names[0] == "background" and int(none.labels.max()) == 0
     probs = torch.tensor([[[0.7, 0.2]], [[0.3, 0.8]]])
     assert predict_labels(probs, 0.75).tolist() == [[0, 2]]
@@ -161,17 +162,17 @@ def test_heatmap_sheet_and_bad_label_values(tmp_path):
 
 
 def test_batched_whole_mode_equals_one_image_at_a_time(tiny_model):
-    from dinotxt.segmentation import segment_batch
+    from dinotxt.inference.dense import segment_batch
 
     model = tiny_model.double().eval()  # batched and single are the same mathematics: float64
     images = [random_image(60, 80, seed=s) for s in range(3)] + [random_image(80, 60, seed=3)]  # mixed sizes
     clf = random_classifier(model, 4, seed=3).double()
     names = list("abcd")
-    batched = segment_batch(model, images, clf, names, mode="whole", short_side=None, batch_size=2)
+    batched = segment_batch(model, images, clf, names, DenseSettings(mode="whole", short_side=None, batch_size=2))
     for image, res in zip(images, batched):
         single = segment(model, None, image, names, mode="whole", short_side=None, classifier=clf)
         assert_float64_equal(res.scores, single.scores, "scores")
         assert torch.equal(res.labels, single.labels)
-    lean = segment_batch(model, images, clf, names, mode="whole", short_side=None, output_sizes=[(30, 40)] * 4,
+    lean = segment_batch(model, images, clf, names, DenseSettings(mode="whole", short_side=None), output_sizes=[(30, 40)] * 4,
                          keep_scores=False)
     assert lean[0].scores is None and lean[0].labels.shape == (30, 40)

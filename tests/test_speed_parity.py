@@ -64,7 +64,7 @@ def test_frozen_backbone_under_inference_mode_equals_plain_and_head_still_trains
     assert not tokens.is_inference() and not tokens.requires_grad
     loss = tiny_model.encode_image_tokens(tokens).pow(2).sum()
     loss.backward()  # an inference tensor saved for backward would raise here
-    assert tiny_model.visual.block_list[0].attn.qkv.weight.grad is not None
+    assert tiny_model.vision_head.block_list[0].attn.qkv.weight.grad is not None
 
 
 def test_bf16_autocast_backbone_is_close_not_exact():
@@ -91,15 +91,15 @@ def test_pooled_tokens_equal_the_full_head(head):
     torch.manual_seed(0)
     model = dinotxt.create_model("dinotxt_demo", backbone=TINY_BACKBONE, text=TINY_TEXT, vision_head=head)
     tokens = frozen_tokens(model.backbone, torch.randn(3, 3, 56, 56))
-    pooled = model.visual.pool_frozen_tokens(tokens)
+    pooled = model.vision_head.pool_frozen_tokens(tokens)
     assert pooled.shape == (3, 2, 96)
     model, tokens = model.double(), tokens.double()  # mathematically equal: compare in float64
-    assert_float64_equal(model.visual.forward_pooled(model.visual.pool_frozen_tokens(tokens)), model.visual(tokens))
+    assert_float64_equal(model.vision_head.forward_pooled(model.vision_head.pool_frozen_tokens(tokens)), model.vision_head(tokens))
 
 
 def test_pooled_tokens_refused_where_inexact(tiny_model):
     with pytest.raises(ValueError, match="num_blocks=0"):
-        tiny_model.visual.forward_pooled(torch.zeros(1, 2, 96))
+        tiny_model.vision_head.forward_pooled(torch.zeros(1, 2, 96))
 
 
 def test_activation_checkpointing_gives_the_same_gradients():
@@ -110,7 +110,7 @@ def test_activation_checkpointing_gives_the_same_gradients():
     ckpt = dinotxt.create_model("dinotxt_demo", backbone=TINY_BACKBONE, text=dict(TINY_TEXT, grad_checkpointing=True),
                                 vision_head={"num_blocks": 2, "drop_path": 0.3, "grad_checkpointing": True}).double()
     ckpt.load_trainable_state_dict(plain.trainable_state_dict())
-    assert ckpt.visual.grad_checkpointing and ckpt.text.backbone.grad_checkpointing
+    assert ckpt.vision_head.grad_checkpointing and ckpt.text.backbone.grad_checkpointing
     batch = {"image": torch.randn(4, 3, 56, 56, dtype=torch.float64), "text": _ids(4, 16)}
     grads = []
     for m in (plain, ckpt):
@@ -137,7 +137,7 @@ def test_flop_count_matches_torch_flop_counter(cached):
     text_len = trim_padding(ids).shape[1]
     ours = train_step_flops(model, 4, tokens.shape[1], text_len, cached=cached)
     # attention (forward) of the trained blocks and of the frozen backbone (forward only)
-    trained = 4 * (len(model.visual.block_list) * attention_flops(tokens.shape[1], 96)
+    trained = 4 * (len(model.vision_head.block_list) * attention_flops(tokens.shape[1], 96)
                    + len(model.text.backbone.blocks) * attention_flops(text_len, 64))
     frozen = 0 if cached else 4 * TINY_BACKBONE["kwargs"]["depth"] * attention_flops(tokens.shape[1], 96)
     counts = counter.get_flop_counts()["Global"]

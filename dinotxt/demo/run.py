@@ -55,15 +55,17 @@ def demo_segmentation(run_dir: Path) -> dict:
     from .. import load
     from ..evaluation.datasets import segmentation_dataset
     from ..evaluation.segmentation import evaluate_segmentation
+    from ..inference.settings import DenseSettings
 
     cfg = load_train_config(str(Path(run_dir) / "config.yaml"), [])
     model, _, tokenizer = load(str(Path(run_dir) / "checkpoint"))
     dataset = segmentation_dataset("demo", Path(cfg.world.root) / "eval")
     size = cfg.model.backbone.img_size
     # the images are 128 px: at the training resolution one window covers each, so "whole" is exact
-    res = evaluate_segmentation(model, tokenizer, dataset, cfg.eval.templates, mode="whole", short_side=size,
-                                window=size, stride=size, out_dir=Path(run_dir) / "segmentation", progress=False,
-                                batch_size=32)
+    settings = DenseSettings(mode="whole", short_side=size, window=size, stride=size, templates=cfg.eval.templates,
+                             batch_size=32)
+    res = evaluate_segmentation(model, tokenizer, dataset, settings, out_dir=Path(run_dir) / "segmentation",
+                                progress=False)
     res["chance_miou"] = random_label_miou(res["confusion"])
     return res
 

@@ -38,7 +38,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
-from ..zero_shot import DATA_DIR, load_classnames, read_lines
+from ..inference.classifier import DATA_DIR, load_classnames, read_lines
 
 IGNORE_INDEX = 255
 Source = Union[Path, bytes]  # a file, or the bytes of a shard member

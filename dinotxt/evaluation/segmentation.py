@@ -1,6 +1,6 @@
 """Open-vocabulary semantic segmentation evaluation (METHOD.md section 4).
 
-Every image is segmented with ``dinotxt.segmentation`` (class embeddings computed once),
+Every image is segmented with ``dinotxt.inference.dense`` (class embeddings computed once),
 the prediction is compared with the label map at the label's size, and one confusion
 matrix (rows: ground truth, columns: prediction; ignore index 255) accumulates over the
 dataset. Metrics follow mmsegmentation: per-class IoU = TP / (TP + FP + FN), mean IoU over
@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from ..fileio import atomic_write_json, atomic_write_text
+from ..inference.dense import DEFAULTS, DenseSettings, dense_classifier, segment_batch
 from .datasets import IGNORE_INDEX, SegmentationDataset
 
 
@@ -90,29 +91,24 @@ def per_class_table(metrics: Dict, title: str = "") -> str:
 
 @torch.no_grad()
 def evaluate_segmentation(model, tokenizer: Optional[Callable], dataset: SegmentationDataset,
-                          templates: Union[str, Sequence[str]] = "imagenet", mode: str = "slide", short_side: Optional[int] = 512,
-                          window: int = 384, stride: int = 192, logit_scale: float = 1.0,
-                          background_threshold: Optional[float] = None, limit: Optional[int] = None,
+                          settings: DenseSettings = DEFAULTS, limit: Optional[int] = None,
                           out_dir: Optional[Union[str, Path]] = None, num_examples: int = 4,
-                          classifier: Optional[torch.Tensor] = None, progress: bool = True, batch_size: int = 8) -> Dict:
+                          classifier: Optional[torch.Tensor] = None, progress: bool = True) -> Dict:
     """Segment every image of ``dataset`` and score it against its label map.
 
     Args:
         model, tokenizer: a dinotxt model and its tokenizer.
         dataset: a ``SegmentationDataset`` (see ``segmentation_dataset``).
-        templates: prompt ensemble (``imagenet`` 80, ``ovseg`` 14, ``simple``, file or list).
-        mode, short_side, window, stride, logit_scale: inference settings (``dinotxt.segmentation``).
-        background_threshold: for datasets whose label 0 is background: query the other classes
-            only and predict background where the best probability is below the threshold.
+        settings: ``DenseSettings`` (mode, short side, window, stride, templates, ...). Its
+            ``background_threshold`` is for datasets whose label 0 is background: the other classes
+            are queried and background is predicted where the best probability is below it.
         limit: evaluate only the first ``limit`` images (quick checks).
         out_dir: when given, writes ``metrics.json``, ``per_class_iou.md``, ``confusion.png`` and
             overlays of the first ``num_examples`` images (prediction | ground truth).
         classifier: precomputed class embeddings (C, D) for the queried classes.
-        batch_size: images per forward pass in ``whole`` mode, windows per pass in ``slide`` mode.
     """
-    from ..segmentation import dense_classifier, segment_batch
-
     names = list(dataset.class_names)
+    mode, templates, background_threshold = settings.mode, settings.templates, settings.background_threshold
     if background_threshold is not None:
         if not dataset.has_background:
             raise ValueError(f"a background threshold needs a dataset whose label 0 is background; {dataset.name} has none "
@@ -127,11 +123,11 @@ def evaluate_segmentation(model, tokenizer: Optional[Callable], dataset: Segment
     examples: List = []
     start = time.time()
     done = 0
-    for first in range(0, num, batch_size if mode == "whole" else 1):
-        samples = [dataset[i] for i in range(first, min(num, first + (batch_size if mode == "whole" else 1)))]
-        results = segment_batch(model, [s.image for s in samples], classifier, queried, mode, short_side, window, stride,
-                                logit_scale, background_threshold, [s.labels.shape for s in samples], batch_size,
-                                keep_scores=False)
+    per_call = settings.batch_size if mode == "whole" else 1
+    for first in range(0, num, per_call):
+        samples = [dataset[i] for i in range(first, min(num, first + per_call))]
+        results = segment_batch(model, [s.image for s in samples], classifier, queried, settings,
+                                [s.labels.shape for s in samples], keep_scores=False)
         for sample, result in zip(samples, results):
             conf += confusion_matrix(result.labels.numpy(), sample.labels, len(names))
             if out_dir is not None and len(examples) < num_examples:
@@ -166,7 +162,7 @@ def write_segmentation_report(metrics: Dict, class_names: Sequence[str], out_dir
     """metrics.json, per_class_iou.md, confusion.png and example overlays (prediction | ground truth)."""
     from PIL import Image
 
-    from ..visualize import confusion_matrix_figure, overlay_segmentation, save_image
+    from ..inference.visualize import confusion_matrix_figure, overlay_segmentation, save_image
 
     out_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out_dir / "metrics.json", metrics)

@@ -34,6 +34,8 @@ from omegaconf import OmegaConf
 
 from ..config import ConfigError, _merge, _read_yaml, check_keys, find_recipe
 from ..fileio import atomic_write_json, atomic_write_text
+from ..inference.settings import DEFAULTS as DENSE
+from ..inference.settings import DenseSettings
 
 TASKS = ("zeroshot", "segmentation", "retrieval")
 
@@ -57,14 +59,15 @@ class SuiteTaskConfig:
     name: Optional[str] = None  # label in the report (default: task/dataset)
     split: Optional[str] = None  # dataset split (default: val for segmentation, test for retrieval)
     classnames: Optional[str] = None  # class-name file (or a shipped list name) overriding the defaults
-    templates: str = "imagenet"  # imagenet (80) | ovseg (14) | simple | a file with {} templates
+    templates: str = DENSE.templates  # imagenet (80) | ovseg (14) | simple | a file with {} templates
     annotations: Optional[str] = None  # retrieval: the caption JSON (default: looked up under root)
-    mode: str = "slide"  # segmentation: slide | whole
-    short_side: int = 512  # segmentation: image short side before inference
-    window: int = 384  # segmentation: slide window
-    stride: int = 192  # segmentation: slide stride
-    logit_scale: float = 1.0  # segmentation: cosine multiplier before the softmax
-    background_threshold: Optional[float] = None  # segmentation: background below this probability
+    # segmentation: the dense inference settings (dinotxt.inference.settings.DenseSettings)
+    mode: str = DENSE.mode  # slide | whole
+    short_side: Optional[int] = DENSE.short_side  # image short side before inference
+    window: int = DENSE.window  # slide window
+    stride: int = DENSE.stride  # slide stride
+    logit_scale: float = DENSE.logit_scale  # cosine multiplier before the softmax
+    background_threshold: Optional[float] = DENSE.background_threshold  # background below this probability
     reduce_zero_label: bool = False  # segmentation, custom layout: label 0 ignored, others - 1
     has_background: bool = False  # segmentation, custom layout: label 0 is background
     limit: Optional[int] = None  # segmentation: first N images only
@@ -226,8 +229,8 @@ def run_suite(recipe: str, overrides: Optional[List[str]] = None, trust_code: bo
                                     task.num_workers, device)
             res.pop("confusion"), res.pop("classnames")
         elif task.task == "segmentation":
-            res = evaluate_segmentation(model, tokenizer, data, task.templates, task.mode, task.short_side, task.window,
-                                        task.stride, task.logit_scale, task.background_threshold, task.limit,
+            settings = DenseSettings(**{k: task[k] for k in DenseSettings.names() if k in task})
+            res = evaluate_segmentation(model, tokenizer, data, settings, task.limit,
                                         out_dir / task.name.replace("/", "_"), task.num_examples)
             res.pop("confusion")
         else:

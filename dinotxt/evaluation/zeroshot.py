@@ -9,7 +9,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from ..data.folder import ImageFolderDataset
-from ..zero_shot import accuracy, load_classnames, load_templates, mean_per_class_recall, zero_shot_classifier
+from ..inference.classifier import accuracy, load_classnames, load_templates, mean_per_class_recall, zero_shot_classifier
 
 
 @torch.no_grad()

@@ -1,5 +1,4 @@
-"""Frozen vision encoder wrapper (dino.txt / LiT: the image tower never trains), and the
-loading of backbone weight files in every layout users arrive with.
+"""Frozen vision encoder wrapper (dino.txt / LiT: the image tower never trains).
 
 ``FrozenBackbone`` owns freezing so nothing else has to remember it: eval mode is
 pinned (``train(True)`` is ignored, including the call Lightning makes after
@@ -13,30 +12,8 @@ the official DINOv2 models (Oquab et al., "DINOv2", TMLR 2024; Darcet et al.,
 "Vision Transformers Need Registers", ICLR 2024) and timm's ``vit_*_patch16_dinov3``
 for DINOv3 (Simeoni et al., "DINOv3", 2025).
 
-Weight files (``FrozenBackbone(weights=...)``); the layout is detected from the keys:
-
-================  =====================================================================
-layout            recognised by
-================  =====================================================================
-``dinov2``        official ``dinov2_vit*14[_reg4]_pretrain.pth``: ``mask_token``,
-                  ``register_tokens``, ``pos_embed (1, 1+37*37, D)``; ViT-g ``mlp.w12/w3``
-``dinov3``        official DINOv3 ``.pth``: ``storage_tokens``, ``rope_embed.periods``,
-                  ``attn.qkv.bias`` + ``attn.qkv.bias_mask`` (the key bias is masked out)
-``hf_dinov2``     Hugging Face transformers ``Dinov2Model`` / ``Dinov2WithRegistersModel``
-                  safetensors: ``embeddings.*``, ``encoder.layer.{i}.attention.attention.query``
-``timm``          timm's own keys (the Hugging Face Hub ``timm/...`` safetensors, any timm ViT)
-================  =====================================================================
-
-A wrapper prefix (``module.``, ``backbone.``, ``teacher.backbone.``, ``dinov2.``,
-``visual_model.backbone.``) is found and stripped; keys outside it (DINO heads, a
-classifier) are ignored. Official DINOv2 and DINOv3 files go through timm's own
-conversion (``checkpoint_filter_fn``); transformers files are first mapped to the
-official DINOv2 layout (the inverse of transformers' ``convert_dinov2_to_hf.py``).
-
-Loading is strict: before anything is converted the file's architecture (width, depth,
-patch size, registers) is compared with the model's, and after conversion every key
-must be present with its shape; otherwise the error names both architectures and the
-missing / unexpected / mis-shaped keys (a ViT-B file for a ViT-L config says so).
+Weight files (``FrozenBackbone(weights=...)``) in the official DINOv2 / DINOv3, transformers and timm
+layouts are read and converted by ``dinotxt.models.weights``.
 
 Any input size: a timm ViT with absolute position embeddings is built at the grid its
 weights were trained at (37 x 37 for DINOv2), and ``dynamic_img_size`` resizes that
@@ -45,239 +22,18 @@ section 1); registers get no position embedding. This is exactly the official
 DINOv2-with-registers interpolation. The official DINOv2 models WITHOUT registers
 interpolate slightly differently (a 0.1 offset on the scale factor, no antialias), so
 at inputs other than 518 px their tokens differ from ours by that resampling only.
-DINOv3 uses RoPE: nothing is resized, and the rotation periods stored in the file
-(rounded to bfloat16 in the release) replace the ones timm recomputes, as the
-official model uses the stored ones.
+DINOv3 uses RoPE: nothing is resized.
 """
 from __future__ import annotations
 
-import math
-import re
-import sys
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Tuple, Union
+from typing import Any, Dict, Optional, Union
 
 import torch
 from torch import nn
 
-StateDict = Dict[str, torch.Tensor]
-
-LAYOUT_NAMES = {
-    "dinov2": "official DINOv2",
-    "dinov3": "official DINOv3",
-    "hf_dinov2": "Hugging Face transformers DINOv2",
-    "timm": "timm",
-}
-# keys that mark the start of a ViT inside a wrapper (checkpoint dicts, DINO training state, classifiers)
-_ANCHORS = ("patch_embed.proj.weight", "embeddings.patch_embeddings.projection.weight")
-# the classifier of a timm ViT: not part of a frozen feature extractor (built with num_classes=0)
-_CLASSIFIER_KEYS = ("head.weight", "head.bias", "head_dist.weight", "head_dist.bias")
-
-
-def load_state_dict_file(path: Union[str, Path]) -> StateDict:
-    """Read a .safetensors / .pth / .pt file as a flat tensor dict (never unpickles objects)."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"weights file not found: {path}")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        try:
-            return load_file(str(path))
-        except Exception as e:
-            raise ValueError(f"cannot read weights file {path} as safetensors: {str(e).splitlines()[0]}") from None
-    try:
-        # memory-mapped: tensors are read when copied into a model, so reading a file twice costs little
-        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except RuntimeError:  # files in torch's legacy (pre-zip) format cannot be memory-mapped
-        state = None
-    except Exception as e:
-        raise ValueError(f"cannot read weights file {path} as a torch state dict: {str(e).splitlines()[0]}") from None
-    if state is None:
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e:
-            raise ValueError(f"cannot read weights file {path} as a torch state dict: {str(e).splitlines()[0]}") from None
-    for wrapper in ("model", "state_dict", "teacher"):  # common wrappers around the weights
-        if isinstance(state, dict) and wrapper in state and isinstance(state[wrapper], dict):
-            state = state[wrapper]
-    if not isinstance(state, dict):
-        raise ValueError(f"{path} does not hold a state dict (got {type(state).__name__})")
-    return state
-
-
-# ---------------------------------------------------------------------------- layouts
-
-
-def strip_wrapper_prefix(state: StateDict) -> StateDict:
-    """The ViT's own keys: find its patch embedding and drop the prefix before it (and keys outside it)."""
-    prefixes = sorted({k[: -len(a)] for k in state for a in _ANCHORS if k.endswith(a)}, key=len)
-    if not prefixes or prefixes[0] == "":
-        return state
-    prefix = prefixes[0]
-    return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
-
-
-def detect_layout(state: StateDict) -> str:
-    """``dinov2`` | ``dinov3`` | ``hf_dinov2`` | ``timm`` (see the module docstring)."""
-    if "storage_tokens" in state or "rope_embed.periods" in state or any(k.endswith("qkv.bias_mask") for k in state):
-        return "dinov3"
-    if "embeddings.patch_embeddings.projection.weight" in state:
-        return "hf_dinov2"
-    if "mask_token" in state or "register_tokens" in state:
-        return "dinov2"
-    if "patch_embed.proj.weight" in state:
-        return "timm"
-    if any(k.startswith("embeddings.") for k in state) and any(k.startswith("layer.") for k in state):
-        raise ValueError("this looks like a Hugging Face transformers DINOv3 file, which is not supported: "
-                         "use the original DINOv3 .pth or timm's vit_*_dinov3 safetensors")
-    raise ValueError("does not look like a ViT backbone: no patch embedding weight "
-                     f"(expected one of {', '.join(_ANCHORS)}; first keys: {sorted(state)[:3]})")
-
-
-_HF_RENAMES = {
-    "embeddings.cls_token": "cls_token",
-    "embeddings.mask_token": "mask_token",
-    "embeddings.register_tokens": "register_tokens",
-    "embeddings.position_embeddings": "pos_embed",
-    "embeddings.patch_embeddings.projection.weight": "patch_embed.proj.weight",
-    "embeddings.patch_embeddings.projection.bias": "patch_embed.proj.bias",
-    "layernorm.weight": "norm.weight",
-    "layernorm.bias": "norm.bias",
-}
-_HF_BLOCK_RENAMES = {
-    "layer_scale1.lambda1": "ls1.gamma",
-    "layer_scale2.lambda1": "ls2.gamma",
-    "attention.output.dense.weight": "attn.proj.weight",
-    "attention.output.dense.bias": "attn.proj.bias",
-    "mlp.weights_in.weight": "mlp.w12.weight",  # ViT-g SwiGLU
-    "mlp.weights_in.bias": "mlp.w12.bias",
-    "mlp.weights_out.weight": "mlp.w3.weight",
-    "mlp.weights_out.bias": "mlp.w3.bias",
-}
-
-
-def hf_dinov2_to_official(state: StateDict) -> StateDict:
-    """transformers ``Dinov2[WithRegisters]Model`` keys -> official DINOv2 keys (q, k, v fused into qkv).
-
-    The inverse of transformers' ``convert_dinov2_to_hf.py``; unknown keys pass through so
-    the strict check can name them.
-    """
-    out: StateDict = {}
-    qkv: Dict[Tuple[str, str], Dict[str, torch.Tensor]] = {}
-    for key, value in state.items():
-        m = re.fullmatch(r"encoder\.layer\.(\d+)\.(.+)", key)
-        if key in _HF_RENAMES:
-            out[_HF_RENAMES[key]] = value
-        elif m is None:
-            out[key] = value
-        else:
-            block, rest = m.groups()
-            part = re.fullmatch(r"attention\.attention\.(query|key|value)\.(weight|bias)", rest)
-            if part:
-                qkv.setdefault((block, part.group(2)), {})[part.group(1)] = value
-            else:
-                out[f"blocks.{block}.{_HF_BLOCK_RENAMES.get(rest, rest)}"] = value
-    for (block, kind), parts in qkv.items():
-        if set(parts) != {"query", "key", "value"}:
-            raise ValueError(f"layer {block} of the transformers file has attention {kind}s {sorted(parts)}; "
-                             "expected query, key and value")
-        out[f"blocks.{block}.attn.qkv.{kind}"] = torch.cat([parts["query"], parts["key"], parts["value"]])
-    return out
-
-
-def read_backbone_state(weights: Union[str, Path, StateDict]) -> Tuple[StateDict, str]:
-    """A weights file (or dict) as ``(state in official / timm keys, layout)``."""
-    state = load_state_dict_file(weights) if isinstance(weights, (str, Path)) else dict(weights)
-    state = strip_wrapper_prefix(state)
-    layout = detect_layout(state)
-    if layout == "hf_dinov2":
-        state = hf_dinov2_to_official(state)
-    return state, layout
-
-
-def native_grid(state: StateDict) -> Optional[int]:
-    """Side of the square position-embedding grid stored in the file (37 for DINOv2), if any.
-
-    ``pos_embed`` holds G*G patch positions, plus one for the class token in the official
-    layout (consecutive squares differ by more than one, so the two cases cannot collide).
-    """
-    pos = state.get("pos_embed")
-    if pos is None or pos.ndim != 3:
-        return None
-    n = pos.shape[1]
-    for tokens in (n, n - 1):
-        g = math.isqrt(max(tokens, 0))
-        if g > 0 and g * g == tokens:
-            return g
-    return None
-
-
-def describe_state(state: StateDict) -> Dict[str, int]:
-    """width / depth / patch / registers of a ViT state dict in official or timm keys."""
-    desc = {}
-    proj = state.get("patch_embed.proj.weight")
-    if proj is not None and proj.ndim == 4:
-        desc["width"], desc["patch"] = int(proj.shape[0]), int(proj.shape[-1])
-    blocks = {int(m.group(1)) for k in state if (m := re.match(r"blocks\.(\d+)\.", k))}
-    desc["depth"] = max(blocks) + 1 if blocks else 0
-    regs = next((state[k] for k in ("register_tokens", "storage_tokens", "reg_token") if k in state), None)
-    desc["registers"] = int(regs.shape[1]) if regs is not None and regs.ndim == 3 else 0
-    return desc
-
-
-def _describe(desc: Dict[str, Any]) -> str:
-    parts = [f"width {desc['width']}" if "width" in desc else "width ?", f"{desc.get('depth', '?')} block{'' if desc.get('depth') == 1 else 's'}",
-             f"patch {desc['patch']}" if "patch" in desc else "patch ?", f"{desc.get('registers', 0)} registers"]
-    return ", ".join(parts)
-
-
-def _suggest_timm_name(desc: Dict[str, int], layout: str, needs_qkv_bias: bool = False) -> Optional[str]:
-    """A registered timm architecture matching the file, to put in the error message."""
-    sizes = {384: ("small", 12), 768: ("base", 12), 1024: ("large", 24), 1536: ("giant", 40), 1280: ("huge_plus", 32)}
-    if desc.get("width") not in sizes:
-        return None
-    size, depth = sizes[desc["width"]]
-    if layout == "dinov3" or desc.get("patch") == 16:
-        name = f"vit_{size}_patch16_dinov3" + ("_qkvb" if needs_qkv_bias else "")
-    else:
-        name = f"vit_{size}_patch14{'_reg4' if desc.get('registers') == 4 else ''}_dinov2"
-    try:
-        import timm
-
-        if not timm.is_model(name):
-            return None
-    except ImportError:
-        return None
-    return name if desc.get("depth") == depth else f"{name} with depth={desc.get('depth')}"
-
-
-def key_report(own: StateDict, state: StateDict, limit: int = 3) -> str:
-    """'missing N keys (e.g. ...); unexpected N keys (...); N shape mismatches (k: file (..) vs model (..))'."""
-    # in state-dict order (embeddings first, then block by block), which reads better than sorted keys
-    missing = [k for k in own if k not in state]
-    unexpected = [k for k in state if k not in own]
-    wrong = [k for k in own if k in state and tuple(own[k].shape) != tuple(state[k].shape)]
-    parts = []
-    if missing:
-        parts.append(f"missing {len(missing)} keys (e.g. {', '.join(missing[:limit])})")
-    if unexpected:
-        parts.append(f"unexpected {len(unexpected)} keys (e.g. {', '.join(unexpected[:limit])})")
-    if wrong:
-        shown = ", ".join(f"{k}: file {tuple(state[k].shape)} vs model {tuple(own[k].shape)}" for k in wrong[:limit])
-        parts.append(f"{len(wrong)} shape mismatches (e.g. {shown})")
-    return "; ".join(parts)
-
-
-def _dinov3_effective_qkv_bias(state: StateDict) -> StateDict:
-    """Apply each ``qkv.bias_mask`` to its bias and drop the masks (what the official forward uses)."""
-    out = dict(state)
-    for key in [k for k in state if k.endswith("attn.qkv.bias_mask")]:
-        mask = out.pop(key)
-        bias_key = key[: -len("_mask")]
-        if bias_key in out:
-            out[bias_key] = out[bias_key] * mask.to(out[bias_key].dtype)
-    return out
+from .weights import (StateDict, key_report, load_state_dict_file, load_timm_state, native_grid,
+                      read_backbone_state)
 
 
 class FrozenBackbone(nn.Module):
@@ -419,88 +175,13 @@ class FrozenBackbone(nn.Module):
 
     def load_state(self, state: StateDict, layout: str, source: str = "state dict") -> None:
         """Load ``state`` (official / timm keys, see ``read_backbone_state``) strictly."""
-        own = self.encoder.state_dict()
-        if not self.is_timm:  # a user module: its own keys, loaded as they are
-            report = key_report(own, state)
-            if report:
-                raise ValueError(f"weights {source} do not fit backbone '{self.name}': {report}")
-            self.encoder.load_state_dict(state, strict=True)
+        if self.is_timm:
+            load_timm_state(self.encoder, self.name, state, layout, self._model_description(), source)
             return
-        file_desc, model_desc = describe_state(state), self._model_description()
-        state = dict(state)
-        # RoPE periods: "rope_embed.periods" in official DINOv3 files, "rope.periods" in files this class
-        # writes (timm keeps them out of its state dict and recomputes them, see full_state_dict)
-        periods = state.pop("rope_embed.periods", state.pop("rope.periods", None))
-        needs_qkv_bias = False
-        if layout == "dinov3":
-            state = _dinov3_effective_qkv_bias(state)
-            biases = [v for k, v in state.items() if k.endswith("attn.qkv.bias")]
-            needs_qkv_bias = any(bool(b.abs().max() > 0) for b in biases if b.numel())
-        header = (f"weights {source} ({LAYOUT_NAMES.get(layout, layout)} layout: {_describe(file_desc)}) do not fit "
-                  f"backbone '{self.name}' ({_describe(model_desc)})")
-        suggestion = _suggest_timm_name(file_desc, layout, needs_qkv_bias)
-        hint = f"; the file looks like timm '{suggestion}'" if suggestion else ""
-        if file_desc != model_desc:
-            # don't let timm's filter silently resample a patch embedding or drop blocks: stop here
-            try:
-                report = key_report(own, self._convert(state, layout))
-            except Exception:
-                report = ""
-            raise ValueError(header + (f": {report}" if report else "") + hint)
-        if layout == "dinov3":
-            state = self._drop_unused_qkv_bias(state, source, suggestion)
-        converted = self._convert(state, layout)
-        for key in _CLASSIFIER_KEYS:  # a timm classifier file: the classifier is not part of the features
-            if key not in own:
-                converted.pop(key, None)
-        report = key_report(own, converted)
+        report = key_report(self.encoder.state_dict(), state)  # a user module: its own keys, loaded as they are
         if report:
-            raise ValueError(f"{header}: {report}{hint}")
-        self.encoder.load_state_dict(converted, strict=True)
-        if periods is not None:
-            self._set_rope_periods(periods, source)
-
-    def _convert(self, state: StateDict, layout: str) -> StateDict:
-        """Official / timm keys -> this timm model's keys, through timm's own ``checkpoint_filter_fn``."""
-        filter_fn = getattr(sys.modules[type(self.encoder).__module__], "checkpoint_filter_fn", None)
-        state = dict(state)  # timm's DINOv2 conversion pops keys from its input
-        return dict(filter_fn(state, self.encoder)) if filter_fn is not None else state
-
-    def _drop_unused_qkv_bias(self, state: StateDict, source: str, suggestion: Optional[str]) -> StateDict:
-        """DINOv3 files always store ``qkv.bias``; timm's bias-free variants have no place for it.
-
-        Dropping it is exact only when the (masked) bias is zero, as in the released
-        distilled ViT-S/B/L; otherwise the ``_qkvb`` variant is needed. In the ``_qkvb``
-        variants timm keeps the key bias at zero, so a non-zero key bias cannot load either.
-        """
-        has_q_bias = any(k.endswith("attn.q_bias") for k in self.encoder.state_dict())
-        out = dict(state)
-        dim = self.embed_dim
-        for key in [k for k in state if k.endswith("attn.qkv.bias")]:
-            bias = state[key]
-            if has_q_bias:
-                if bias.numel() == 3 * dim and bool(bias[dim:2 * dim].abs().max() > 0):
-                    raise ValueError(f"weights {source}: {key} has a non-zero key bias, which timm's '{self.name}' "
-                                     "cannot represent (it keeps the key bias at 0, as DINOv3's bias_mask does)")
-            elif bool(bias.abs().max() > 0):
-                hint = f" (e.g. '{suggestion}')" if suggestion else " (the '_qkvb' variant of the same size)"
-                raise ValueError(f"weights {source}: {key} is non-zero but backbone '{self.name}' has no qkv bias; "
-                                 f"use a DINOv3 model with qkv bias{hint}")
-            else:
-                del out[key]
-        return out
-
-    def _set_rope_periods(self, periods: torch.Tensor, source: str) -> None:
-        rope = getattr(self.encoder, "rope", None)
-        if rope is None or not hasattr(rope, "periods"):
-            raise ValueError(f"weights {source} hold RoPE periods but backbone '{self.name}' has no RoPE")
-        if tuple(rope.periods.shape) != tuple(periods.shape):
-            raise ValueError(f"weights {source}: rope_embed.periods has shape {tuple(periods.shape)}, backbone "
-                             f"'{self.name}' expects {tuple(rope.periods.shape)} (a different number of heads)")
-        with torch.no_grad():
-            rope.periods.copy_(periods.to(rope.periods.dtype))
-        if getattr(rope, "pos_embed_cached", None) is not None and getattr(rope, "feat_shape", None):
-            rope._cache_embed(list(rope.feat_shape))  # fixed-size models cache the embedding: rebuild it
+            raise ValueError(f"weights {source} do not fit backbone '{self.name}': {report}")
+        self.encoder.load_state_dict(state, strict=True)
 
     def full_state_dict(self) -> StateDict:
         """The encoder's state dict plus its RoPE periods (non-persistent in timm, but taken from the
@@ -531,15 +212,4 @@ class FrozenBackbone(nn.Module):
         return tokens[:, 0], tokens[:, 1:p], tokens[:, p:]
 
 
-def dinov3_needs_qkv_bias(weights: Union[str, Path, StateDict]) -> bool:
-    """Whether a DINOv3 file has non-zero (masked) qkv biases, i.e. needs timm's ``_qkvb`` variant."""
-    state, layout = read_backbone_state(weights)
-    if layout != "dinov3":
-        return False
-    state = _dinov3_effective_qkv_bias(state)
-    return any(bool(v.abs().max() > 0) for k, v in state.items() if k.endswith("attn.qkv.bias") and v.numel())
-
-
-__all__ = ["FrozenBackbone", "load_state_dict_file", "read_backbone_state", "detect_layout", "strip_wrapper_prefix",
-           "hf_dinov2_to_official", "describe_state", "key_report", "native_grid", "dinov3_needs_qkv_bias",
-           "LAYOUT_NAMES"]
+__all__ = ["FrozenBackbone"]

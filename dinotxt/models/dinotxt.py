@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .backbone import FrozenBackbone
+from .weights import key_report
 from .text_tower import TextTower
 from .vision_head import VisionHead
 
@@ -35,7 +36,7 @@ class DinoTxt(nn.Module):
         if text.output_dim != vision_head.output_dim:
             raise ValueError(f"text output_dim {text.output_dim} != image embedding dim {vision_head.output_dim}")
         self.backbone = backbone
-        self.visual = vision_head
+        self.vision_head = vision_head
         self.text = text
         self.logit_scale = nn.Parameter(torch.tensor(float(init_logit_scale)))
         self.init_logit_scale = float(init_logit_scale)
@@ -52,13 +53,13 @@ class DinoTxt(nn.Module):
         from ..config import ModelConfig
 
         return OmegaConf.merge(OmegaConf.structured(ModelConfig), {
-            "arch": self.arch, "backbone": self.backbone.config_dict(), "vision_head": self.visual.config_dict(),
+            "arch": self.arch, "backbone": self.backbone.config_dict(), "vision_head": self.vision_head.config_dict(),
             "text": self.text.config_dict(), "init_logit_scale": self.init_logit_scale,
             "max_logit_scale": self.max_logit_scale})
 
     @property
     def embed_dim(self) -> int:
-        return self.visual.output_dim
+        return self.vision_head.output_dim
 
     @property
     def patch_size(self) -> int:
@@ -67,7 +68,7 @@ class DinoTxt(nn.Module):
     # ------------------------------------------------------------------ encoders
     def encode_image_tokens(self, tokens: torch.Tensor, normalize: bool = False) -> torch.Tensor:
         """Image embedding from precomputed frozen tokens (the cached-feature path)."""
-        x = self.visual(tokens)
+        x = self.vision_head(tokens)
         return F.normalize(x, dim=-1) if normalize else x
 
     def encode_image(self, images: torch.Tensor, normalize: bool = False) -> torch.Tensor:
@@ -80,24 +81,15 @@ class DinoTxt(nn.Module):
     def encode_patches(self, images: torch.Tensor, normalize: bool = False) -> torch.Tensor:
         """Dense head patch tokens (B, h, w, D), to be compared with ``dense_text(text)``."""
         tokens = self.backbone(images)
-        _, patches = self.visual.forward_tokens(tokens)
+        _, patches = self.vision_head.forward_tokens(tokens)
         h, w = images.shape[-2] // self.patch_size, images.shape[-1] // self.patch_size
         patches = patches.reshape(patches.shape[0], h, w, -1)
         return F.normalize(patches, dim=-1) if normalize else patches
 
     def dense_text(self, text_features: torch.Tensor, normalize: bool = True) -> torch.Tensor:
         """The half of the text embedding aligned with the patch tokens: ``text[:, D:]``."""
-        x = text_features[..., self.visual.dim:]
+        x = text_features[..., self.vision_head.dim:]
         return F.normalize(x, dim=-1) if normalize else x
-
-    def segment(self, image, class_names, tokenizer=None, **kwargs):
-        """Open-vocabulary segmentation of one image (PIL, path or normalised tensor) into
-        ``class_names``: returns ``SegmentationResult(labels (H, W), scores (C, H, W), class_names)``.
-        ``tokenizer`` is the one ``dinotxt.load`` returns; see ``dinotxt.segmentation.segment``
-        for the options (mode slide|whole, templates, background_threshold, ...)."""
-        from ..segmentation import segment
-
-        return segment(self, tokenizer, image, class_names, **kwargs)
 
     # ------------------------------------------------------------------ scoring
     def clamp_logit_scale_(self) -> None:
@@ -125,19 +117,12 @@ class DinoTxt(nn.Module):
         return {k: v for k, v in self.state_dict().items() if not k.startswith("backbone.")}
 
     def load_trainable_state_dict(self, state: Dict[str, torch.Tensor]) -> None:
-        own = self.trainable_state_dict()
-        missing = sorted(set(own) - set(state))
-        unexpected = sorted(set(state) - set(own))
-        wrong = sorted(k for k in set(own) & set(state) if own[k].shape != state[k].shape)
-        if missing or unexpected or wrong:
-            detail = []
-            if missing:
-                detail.append(f"missing {missing[:3]}")
-            if unexpected:
-                detail.append(f"unexpected {unexpected[:3]}")
-            if wrong:
-                detail.append(f"shape of {wrong[0]}: checkpoint {tuple(state[wrong[0]].shape)} vs model {tuple(own[wrong[0]].shape)}")
-            raise ValueError("checkpoint does not fit this model config: " + "; ".join(detail))
+        """Load what checkpoints hold (everything but the backbone) strictly; a mismatch names the keys."""
+        # checkpoints written before the head attribute was named after its config section call it "visual"
+        state = {("vision_head." + k[len("visual."):] if k.startswith("visual.") else k): v for k, v in state.items()}
+        report = key_report(self.trainable_state_dict(), state)
+        if report:
+            raise ValueError(f"checkpoint does not fit this model config: {report}")
         self.load_state_dict({**self.backbone_state(), **state}, strict=True)
 
     def backbone_state(self) -> Dict[str, torch.Tensor]:

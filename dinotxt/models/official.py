@@ -13,8 +13,8 @@ file                  official key                          dinotxt key
 ====================  ====================================  ==================================
 backbone              ``dinov2_vitl14_reg4_pretrain.pth``   ``backbone.encoder`` (timm, see
                                                             ``dinotxt.models.backbone``)
-``*_vision_head.pth`` ``block_list.{i}.*``                  ``visual.block_list.{i}.*``
-``*_vision_head.pth`` ``ln_final.*``                        ``visual.ln_final.*``
+``*_vision_head.pth`` ``block_list.{i}.*``                  ``vision_head.block_list.{i}.*``
+``*_vision_head.pth`` ``ln_final.*``                        ``vision_head.ln_final.*``
 ``*_text_encoder.pth`` ``backbone.*``                       ``text.backbone.*``
 ``*_text_encoder.pth`` ``head.linear_projection.weight``    ``text.head.linear_projection.weight``
 (not shipped)                                               ``logit_scale`` = ln 100
@@ -26,8 +26,8 @@ file for both heads; the official code loads it with ``strict=False``, we load i
 ==========================================  ==========================================
 official key                                dinotxt key
 ==========================================  ==========================================
-``visual_model.head.blocks.{i}.*``          ``visual.block_list.{i}.*`` (``blocks``, not ``block_list``)
-``visual_model.head.ln_final.*``            ``visual.ln_final.*``
+``visual_model.head.blocks.{i}.*``          ``vision_head.block_list.{i}.*`` (``blocks``, not ``block_list``)
+``visual_model.head.ln_final.*``            ``vision_head.ln_final.*``
 ``text_model.backbone.*``                   ``text.backbone.*``
 ``text_model.head.linear_projection.weight`` ``text.head.linear_projection.weight``
 ``logit_scale`` (shape (1,), optional)      ``logit_scale`` (a scalar); ln 100 when absent
@@ -49,20 +49,20 @@ from typing import Dict, List, Optional, Tuple, Union
 
 import torch
 
-from .backbone import StateDict, key_report, load_state_dict_file
+from .weights import StateDict, key_report, load_state_dict_file
 
 PathLike = Union[str, Path]
 
 # (official prefix, dinotxt prefix); a rule without a trailing dot names one exact key
 KEY_MAPS: Dict[str, Dict[str, List[Tuple[str, str]]]] = {
     "dinov2": {
-        "vision_head": [("block_list.", "visual.block_list."), ("ln_final.", "visual.ln_final.")],
+        "vision_head": [("block_list.", "vision_head.block_list."), ("ln_final.", "vision_head.ln_final.")],
         "text_encoder": [("backbone.", "text.backbone."), ("head.", "text.head.")],
     },
     "dinov3": {
         "weights": [
-            ("visual_model.head.blocks.", "visual.block_list."),
-            ("visual_model.head.ln_final.", "visual.ln_final."),
+            ("visual_model.head.blocks.", "vision_head.block_list."),
+            ("visual_model.head.ln_final.", "vision_head.ln_final."),
             ("text_model.backbone.", "text.backbone."),
             ("text_model.head.", "text.head."),
             ("logit_scale", "logit_scale"),
@@ -203,7 +203,7 @@ def load_official(
     from ..clip_tokenizer import ClipTokenizer
     from ..config import model_config
     from ..transforms import eval_transform
-    from .backbone import dinov3_needs_qkv_bias
+    from .weights import dinov3_needs_qkv_bias
     from .factory import create_model
 
     release = get_release(name)

@@ -18,23 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .vision_head import attention
-
-
-class CausalSelfAttention(nn.Module):
-    def __init__(self, width: int, heads: int):
-        super().__init__()
-        if width % heads:
-            raise ValueError(f"text width {width} is not divisible by heads={heads}")
-        self.heads = heads
-        self.qkv = nn.Linear(width, 3 * width, bias=False)
-        self.proj = nn.Linear(width, width)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        B, L, C = x.shape
-        qkv = self.qkv(x).reshape(B, L, 3, self.heads, C // self.heads).permute(2, 0, 3, 1, 4)
-        out = attention(qkv[0], qkv[1], qkv[2], "sdpa", causal=True)
-        return self.proj(out.transpose(1, 2).reshape(B, L, C))
+from .layers import Attention
 
 
 class FeedForward(nn.Module):
@@ -51,7 +35,7 @@ class TextBlock(nn.Module):
     def __init__(self, width: int, heads: int, mlp_ratio: float = 4.0):
         super().__init__()
         self.attention_norm = nn.LayerNorm(width, eps=1e-5)
-        self.attention = CausalSelfAttention(width, heads)
+        self.attention = Attention(width, heads, causal=True)
         self.ffn_norm = nn.LayerNorm(width, eps=1e-5)
         self.feed_forward = FeedForward(width, int(width * mlp_ratio))
 

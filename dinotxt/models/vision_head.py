@@ -10,89 +10,12 @@ release (``block_list``, ``ln_final``, ``mlp.w1/w2/w3``) so its weights map 1:1.
 """
 from __future__ import annotations
 
-import math
 from typing import Optional, Tuple
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-
-def swiglu_hidden_dim(dim: int, mlp_ratio: float = 4.0, multiple: int = 64) -> int:
-    """int(dim * mlp_ratio * 2/3) rounded up to a multiple of 64 (2752 for dim 1024)."""
-    hidden = int(dim * mlp_ratio * 2 / 3)
-    return multiple * math.ceil(hidden / multiple)
-
-
-class DropPath(nn.Module):
-    """Stochastic depth per sample."""
-
-    def __init__(self, p: float = 0.0):
-        super().__init__()
-        self.p = p
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.p == 0.0 or not self.training:
-            return x
-        keep = 1.0 - self.p
-        mask = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(keep)
-        return x * mask / keep
-
-
-class LayerScale(nn.Module):
-    def __init__(self, dim: int, init_value: float = 1e-5):
-        super().__init__()
-        self.gamma = nn.Parameter(torch.full((dim,), init_value))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x * self.gamma
-
-
-class SwiGLU(nn.Module):
-    """``w3(silu(w1 x) * w2 x)`` with biases (official key names w1, w2, w3)."""
-
-    def __init__(self, dim: int, hidden_dim: int):
-        super().__init__()
-        self.w1 = nn.Linear(dim, hidden_dim)
-        self.w2 = nn.Linear(dim, hidden_dim)
-        self.w3 = nn.Linear(hidden_dim, dim)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.w3(F.silu(self.w1(x)) * self.w2(x))
-
-
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, impl: str = "sdpa", causal: bool = False) -> torch.Tensor:
-    """Multi-head attention on (B, H, L, Dh) tensors; torch SDPA by default, xformers optional."""
-    if impl == "xformers":
-        try:
-            from xformers.ops import LowerTriangularMask, memory_efficient_attention
-        except ImportError:
-            raise ImportError("attn_impl=xformers needs the xformers extra: pip install 'dinotxt[xformers]'") from None
-        bias = LowerTriangularMask() if causal else None
-        out = memory_efficient_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_bias=bias)
-        return out.transpose(1, 2)
-    if impl != "sdpa":
-        raise ValueError(f"unknown attention implementation '{impl}' (use sdpa or xformers)")
-    return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
-
-
-class Attention(nn.Module):
-    """Multi-head self-attention, qkv without bias, output projection with bias."""
-
-    def __init__(self, dim: int, num_heads: int, impl: str = "sdpa"):
-        super().__init__()
-        if dim % num_heads:
-            raise ValueError(f"head width {dim} is not divisible by num_heads={num_heads}")
-        self.num_heads = num_heads
-        self.impl = impl
-        self.qkv = nn.Linear(dim, 3 * dim, bias=False)
-        self.proj = nn.Linear(dim, dim)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        B, L, C = x.shape
-        qkv = self.qkv(x).reshape(B, L, 3, self.num_heads, C // self.num_heads).permute(2, 0, 3, 1, 4)
-        out = attention(qkv[0], qkv[1], qkv[2], self.impl)
-        return self.proj(out.transpose(1, 2).reshape(B, L, C))
+from .layers import Attention, DropPath, LayerScale, SwiGLU, swiglu_hidden_dim
 
 
 class HeadBlock(nn.Module):
@@ -111,7 +34,7 @@ class HeadBlock(nn.Module):
                  layer_scale_init: float = 1e-5, attn_impl: str = "sdpa"):
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, eps=1e-5)
-        self.attn = Attention(dim, num_heads, attn_impl)
+        self.attn = Attention(dim, num_heads, impl=attn_impl)
         self.ls1 = LayerScale(dim, layer_scale_init)
         self.norm2 = nn.LayerNorm(dim, eps=1e-5)
         self.mlp = SwiGLU(dim, swiglu_hidden_dim(dim, mlp_ratio))

@@ -65,7 +65,7 @@ def train_step_flops(model, batch_size: int, num_tokens: int, text_len: int, glo
         ``{"backbone", "head", "text", "loss", "total"}`` FLOPs.
     """
     global_batch = global_batch or batch_size
-    head = model.visual
+    head = model.vision_head
     head_fwd = sum(block_forward_flops(b, num_tokens, head.dim) for b in head.block_list)
     text = model.text
     width = text.backbone.positional_embedding.shape[1]

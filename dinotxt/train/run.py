@@ -199,7 +199,7 @@ def run_training(recipe: Optional[str], overrides: List[str] = (), resume: bool 
     val_dir = cfg.eval.zeroshot_dir
     if val_dir:
         from ..data.folder import ImageFolderDataset
-        from ..zero_shot import load_classnames, load_templates
+        from ..inference.classifier import load_classnames, load_templates
 
         folder = ImageFolderDataset(val_dir)
         classnames = load_classnames(cfg.eval.classnames) if cfg.eval.classnames else [c.replace("_", " ") for c in folder.classes]
@@ -213,7 +213,7 @@ def run_training(recipe: Optional[str], overrides: List[str] = (), resume: bool 
               "for validation", flush=True)
     if cfg.trainer.compile:
         system.model.text = torch.compile(system.model.text)
-        system.model.visual = torch.compile(system.model.visual)
+        system.model.vision_head = torch.compile(system.model.vision_head)
 
     t = cfg.trainer
     precision = t.precision

@@ -61,7 +61,7 @@ def frozen_tokens(backbone: torch.nn.Module, images: torch.Tensor, autocast: Opt
 def image_features(model, batch: Dict[str, torch.Tensor], backbone_autocast: Optional[str] = None) -> torch.Tensor:
     """Image embeddings of a batch of images, cached tokens, or cached pooled tokens."""
     if "pooled" in batch:
-        return model.visual.forward_pooled(at_least_fp32(batch["pooled"]))
+        return model.vision_head.forward_pooled(at_least_fp32(batch["pooled"]))
     if "tokens" in batch:
         return model.encode_image_tokens(at_least_fp32(batch["tokens"]))
     return model.encode_image_tokens(frozen_tokens(model.backbone, batch["image"], backbone_autocast))

@@ -23,7 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 from ..data.stream import mix_seed
 from ..loss import ClipLoss
 from ..models.factory import create_model
-from ..zero_shot import accuracy, mean_per_class_recall, zero_shot_classifier
+from ..inference.classifier import accuracy, mean_per_class_recall, zero_shot_classifier
 from .optim import build_optimizer
 from .step import backbone_autocast_dtype, contrastive_loss
 

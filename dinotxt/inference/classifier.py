@@ -12,9 +12,9 @@ from typing import Callable, List, Optional, Sequence, Union
 import torch
 import torch.nn.functional as F
 
-from .precision import at_least_fp32
+from ..precision import at_least_fp32
 
-DATA_DIR = Path(__file__).parent / "assets"
+DATA_DIR = Path(__file__).parents[1] / "assets"  # dinotxt/assets: templates and class-name lists
 
 
 TEMPLATE_SETS = ("imagenet", "ovseg")  # files dinotxt/assets/<name>_templates.txt

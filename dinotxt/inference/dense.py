@@ -29,12 +29,9 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 import torch
 import torch.nn.functional as F
 
-from .precision import at_least_fp32
+from ..precision import at_least_fp32
+from .settings import DEFAULTS, DenseSettings
 
-SHORT_SIDE = 512
-WINDOW = 384
-STRIDE = 192
-MODES = ("slide", "whole")
 
 ImageLike = Union["PIL.Image.Image", str, Path, torch.Tensor]  # noqa: F821
 
@@ -62,15 +59,13 @@ def snap_to_patch(size: int, patch_size: int) -> int:
     return max(patch_size, int(round(size / patch_size)) * patch_size)
 
 
-def window_grid(height: int, width: int, window: int = WINDOW, stride: int = STRIDE) -> List[Tuple[int, int, int, int]]:
+def window_grid(height: int, width: int, window: int = DEFAULTS.window,
+                stride: int = DEFAULTS.stride) -> List[Tuple[int, int, int, int]]:
     """Windows ``(y1, y2, x1, x2)`` covering the image, on mmsegmentation's slide grid.
 
     Every window has the size ``(min(window, height), min(window, width))``, so they batch.
     """
-    if window <= 0 or stride <= 0:
-        raise ValueError(f"window ({window}) and stride ({stride}) must be positive")
-    if stride > window:
-        raise ValueError(f"stride {stride} is larger than the window {window}: pixels between windows would get no score")
+    DenseSettings(window=window, stride=stride)  # the same checks as every other entry point
     rows = max(height - window + stride - 1, 0) // stride + 1
     cols = max(width - window + stride - 1, 0) // stride + 1
     boxes = []
@@ -81,7 +76,7 @@ def window_grid(height: int, width: int, window: int = WINDOW, stride: int = STR
     return boxes
 
 
-def resized_short_side(height: int, width: int, short_side: Optional[int] = SHORT_SIDE) -> Tuple[int, int]:
+def resized_short_side(height: int, width: int, short_side: Optional[int] = DEFAULTS.short_side) -> Tuple[int, int]:
     """(H, W) after resizing the short side to ``short_side`` (torchvision's rounding; None keeps the size)."""
     if not short_side:
         return height, width
@@ -90,7 +85,7 @@ def resized_short_side(height: int, width: int, short_side: Optional[int] = SHOR
     return int(short_side * height / width), short_side
 
 
-def prepare_image(image: ImageLike, short_side: Optional[int] = SHORT_SIDE) -> Tuple[torch.Tensor, Tuple[int, int]]:
+def prepare_image(image: ImageLike, short_side: Optional[int] = DEFAULTS.short_side) -> Tuple[torch.Tensor, Tuple[int, int]]:
     """Image -> ``((1, 3, h, w) normalised tensor, original (H, W))``.
 
     PIL images and paths are resized so their short side is ``short_side`` (bicubic; None keeps
@@ -99,7 +94,7 @@ def prepare_image(image: ImageLike, short_side: Optional[int] = SHORT_SIDE) -> T
     """
     from torchvision.transforms import functional as TF
 
-    from .transforms import IMAGENET_MEAN, IMAGENET_STD
+    from ..transforms import IMAGENET_MEAN, IMAGENET_STD
 
     if isinstance(image, (str, Path)):
         from PIL import Image
@@ -155,30 +150,23 @@ def window_probabilities(model, windows: torch.Tensor, classifier: torch.Tensor,
 
 
 @torch.no_grad()
-def dense_probabilities(model, image: torch.Tensor, classifier: torch.Tensor, mode: str = "slide", window: int = WINDOW,
-                        stride: int = STRIDE, logit_scale: float = 1.0, batch_size: int = 8) -> torch.Tensor:
-    """Per-class probabilities (C, H, W) of one prepared image (1, 3, H, W).
-
-    Args:
-        mode: ``slide`` (windows averaged by visit count) or ``whole`` (one pass).
-        window, stride: slide window side and step, in pixels of the prepared image.
-        batch_size: windows per forward pass (memory only; the result does not depend on it).
-    """
-    if mode not in MODES:
-        raise ValueError(f"unknown segmentation mode '{mode}' (use {' or '.join(MODES)})")
+def dense_probabilities(model, image: torch.Tensor, classifier: torch.Tensor,
+                        settings: DenseSettings = DEFAULTS) -> torch.Tensor:
+    """Per-class probabilities (C, H, W) of one prepared image (1, 3, H, W), with ``settings.mode``,
+    ``window``, ``stride``, ``logit_scale`` and ``batch_size`` (the result does not depend on the last)."""
     param = next(model.parameters())
     image = image.to(param.device, param.dtype)  # images follow the model (fp32, or float64 in the exactness tests)
-    if mode == "whole":
-        return window_probabilities(model, image, classifier, logit_scale)[0]
+    if settings.mode == "whole":
+        return window_probabilities(model, image, classifier, settings.logit_scale)[0]
     _, _, height, width = image.shape
-    boxes = window_grid(height, width, window, stride)
+    boxes = window_grid(height, width, settings.window, settings.stride)
     dtype = torch.promote_types(param.dtype, torch.float32)  # the dtype window_probabilities returns
     total = torch.zeros(classifier.shape[0], height, width, device=param.device, dtype=dtype)
     visits = torch.zeros(1, height, width, device=param.device, dtype=dtype)
-    for i in range(0, len(boxes), batch_size):
-        chunk = boxes[i:i + batch_size]
+    for i in range(0, len(boxes), settings.batch_size):
+        chunk = boxes[i:i + settings.batch_size]
         crops = torch.cat([image[:, :, y1:y2, x1:x2] for y1, y2, x1, x2 in chunk])
-        probs = window_probabilities(model, crops, classifier, logit_scale)
+        probs = window_probabilities(model, crops, classifier, settings.logit_scale)
         for (y1, y2, x1, x2), p in zip(chunk, probs):
             total[:, y1:y2, x1:x2] += p
             visits[:, y1:y2, x1:x2] += 1
@@ -209,7 +197,7 @@ def dense_classifier(model, tokenizer: Callable, class_names: Sequence[str],
                      templates: Union[str, Sequence[str]] = "imagenet") -> torch.Tensor:
     """(C, D) class embeddings of the patch half ``text[:, D:]`` over a prompt ensemble
     (``imagenet``: the 80 OpenAI templates, ``ovseg``: OVSeg's 14, ``simple``, a file, or a list)."""
-    from .zero_shot import load_templates, zero_shot_classifier
+    from .classifier import load_templates, zero_shot_classifier
 
     if not hasattr(model, "dense_text") or not hasattr(model, "encode_patches"):
         raise ValueError(f"{type(model).__name__} has no dense interface (encode_patches / dense_text): "
@@ -220,10 +208,8 @@ def dense_classifier(model, tokenizer: Callable, class_names: Sequence[str],
 
 @torch.no_grad()
 def segment(model, tokenizer: Optional[Callable], image: ImageLike, class_names: Sequence[str],
-            templates: Union[str, Sequence[str]] = "imagenet", mode: str = "slide", short_side: Optional[int] = SHORT_SIDE,
-            window: int = WINDOW, stride: int = STRIDE, logit_scale: float = 1.0,
-            background_threshold: Optional[float] = None, output_size: Optional[Tuple[int, int]] = None,
-            classifier: Optional[torch.Tensor] = None, batch_size: int = 8) -> SegmentationResult:
+            settings: DenseSettings = DEFAULTS, classifier: Optional[torch.Tensor] = None,
+            output_size: Optional[Tuple[int, int]] = None, **changes) -> SegmentationResult:
     """Segment one image into ``class_names``.
 
     Args:
@@ -231,74 +217,66 @@ def segment(model, tokenizer: Optional[Callable], image: ImageLike, class_names:
         tokenizer: its tokenizer (not needed when ``classifier`` is given).
         image: PIL image, image path, or a normalised (3, H, W) tensor.
         class_names: the open vocabulary, e.g. ``["cat", "grass", "sky"]``.
-        templates: prompt ensemble for the class embeddings.
-        mode: ``slide`` or ``whole``.
-        short_side: the image's short side before inference (512; None keeps it).
-        window, stride: slide window geometry (384 / 192).
-        logit_scale: cosine multiplier before the softmax.
-        background_threshold: pixels whose best probability is below it become background (0).
-        output_size: (H, W) of the returned maps; default: the input image's size.
+        settings: ``DenseSettings`` (mode, short side, window, stride, templates, ...).
         classifier: precomputed ``dense_classifier`` output, reused across images.
-        batch_size: windows per forward pass.
+        output_size: (H, W) of the returned maps; default: the input image's size.
+        **changes: settings changed for this call, e.g. ``mode="whole"``.
     """
+    settings = settings.but(**changes) if changes else settings
     names = check_class_names(class_names)
     if classifier is None:
         if tokenizer is None:
             raise ValueError("segment needs the model's tokenizer (the third value dinotxt.load returns) "
                              "or a precomputed classifier=")
-        classifier = dense_classifier(model, tokenizer, names, templates)
+        classifier = dense_classifier(model, tokenizer, names, settings.templates)
     if classifier.shape[0] != len(names):
         raise ValueError(f"classifier has {classifier.shape[0]} rows for {len(names)} class names")
-    return segment_batch(model, [image], classifier, names, mode, short_side, window, stride, logit_scale,
-                         background_threshold, None if output_size is None else [output_size], batch_size)[0]
+    return segment_batch(model, [image], classifier, names, settings,
+                         None if output_size is None else [output_size])[0]
 
 
 @torch.no_grad()
 def segment_batch(model, images: Sequence[ImageLike], classifier: torch.Tensor, class_names: Sequence[str],
-                  mode: str = "slide", short_side: Optional[int] = SHORT_SIDE, window: int = WINDOW, stride: int = STRIDE,
-                  logit_scale: float = 1.0, background_threshold: Optional[float] = None,
-                  output_sizes: Optional[Sequence[Tuple[int, int]]] = None, batch_size: int = 8,
+                  settings: DenseSettings = DEFAULTS, output_sizes: Optional[Sequence[Tuple[int, int]]] = None,
                   keep_scores: bool = True) -> List[SegmentationResult]:
     """:func:`segment` for several images with a precomputed classifier (the evaluation loop).
 
     In ``whole`` mode, images that come out the same size go through the model together, up to
-    ``batch_size`` at a time (mixed sizes are grouped by size); the result equals one image at a time.
-    ``output_sizes`` gives each image's (H, W) of the returned maps (default: its own size);
-    ``keep_scores=False`` drops the full-size score maps (150 classes at full size add up).
+    ``settings.batch_size`` at a time (mixed sizes are grouped by size); the result equals one image
+    at a time. ``output_sizes`` gives each image's (H, W) of the returned maps (default: its own
+    size); ``keep_scores=False`` drops the full-size score maps (150 classes at full size add up).
     """
     names = check_class_names(class_names)
-    prepared = [prepare_image(image, short_side) for image in images]
+    prepared = [prepare_image(image, settings.short_side) for image in images]
     param = next(model.parameters())
-    if mode == "whole":  # images of the same prepared size go through the model together
+    if settings.mode == "whole":  # images of the same prepared size go through the model together
         probs_list: List[Optional[torch.Tensor]] = [None] * len(prepared)
         groups: Dict[Tuple[int, ...], List[int]] = {}
         for k, (x, _) in enumerate(prepared):
             groups.setdefault(tuple(x.shape), []).append(k)
         for members in groups.values():
-            for i in range(0, len(members), batch_size):
-                chunk = members[i:i + batch_size]
+            for i in range(0, len(members), settings.batch_size):
+                chunk = members[i:i + settings.batch_size]
                 batch = torch.cat([prepared[k][0] for k in chunk]).to(param.device, param.dtype)
-                for k, p in zip(chunk, window_probabilities(model, batch, classifier, logit_scale)):
+                for k, p in zip(chunk, window_probabilities(model, batch, classifier, settings.logit_scale)):
                     probs_list[k] = p
     else:
-        probs_list = [dense_probabilities(model, x, classifier, mode, window, stride, logit_scale, batch_size)
-                      for x, _ in prepared]
-    if background_threshold is not None:
+        probs_list = [dense_probabilities(model, x, classifier, settings) for x, _ in prepared]
+    if settings.background_threshold is not None:
         names = ["background"] + names
     results = []
     for k, ((_, original), probs) in enumerate(zip(prepared, probs_list)):
         size = tuple(output_sizes[k]) if output_sizes is not None else original
         if tuple(probs.shape[-2:]) != size:
             probs = F.interpolate(probs[None], size=size, mode="bilinear", align_corners=False)[0]
-        labels = predict_labels(probs, background_threshold).cpu()
+        labels = predict_labels(probs, settings.background_threshold).cpu()
         results.append(SegmentationResult(labels, probs.cpu() if keep_scores else None, names))
         probs_list[k] = None  # free each image's maps as soon as its labels exist
     return results
 
 
-def forwards_per_image(height: int, width: int, mode: str = "slide", short_side: Optional[int] = SHORT_SIDE,
-                       window: int = WINDOW, stride: int = STRIDE) -> int:
+def forwards_per_image(height: int, width: int, settings: DenseSettings = DEFAULTS) -> int:
     """Backbone forward passes one image of (height, width) costs (1 in whole mode)."""
-    if mode == "whole":
+    if settings.mode == "whole":
         return 1
-    return len(window_grid(*resized_short_side(height, width, short_side), window, stride))
+    return len(window_grid(*resized_short_side(height, width, settings.short_side), settings.window, settings.stride))
