@@ -41,8 +41,8 @@ check-install:
 	rm -rf /tmp/dinotxt-check-install && $(PYTHON) -m venv /tmp/dinotxt-check-install/venv
 	/tmp/dinotxt-check-install/venv/bin/python -m pip install --quiet .
 	cd /tmp/dinotxt-check-install && venv/bin/dinotxt demo --help > /dev/null && venv/bin/dinotxt models \
-	  && venv/bin/dinotxt train debug optim.max_steps=2 trainer.val_every_n_steps=0 world.num_train=32 \
-	     world.num_eval=0 world.samples_per_shard=32 data.num_workers=0 eval.zeroshot_dir=null \
+	  && venv/bin/dinotxt train debug optim.max_steps=2 trainer.val_every_n_steps=0 data.world.num_train=32 \
+	     data.world.num_eval=0 data.world.samples_per_shard=32 data.num_workers=0 eval.zeroshot_dir=null \
 	  && test -f runs/debug/checkpoint/model.safetensors && echo "check-install: OK"
 
 clean:

@@ -74,7 +74,7 @@ def clip_tokenize(captions: List[str]) -> torch.Tensor:
 
 
 def make_world(work: Path, samples: int) -> Path:
-    from dinotxt.demo.world import write_world
+    from dinotxt.data.world import write_world
 
     root = work / "world"
     write_world(str(root), num_train=samples, num_eval=0, size=128, samples_per_shard=max(64, samples // 4), seed=0)
@@ -103,7 +103,7 @@ def dinotxt_config(train_dir: Path, head: str, cache_dir: Optional[Path], size: 
 
     overrides = [f"model.backbone.name={VIT}", f"model.backbone.img_size={size}", f"data.train={train_dir}",
                  "data.crop_scale=[0.5,1.0]", "data.num_workers=0", f"data.batch_size={batch}",
-                 f"cache.batch_size={batch}", "world.generate=false"]
+                 f"cache.batch_size={batch}", "data.world.generate=false"]
     overrides += [f"model.vision_head.{k}={v}" for k, v in HEADS[head].items()]
     overrides += [f"model.text.{k}={v}" for k, v in TEXT.items()]
     if cache_dir is not None:
@@ -293,7 +293,7 @@ def measure_mfu(device: torch.device, batch: int, steps: int, warmup: int, peak_
     from dinotxt.train.optim import build_optimizer
     from dinotxt.train.step import contrastive_loss, frozen_tokens
 
-    from dinotxt.demo.world import render_sample
+    from dinotxt.data.world import render_sample
 
     torch.manual_seed(0)
     model = dinotxt.create_model(arch, **(overrides or {})).to(device).train()

@@ -36,10 +36,10 @@ def _cmd_train(args) -> int:
 def _cmd_cache(args) -> int:
     from .cache import build_cache
     from .config import load_train_config
-    from .train.run import generate_world
+    from .data.world import ensure_world
 
     cfg = load_train_config(args.recipe, args.overrides)
-    generate_world(cfg)
+    ensure_world(cfg.data.world)
     summary = build_cache(cfg, device=args.device, trust_code=args.trust_code)
     print(json.dumps(summary, indent=2))
     return 0

@@ -90,6 +90,19 @@ class ModelConfig:
 
 
 @dataclass
+class WorldConfig:
+    # the procedural world of captioned shapes (dinotxt.data.world), a data source with no download:
+    # the demo and debug recipes generate it and point data.train at its shards
+    generate: bool = False  # write it to ``root`` before training when it is not there yet
+    root: str = "runs/world"
+    num_train: int = 4096
+    num_eval: int = 480
+    image_size: int = 128
+    samples_per_shard: int = 512
+    seed: int = 0
+
+
+@dataclass
 class DataConfig:
     # webdataset shards ("dir/{00000..00099}.tar", a directory, or a list) or a
     # manifest (.csv / .parquet with columns image_path, caption)
@@ -104,6 +117,7 @@ class DataConfig:
     shuffle_buffer: int = 2000
     crop_scale: List[float] = field(default_factory=lambda: [0.08, 1.0])
     hflip: float = 0.5
+    world: WorldConfig = field(default_factory=WorldConfig)  # write the procedural world first (world.generate)
 
 
 @dataclass
@@ -154,18 +168,6 @@ class EvalConfig:
 
 
 @dataclass
-class WorldConfig:
-    # the procedural demo world (dinotxt.demo.world); used by the demo and debug recipes
-    generate: bool = False  # write it to ``root`` before training when it is not there yet
-    root: str = "runs/world"
-    num_train: int = 4096
-    num_eval: int = 480
-    image_size: int = 128
-    samples_per_shard: int = 512
-    seed: int = 0
-
-
-@dataclass
 class CacheConfig:
     # feature cache (dinotxt/cache.py): `dinotxt cache RECIPE` writes it; training reads it
     # instead of running the frozen backbone when `path` is set
@@ -189,7 +191,6 @@ class TrainConfig:
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
-    world: WorldConfig = field(default_factory=WorldConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
 
 

@@ -31,7 +31,7 @@ RECIPE = {
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    from dinotxt.demo.world import write_world
+    from dinotxt.data.world import write_world
 
     work = tmp_path_factory.mktemp("bn")
     write_world(str(work / "world"), num_train=64, num_eval=0, size=64, samples_per_shard=32, seed=0)
@@ -95,7 +95,7 @@ def test_training_leaves_the_live_frozen_weights_and_running_statistics_untouche
             seen["modes"] = {m.training for m in self.model.backbone.modules()}
 
     monkeypatch.setattr(run_module, "DinoTxtSystem", Spy)
-    from dinotxt.demo.world import write_world
+    from dinotxt.data.world import write_world
 
     write_world(str(work / "val_world"), num_train=0, num_eval=24, size=64, samples_per_shard=32, seed=1)
     run_module.run_training(str(recipe), ["name=online", "cache.path=null", "trainer.val_every_n_steps=2",
@@ -113,7 +113,7 @@ def test_training_leaves_the_live_frozen_weights_and_running_statistics_untouche
 def test_curation_embeds_with_a_batchnorm_encoder(tmp_path, monkeypatch):
     from curation.config import load_curation_config
     from curation.pipeline import Curation
-    from dinotxt.demo.world import write_split
+    from dinotxt.data.world import write_split
 
     monkeypatch.syspath_prepend(str(TESTS))
     pool = tmp_path / "pool"

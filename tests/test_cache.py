@@ -26,7 +26,7 @@ RECIPE = str(ROOT / "recipes" / "debug.yaml")
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
-    from dinotxt.demo.world import write_world
+    from dinotxt.data.world import write_world
 
     root = tmp_path_factory.mktemp("cache_world")
     write_world(str(root), num_train=48, num_eval=0, size=48, samples_per_shard=16, seed=0)
@@ -34,7 +34,7 @@ def world(tmp_path_factory):
 
 
 def config(world, cache_dir, *extra):
-    return load_train_config(RECIPE, [f"data.train={world}/train", f"cache.path={cache_dir}", "world.generate=false",
+    return load_train_config(RECIPE, [f"data.train={world}/train", f"cache.path={cache_dir}", "data.world.generate=false",
                                       "data.num_workers=0", "model.vision_head.drop_path=0.0", *extra])
 
 
@@ -217,7 +217,7 @@ def _take(stream, n):
 
 def test_cache_and_train_from_it_on_the_command_line(tmp_path):
     env = dict(os.environ, PYTHONWARNINGS="ignore")
-    common = ["world.num_train=128", "world.num_eval=24", "world.samples_per_shard=64", "cache.path=runs/feat"]
+    common = ["data.world.num_train=128", "data.world.num_eval=24", "data.world.samples_per_shard=64", "cache.path=runs/feat"]
 
     def cli(*args):
         return subprocess.run([sys.executable, "-m", "dinotxt.cli", *args], cwd=tmp_path, env=env,

@@ -44,7 +44,7 @@ def test_bad_value_type_and_override_syntax():
 
 
 def test_overrides_win_and_interpolations_resolve():
-    cfg = load_train_config("recipes/debug.yaml", ["optim.lr=0.5", "world.root=/x"])
+    cfg = load_train_config("recipes/debug.yaml", ["optim.lr=0.5", "data.world.root=/x"])
     assert cfg.optim.lr == 0.5 and cfg.data.train == "/x/train"
 
 

@@ -157,7 +157,7 @@ def _one_thread():
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     """A tiny pool: 240 demo-world pairs (48 px) in 4 webdataset shards (64, 64, 64, 48)."""
-    from dinotxt.demo.world import write_split
+    from dinotxt.data.world import write_split
 
     root = tmp_path_factory.mktemp("pool") / "train"
     shards = write_split(root, POOL_SIZE, seed=0, size=48, samples_per_shard=64)
@@ -842,7 +842,7 @@ def test_manifest_pool_curates_into_a_manifest_training_reads(tmp_path, capsys):
     import csv
 
     from dinotxt.data import read_manifest
-    from dinotxt.demo.world import render_sample
+    from dinotxt.data.world import render_sample
 
     (tmp_path / "img").mkdir()
     rows = []
@@ -1028,7 +1028,7 @@ def test_changed_embedding_settings_do_not_silently_discard_the_embeddings(refer
 def _damaged_pool(root: Path) -> Path:
     """3 shards of 20: shard 1 with a corrupt JPEG, an empty caption and a sample without image;
     shard 2 truncated inside its 11th sample."""
-    from dinotxt.demo.world import write_split
+    from dinotxt.data.world import write_split
 
     shards = write_split(root, 60, seed=3, size=40, samples_per_shard=20)
     with tarfile.open(shards[1]) as tar:

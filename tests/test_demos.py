@@ -14,8 +14,8 @@ def test_demo_reports_zero_shot_and_segmentation_and_writes_the_run_folder(tmp_p
     from dinotxt.demo.run import run_demo
 
     world = tmp_path / "world"
-    overrides = TINY_TRAIN + [f"output_dir={tmp_path}", f"world.root={world}", "world.num_train=96",
-                              "world.num_eval=48", "world.image_size=64", "world.samples_per_shard=48",
+    overrides = TINY_TRAIN + [f"output_dir={tmp_path}", f"data.world.root={world}", "data.world.num_train=96",
+                              "data.world.num_eval=48", "data.world.image_size=64", "data.world.samples_per_shard=48",
                               "trainer.val_every_n_steps=0"]
     metrics = run_demo(overrides)
     out = capsys.readouterr().out

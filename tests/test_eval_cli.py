@@ -15,7 +15,7 @@ from PIL import Image
 
 import dinotxt
 from dinotxt.cli import main
-from dinotxt.demo.world import render_sample, write_split
+from dinotxt.data.world import render_sample, write_split
 
 
 @pytest.fixture(scope="module")

@@ -4,7 +4,7 @@ import json
 import numpy as np
 import pytest
 
-from dinotxt.demo.world import write_split
+from dinotxt.data.world import write_split
 from dinotxt.evaluation.datasets import segmentation_dataset
 from dinotxt.inference.settings import DenseSettings
 from dinotxt.evaluation.segmentation import (confusion_matrix, constant_prediction_miou, evaluate_segmentation,

@@ -4,6 +4,7 @@ installed (not editable) package. `make check-install` repeats the last check in
 with every dependency installed from the registry."""
 import ast
 import os
+import shutil
 import subprocess
 import sys
 import tomllib
@@ -67,7 +68,10 @@ def test_every_imported_distribution_is_declared():
 def installed(tmp_path_factory):
     """The wheel `pip install .` builds, installed without its dependencies (they are in this venv)."""
     work = tmp_path_factory.mktemp("wheel")
-    built = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(work / "dist"), str(ROOT)],
+    source = work / "source"  # a copy: building in place would leave build/ in the checkout
+    shutil.copytree(ROOT, source, ignore=shutil.ignore_patterns(".venv", ".git", "runs", "build", "*.egg-info",
+                                                                 "__pycache__", ".pytest_cache"))
+    built = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(work / "dist"), str(source)],
                            capture_output=True, text=True, timeout=600)
     assert built.returncode == 0, built.stderr[-3000:]
     wheel = next((work / "dist").glob("dinotxt-*.whl"))
@@ -92,7 +96,7 @@ def test_installed_cli_runs_a_shipped_recipe_by_name_from_another_folder(install
     models = run("-m", "dinotxt.cli", "models")
     assert models.returncode == 0 and "dinotxt_vitl14_reg4" in models.stdout
     trained = run("-m", "dinotxt.cli", "train", "debug", "optim.max_steps=2", "trainer.val_every_n_steps=0",
-                  "trainer.checkpoint_every_n_steps=0", "world.num_train=32", "world.num_eval=0",
-                  "world.samples_per_shard=32", "data.num_workers=0", "eval.zeroshot_dir=null")
+                  "trainer.checkpoint_every_n_steps=0", "data.world.num_train=32", "data.world.num_eval=0",
+                  "data.world.samples_per_shard=32", "data.num_workers=0", "eval.zeroshot_dir=null")
     assert trained.returncode == 0, trained.stderr[-3000:]
     assert (tmp_path / "runs" / "debug" / "checkpoint" / "model.safetensors").is_file()

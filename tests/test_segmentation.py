@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from dinotxt.demo.world import class_names, render_sample
+from dinotxt.data.world import class_names, render_sample
 from dinotxt.inference.dense import (dense_classifier, dense_probabilities, forwards_per_image, predict_labels, prepare_image,
                                   resized_short_side, segment, window_grid, window_probabilities)
 from dinotxt.inference.settings import DenseSettings

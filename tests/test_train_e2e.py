@@ -83,7 +83,7 @@ def test_eval_zeroshot_cli(debug_run):
 
 @pytest.mark.parametrize("args, message", [
     (["train", "RECIPE", "optim.lrr=1"], "did you mean 'optim.lr'"),
-    (["train", "RECIPE", "data.train=/nonexistent/{000..003}.tar", "world.generate=false", "name=x"], "shard not found"),
+    (["train", "RECIPE", "data.train=/nonexistent/{000..003}.tar", "data.world.generate=false", "name=x"], "shard not found"),
     (["eval", "zeroshot", "--checkpoint", "/nonexistent", "--data", "."], "not a dinotxt checkpoint"),
 ])
 def test_user_errors_are_one_line(debug_run, args, message):

@@ -4,7 +4,7 @@ import tarfile
 import numpy as np
 from PIL import Image
 
-from dinotxt.demo.world import COLORS, SHAPES, class_index, class_names, render_sample, write_split
+from dinotxt.data.world import COLORS, SHAPES, class_index, class_names, render_sample, write_split
 
 
 def test_render_is_deterministic_and_labelled():

@@ -76,7 +76,7 @@ def composition(uids: np.ndarray, truth: Dict[int, Dict], dominant: Sequence[str
 
 
 def _concepts():
-    from .world import COLORS, SHAPES
+    from ..data.world import COLORS, SHAPES
 
     return [(c, s) for c in COLORS for s in SHAPES]
 
@@ -85,7 +85,7 @@ def write_concept_vocabulary(path: Path) -> Path:
     """The demo's metadata vocabulary, MetaCLIP style (its entries are visual concepts: WordNet
     synsets and Wikipedia titles there; colours, shapes and "<colour> <shape>" here)."""
     from ..fileio import atomic_write_text
-    from .world import COLORS, SHAPES
+    from ..data.world import COLORS, SHAPES
 
     entries = list(COLORS) + list(SHAPES) + [f"{c} {s}" for c in COLORS for s in SHAPES]
     text = "\n".join(entries) + "\n"

@@ -31,7 +31,7 @@ from typing import Dict, List
 from PIL import Image
 
 from ..fileio import atomic_output, atomic_write_json
-from .world import COLORS, SHAPES, _encode, _tar_add, render_sample, write_split
+from ..data.world import COLORS, SHAPES, _encode, _tar_add, render_sample, write_split
 
 
 @dataclass

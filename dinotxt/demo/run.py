@@ -59,7 +59,7 @@ def demo_segmentation(run_dir: Path) -> dict:
 
     cfg = load_train_config(str(Path(run_dir) / "config.yaml"), [])
     model, _, tokenizer = load(str(Path(run_dir) / "checkpoint"))
-    dataset = segmentation_dataset("demo", Path(cfg.world.root) / "eval")
+    dataset = segmentation_dataset("demo", Path(cfg.data.world.root) / "eval")
     size = cfg.model.backbone.img_size
     # the images are 128 px: at the training resolution one window covers each, so "whole" is exact
     settings = DenseSettings(mode="whole", short_side=size, window=size, stride=size, templates=cfg.eval.templates,
@@ -75,11 +75,11 @@ def prepare_feature_cache(cfg) -> float:
     store its tokens, so the training steps only run the head and the text tower. A finished
     cache from an earlier demo is reused (its spec and weights hash must match)."""
     from ..cache import build_cache
-    from ..train.run import generate_world
+    from ..data.world import ensure_world
 
     if not cfg.cache.path:
         return 0.0
-    generate_world(cfg)
+    ensure_world(cfg.data.world)
     start = time.time()
     summary = build_cache(cfg)
     if summary["written_now"]:

@@ -341,7 +341,7 @@ def segmentation_dataset(name: str, root: Union[str, Path], split: str = "val", 
         if name == "voc20":
             default = default[1:]
     elif name in ("demo", "demo_bg"):
-        from ..demo.world import class_names as world_classes
+        from ..data.world import class_names as world_classes
 
         default = (["background"] if name == "demo_bg" else []) + world_classes()
     else:

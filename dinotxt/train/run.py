@@ -27,6 +27,7 @@ from ..checkpoint import save_checkpoint
 from ..config import ConfigError, TrainConfig, _merge, _parse_dotlist, load_train_config
 from ..data.sources import expand_shards, is_manifest, iter_tar_samples, read_manifest
 from ..data.stream import extract_caption
+from ..data.world import ensure_world
 from ..fileio import atomic_write_bytes
 from ..tokenizer import Tokenizer, train_tokenizer
 from .datamodule import ImageTextDataModule
@@ -174,23 +175,13 @@ def _quiet_expected_warnings() -> None:
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
 
 
-def generate_world(cfg: DictConfig) -> None:
-    """Write the procedural demo world the recipe trains on, when it asks for it (world.generate)."""
-    if cfg.world.generate:
-        from ..demo.world import write_world
-
-        w = cfg.world
-        print(f"[dinotxt] writing the procedural demo world to {w.root} ({w.num_train} train / {w.num_eval} eval)", flush=True)
-        write_world(w.root, w.num_train, w.num_eval, w.image_size, w.samples_per_shard, w.seed)
-
-
 def run_training(recipe: Optional[str], overrides: List[str] = (), resume: bool = False, trust_code: bool = False) -> Dict:
     """Train the recipe (``trust_code`` lets it name a backbone by import path) and return its metrics."""
     _quiet_expected_warnings()
     cfg = resolve_run(recipe, list(overrides), resume)
     run_dir = Path(cfg.output_dir) / cfg.name
     run_dir.mkdir(parents=True, exist_ok=True)
-    generate_world(cfg)
+    ensure_world(cfg.data.world)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     tokenizer = prepare_tokenizer(cfg, run_dir)
     atomic_write_bytes(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True).encode())

@@ -6,7 +6,8 @@ Captions use varied phrasings. Every image comes with a per-pixel label map:
 0 = background, ``1 + class_index(color, shape)`` for object pixels. Everything is a
 pure function of the seed.
 
-``write_world`` writes real webdataset shards in the img2dataset layout
+It is a data source like any other: a recipe's ``data.world`` section (``ensure_world``) writes
+it before training reads it through ``data.train``. ``write_world`` writes real webdataset shards in the img2dataset layout
 (``key.jpg``, ``key.txt``, ``key.json``, plus ``key.seg.png``) and, for the held-out
 split, an image-folder copy (``classes/<color shape>/<key>.jpg``) for zero-shot
 evaluation.
@@ -224,3 +225,13 @@ def write_world(root: str, num_train: int = 4096, num_eval: int = 480, size: int
     evals = write_split(root / "eval", num_eval, seed * 2 + 1, size, samples_per_shard, 1, image_folder=True)
     (root / "classnames.txt").write_text("\n".join(class_names()) + "\n")
     return {"train": train, "eval": evals}
+
+
+def ensure_world(spec) -> None:
+    """Write the world a recipe's ``data.world`` section describes, when it asks for it
+    (``generate: true``); its shards then serve as ``data.train`` like any other."""
+    if not spec.generate:
+        return
+    print(f"[dinotxt] writing the procedural demo world to {spec.root} ({spec.num_train} train / {spec.num_eval} eval)",
+          flush=True)
+    write_world(spec.root, spec.num_train, spec.num_eval, spec.image_size, spec.samples_per_shard, spec.seed)
