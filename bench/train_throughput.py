@@ -112,7 +112,7 @@ def dinotxt_config(train_dir: Path, head: str, cache_dir: Optional[Path], size: 
 
 
 def build_caches(work: Path, train_dir: Path, size: int, batch: int) -> None:
-    from dinotxt.cache import build_cache
+    from dinotxt.features.cache import build_cache
 
     for head in HEADS:
         cfg = dinotxt_config(train_dir, head, work / f"cache_{head}", size, batch)
@@ -179,7 +179,7 @@ class Row:
         if cache_dir is not None:
             from torch.utils.data import DataLoader
 
-            from dinotxt.cache import CachedFeatureStream
+            from dinotxt.data.cache import CachedFeatureStream
             from dinotxt.data.stream import collate_image_text
 
             stream = CachedFeatureStream(cache_dir, tokenizer=clip_tokenize, seed=0, shuffle_buffer=256, rank=0,
@@ -291,7 +291,8 @@ def measure_mfu(device: torch.device, batch: int, steps: int, warmup: int, peak_
     from dinotxt.models.text_tower import trim_padding
     from dinotxt.train.flops import train_step_flops
     from dinotxt.train.optim import build_optimizer
-    from dinotxt.train.step import contrastive_loss, frozen_tokens
+    from dinotxt.models.backbone import frozen_tokens
+    from dinotxt.train.step import contrastive_loss
 
     from dinotxt.data.world import render_sample
 

@@ -24,7 +24,7 @@ import numpy as np
 
 from dinotxt.fileio import atomic_output
 
-from .pool import PoolUnit, iter_unit
+from dinotxt.data.units import DataUnit, iter_unit
 from .store import save_npy, save_table
 
 
@@ -53,7 +53,7 @@ def _tar_add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
     tar.addfile(info, io.BytesIO(data))
 
 
-def _write_shard(path: Path, wanted: Dict[int, int], units: List[PoolUnit], pool_cfg) -> int:
+def _write_shard(path: Path, wanted: Dict[int, int], units: List[DataUnit], pool_cfg) -> int:
     """Write the samples whose uid is in ``wanted`` (uid -> position in the shard) from ``units``."""
     found: Dict[int, Dict] = {}
     for unit in units:
@@ -79,7 +79,7 @@ def _write_shard(path: Path, wanted: Dict[int, int], units: List[PoolUnit], pool
     return len(wanted)
 
 
-def write_subset(out_dir: Path, rows: np.ndarray, pool: Dict, units: List[PoolUnit], pool_cfg,
+def write_subset(out_dir: Path, rows: np.ndarray, pool: Dict, units: List[DataUnit], pool_cfg,
                  write_shards: bool = False, samples_per_shard: int = 1000) -> Dict:
     """Write uids.npy, manifest.parquet and (optionally) shards for the pool ``rows``.
 

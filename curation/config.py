@@ -56,6 +56,10 @@ class EmbedConfig:
     text_ngrams: int = 2  # word n-grams 1..text_ngrams
     text_kwargs: Dict[str, Any] = field(default_factory=dict)  # passed to a plug-in factory
     text_batch_size: int = 1024
+    # a feature cache of the same backbone with [CLS, mean(patches)] of one eval crop per image
+    # (`dinotxt cache RECIPE cache.tokens=pooled cache.augment=false cache.views=1 model.vision_head.num_blocks=0
+    # model.vision_head.final_norm=false` over the same shards): the embeddings are read from it, no second pass
+    from_cache: Optional[str] = None
 
 
 @dataclass

@@ -13,9 +13,10 @@ Layout, one file per pool unit (shard, or slice of manifest rows)::
     embed_text/idf.npy          hashed TF-IDF weights fitted on the pool's captions
     embed_text/000000.npy       (n, text_dim) float16
 
-The image pass runs in Lightning's predict loop: on several GPUs (``embed.devices``) each
-rank takes its own units and writes their files, so nothing is gathered; on CPU it is the
-same loop with one device. A rerun embeds only the units without a ``.parquet``.
+The image pass is a job of dinotxt's one feature-extraction stage (``dinotxt.features.extract``,
+the stage that also writes the feature cache): Lightning's predict loop, where on several GPUs
+(``embed.devices``) each rank takes its own units and writes their files, so nothing is
+gathered. A rerun embeds only the units without a ``.parquet``.
 """
 from __future__ import annotations
 
@@ -28,19 +29,16 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from omegaconf import OmegaConf
-from torch.utils.data import IterableDataset, get_worker_info
 
 from dinotxt.config import model_config
-from dinotxt.data.stream import decode_image
+from dinotxt.data.units import DataUnit
+from dinotxt.features.extract import SKIP_REASONS, ExtractionJob, run_extraction
 from dinotxt.fileio import atomic_write_json
 from dinotxt.models.backbone import FrozenBackbone
 from dinotxt.models.factory import create_backbone
 
-from .pool import PoolUnit, iter_unit
 from .store import load_table, save_npy, save_table, shard_paths
 from .text_encoders import HashedTfidfEncoder, encode_checked, load_text_encoder
-
-SKIP_REASONS = ("no_caption", "no_image", "bad_image", "corrupt_shard")
 
 
 def backbone_config(embed_cfg):
@@ -55,65 +53,6 @@ def pooled_embedding(backbone: FrozenBackbone, images: torch.Tensor) -> torch.Te
     return F.normalize(torch.cat([cls, patches.mean(1)], dim=-1).float(), dim=-1)
 
 
-class UnitBatches(IterableDataset):
-    """Batches of decoded images, never mixing two units; the last batch of a unit is flagged
-    (and may be empty) so the writer knows when a unit is complete.
-
-    Args:
-        units: the units still to embed.
-        pool_cfg: the recipe's ``pool`` section (caption / image keys).
-        transform: PIL image -> tensor.
-        batch_size: images per batch.
-        rank, world_size: this process's share of the units (with dataloader workers splitting it further).
-    """
-
-    def __init__(self, units: List[PoolUnit], pool_cfg, transform, batch_size: int, rank: int = 0, world_size: int = 1):
-        super().__init__()
-        self.units, self.pool_cfg, self.transform = units, pool_cfg, transform
-        self.batch_size, self.rank, self.world_size = batch_size, rank, world_size
-
-    def __iter__(self):
-        info = get_worker_info()
-        wid, workers = (info.id, info.num_workers) if info else (0, 1)
-        for unit in self.units[self.rank * workers + wid::self.world_size * workers]:
-            yield from self._unit_batches(unit)
-
-    def _unit_batches(self, unit: PoolUnit):
-        errors: Dict[str, int] = {}
-        skipped: Counter = Counter()
-        rows: List = []
-        for sample in iter_unit(unit, self.pool_cfg, errors):
-            if sample.caption is None:
-                skipped["no_caption"] += 1
-                continue
-            if sample.image is None:
-                skipped["no_image"] += 1
-                continue
-            try:
-                image = self.transform(decode_image(sample.image))
-            except Exception:  # PIL raises many types for broken files; all mean "skip it"
-                skipped["bad_image"] += 1
-                continue
-            rows.append((sample.uid, sample.key, sample.caption, image, sample.raw.get("__path__", unit.path)))
-            if len(rows) == self.batch_size:
-                yield self._batch(unit, rows, last=False, skipped={})
-                rows = []
-        skipped.update(errors)
-        yield self._batch(unit, rows, last=True, skipped=dict(skipped))
-
-    def _batch(self, unit: PoolUnit, rows: List, last: bool, skipped: Dict[str, int]) -> Dict:
-        return {
-            "unit": unit.index,
-            "uid": torch.tensor([r[0] for r in rows], dtype=torch.int64),
-            "key": [r[1] for r in rows],
-            "caption": [r[2] for r in rows],
-            "source": [r[4] for r in rows],
-            "images": torch.stack([r[3] for r in rows]) if rows else torch.zeros(0),
-            "last": last,
-            "skipped": skipped,
-        }
-
-
 def write_unit(out_dir: Path, unit: int, embeddings: np.ndarray, rows: Dict[str, list], skipped: Dict[str, int]) -> None:
     """The unit's embeddings, its skip counts, then its metadata table (uid, key, caption, source: the done marker)."""
     name = f"{unit:06d}"
@@ -124,80 +63,99 @@ def write_unit(out_dir: Path, unit: int, embeddings: np.ndarray, rows: Dict[str,
         "source": rows["source"], "unit": np.full(len(rows["uid"]), unit, dtype=np.int32)})
 
 
-def pending_units(out_dir: Path, units: List[PoolUnit]) -> List[PoolUnit]:
-    return [u for u in units if not (out_dir / "meta" / f"{u.index:06d}.parquet").is_file()]
+class EmbeddingJob(ExtractionJob):
+    """The curation job of the feature-extraction stage: one eval crop per image,
+    ``normalize([CLS] ‖ mean(patches))``, one ``.npy`` + ``.json`` + ``.parquet`` per unit."""
+
+    def __init__(self, out_dir: Path, transform, dim: int):
+        self.out_dir, self.transform, self.dim = out_dir, transform, dim
+
+    def views(self, image, sample) -> torch.Tensor:
+        return self.transform(image)[None]
+
+    def encode(self, backbone, images: torch.Tensor) -> torch.Tensor:
+        return pooled_embedding(backbone, images)
+
+    def write(self, unit: DataUnit, samples, outputs, skipped: Dict[str, int]) -> None:
+        emb = outputs.float().numpy() if outputs is not None else np.zeros((0, self.dim), np.float32)
+        rows = {c: [s[c] for s in samples] for c in ("uid", "key", "caption", "source")}
+        write_unit(self.out_dir, unit.index, emb, rows, skipped)  # looked up here, so a test can wrap it
+
+    def done(self, unit: DataUnit) -> bool:
+        return (self.out_dir / "meta" / f"{unit.index:06d}.parquet").is_file()
 
 
-def _lightning_embedder(backbone: FrozenBackbone, out_dir: Path):
-    """A LightningModule running the backbone and a writer callback that flushes complete units."""
-    import lightning as L
-    from lightning.pytorch.callbacks import BasePredictionWriter
+def pooled_cache_for(embed_cfg, units: List[DataUnit]):
+    """The feature cache ``embed.from_cache`` names, checked to hold exactly what the embed stage
+    computes: this backbone, one eval crop, ``[CLS, mean(patches)]``, the same shards in order."""
+    from dinotxt.config import ConfigError
+    from dinotxt.data.cache import FeatureCache
 
-    class ImageEmbedder(L.LightningModule):
-        def __init__(self):
-            super().__init__()
-            self.backbone = backbone
-
-        def forward(self, images: torch.Tensor) -> torch.Tensor:
-            return pooled_embedding(self.backbone, images)
-
-        def predict_step(self, batch: Dict, batch_idx: int) -> Dict:
-            images = batch["images"]
-            emb = self(images) if images.ndim == 4 else torch.zeros(0, 2 * self.backbone.embed_dim)
-            return {**{k: v for k, v in batch.items() if k != "images"}, "embeddings": emb.float().cpu().numpy()}
-
-    class UnitWriter(BasePredictionWriter):
-        def __init__(self):
-            super().__init__(write_interval="batch")
-            self.buffers: Dict[int, Dict[str, list]] = {}
-
-        def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx,
-                               dataloader_idx=0):
-            buf = self.buffers.setdefault(prediction["unit"], {"emb": [], "uid": [], "key": [], "caption": [],
-                                                               "source": []})
-            buf["emb"].append(prediction["embeddings"])
-            buf["uid"] += prediction["uid"].cpu().tolist()
-            for column in ("key", "caption", "source"):
-                buf[column] += prediction[column]
-            if prediction["last"]:
-                buf = self.buffers.pop(prediction["unit"])
-                write_unit(out_dir, prediction["unit"], np.concatenate(buf.pop("emb")), buf, prediction["skipped"])
-
-    return ImageEmbedder(), UnitWriter()
+    cache = FeatureCache(embed_cfg.from_cache)
+    spec, bcfg = cache.spec, backbone_config(embed_cfg)
+    found = {"tokens": spec["tokens"], "pooling": (spec.get("pooling") or {}).get("kind"), "views": spec["views"],
+             "transform": spec["transform"]["kind"]}
+    wanted = {"tokens": "pooled", "pooling": "mean", "views": 1, "transform": "resize_center_crop"}
+    for key, value in wanted.items():
+        if found[key] != value:
+            raise ConfigError(f"embed.from_cache={embed_cfg.from_cache} has {key}={found[key]!r}; the embed stage needs "
+                              f"{value!r} (build it with cache.tokens=pooled cache.augment=false cache.views=1 and the "
+                              "mean pooler)")
+    b = spec["backbone"]
+    for key in ("name", "img_size", "kwargs"):
+        if b[key] != OmegaConf.to_container(bcfg)[key]:
+            raise ConfigError(f"embed.from_cache={embed_cfg.from_cache} was computed with backbone {key}={b[key]!r}, "
+                              f"the embed stage uses {OmegaConf.to_container(bcfg)[key]!r}")
+    sources = [Path(s["source"]).name for s in cache.meta["shards"]]
+    if sources != [u.name for u in units]:
+        raise ConfigError(f"embed.from_cache={embed_cfg.from_cache} covers other shards than pool.data "
+                          f"({len(sources)} cached vs {len(units)} in the pool, first {sources[:1]} vs {units[0].name})")
+    return cache
 
 
-def embed_images(cfg, units: List[PoolUnit], out_dir: Path, trust_code: bool = False) -> bool:
-    """Embed every unit without a finished metadata table. Returns False on a non-zero rank of a multi-GPU
-    run (that process's share is written and it has nothing else to do)."""
-    import lightning as L
+def embed_from_cache(cfg, units: List[DataUnit], out_dir: Path) -> None:
+    """The embed stage's files from a pooled feature cache: ``normalize([CLS] ‖ mean)`` of the cached tokens,
+    sample ids and captions as the image pass would give them (``dinotxt.data.units``)."""
+    import random
 
+    from dinotxt.data.stream import extract_caption
+    from dinotxt.data.units import sample_uid
+
+    cache = pooled_cache_for(cfg.embed, units)
+    job = EmbeddingJob(out_dir, None, 2 * cache.dim)
+    for unit, name in zip(units, cache.names):
+        if job.done(unit):
+            continue
+        index = cache.index(name)
+        tokens = torch.from_numpy(np.array(cache.array(name))).view(cache.torch_dtype).float()[:, 0]  # (n, 2, D)
+        emb = F.normalize(tokens.flatten(1), dim=-1).numpy()
+        uids = [sample_uid(unit.name, k) for k in index["keys"]]
+        captions = [extract_caption({"__caption__": c}, rng=random.Random(u)) for c, u in zip(index["captions"], uids)]
+        write_unit(out_dir, unit.index, emb, {"uid": uids, "key": index["keys"], "caption": captions,
+                                              "source": [unit.path] * len(uids)}, index.get("skipped", {}))
+
+
+def embed_images(cfg, units: List[DataUnit], out_dir: Path, trust_code: bool = False) -> bool:
+    """Embed every unit without a finished metadata table, through the feature-extraction stage
+    (``dinotxt.features.extract``), or read them from a pooled feature cache (``embed.from_cache``).
+    Returns False on a non-zero rank of a multi-GPU run."""
     from dinotxt.transforms import eval_transform
 
-    todo = pending_units(out_dir, units)
-    if not todo:
-        return True
     e = cfg.embed
+    if e.from_cache:
+        embed_from_cache(cfg, units, out_dir)
+        return True
     bcfg = backbone_config(e)
     backbone = create_backbone(bcfg, trust_code=trust_code)  # seeded like create_model: curation and training see one encoder
-    transform = eval_transform(bcfg.img_size)
     precision = e.precision
     if precision == "auto":
         precision = "bf16-mixed" if torch.cuda.is_available() and e.accelerator in ("auto", "gpu", "cuda") else "32-true"
-    module, writer = _lightning_embedder(backbone, out_dir)
-    trainer = L.Trainer(accelerator=e.accelerator, devices=e.devices, precision=precision, logger=False,
-                        enable_checkpointing=False, enable_model_summary=False, use_distributed_sampler=False,
-                        callbacks=[writer], default_root_dir=str(out_dir))
-    print(f"[curate] embed: {len(todo)} of {len(units)} units to embed on {trainer.world_size} "
-          f"{trainer.accelerator.__class__.__name__.replace('Accelerator', '')} device(s)", flush=True)
-    data = UnitBatches(todo, cfg.pool, transform, e.batch_size, trainer.global_rank, trainer.world_size)
-    loader = torch.utils.data.DataLoader(data, batch_size=None, num_workers=e.num_workers,
-                                         pin_memory=torch.cuda.is_available())
-    trainer.predict(module, dataloaders=loader, return_predictions=False)
-    trainer.strategy.barrier()  # every rank's units are on disk before rank 0 reads them all
-    return trainer.is_global_zero
+    job = EmbeddingJob(out_dir, eval_transform(bcfg.img_size), 2 * backbone.embed_dim)
+    return run_extraction(job, backbone, units, cfg.pool, e.batch_size, e.num_workers, e.accelerator, e.devices,
+                          precision, log=lambda m: print(f"[curate] embed: {m}", flush=True), verb="embed")
 
 
-def embed_texts(cfg, units: List[PoolUnit], embed_dir: Path, text_dir: Path, trust_code: bool = False) -> Dict:
+def embed_texts(cfg, units: List[DataUnit], embed_dir: Path, text_dir: Path, trust_code: bool = False) -> Dict:
     """Caption embeddings per unit from the captions in the metadata tables (no image is read again)."""
     e = cfg.embed
     meta = [embed_dir / "meta" / f"{u.index:06d}.parquet" for u in units]
@@ -221,7 +179,7 @@ def embed_texts(cfg, units: List[PoolUnit], embed_dir: Path, text_dir: Path, tru
     return {"encoder": e.text_encoder, "dim": int(width)}
 
 
-def load_pool_index(embed_dir: Path, units: List[PoolUnit]) -> Dict:
+def load_pool_index(embed_dir: Path, units: List[DataUnit]) -> Dict:
     """The embedded pool as one table in pool order (row i = row i of the concatenated embedding shards):
     ``uid``, ``unit`` (arrays), ``key``, ``caption``, ``source`` (lists). Sample ids must be unique."""
     columns: Dict[str, list] = {"uid": [], "unit": [], "key": [], "caption": [], "source": []}
@@ -242,7 +200,7 @@ def load_pool_index(embed_dir: Path, units: List[PoolUnit]) -> Dict:
     return pool
 
 
-def read_skipped(embed_dir: Path, units: List[PoolUnit]) -> Dict[str, int]:
+def read_skipped(embed_dir: Path, units: List[DataUnit]) -> Dict[str, int]:
     total: Counter = Counter()
     for u in units:
         total.update(json.loads((embed_dir / "meta" / f"{u.index:06d}.json").read_text())["skipped"])

@@ -32,7 +32,7 @@ from dinotxt.config import ConfigError
 from dinotxt.fileio import atomic_write_text
 
 from .config import load_curation_config, per_level
-from .pool import pool_units
+from dinotxt.data.units import data_units
 from .stages import Stage, fingerprint, run_stage
 from .store import EmbeddingStore, save_npy, shard_paths
 
@@ -50,7 +50,7 @@ class Curation:
         self.cfg = cfg
         self.trust_code = trust_code
         self.out = Path(cfg.output_dir) / cfg.name
-        self.units = pool_units(cfg.pool)
+        self.units = data_units(cfg.pool.data, cfg.pool, cfg.pool.manifest_rows_per_unit, key="pool.data")
         if not self.units:
             raise ValueError(f"the pool {cfg.pool.data} has no samples")
         self._pool: Optional[Dict] = None
@@ -69,9 +69,17 @@ class Curation:
         c = self.cfg
         pool_keys = {k: c.pool[k] for k in ("image_keys", "caption_key", "caption_json_field",
                                              "manifest_image_column", "manifest_caption_column")}
+        # read from a pooled feature cache, the embeddings are the same up to the cache's fp16 tokens: its
+        # weights hash is part of what they depend on
+        from_cache = None
+        if c.embed.from_cache:
+            from dinotxt.data.cache import FeatureCache
+
+            from_cache = FeatureCache(c.embed.from_cache).meta["weights_hash"]
         fp_embed = self._add("embed", "embed", fingerprint(
             "embed", [u.name for u in self.units], [(u.start, u.stop) for u in self.units], pool_keys,
-            backbone_config(c.embed)), self._embed, [], expensive=True)
+            backbone_config(c.embed), *([("from_cache", from_cache)] if from_cache else [])), self._embed, [],
+            expensive=True)
         e = c.embed
         fp_text = self._add("embed_text", "embed_text", fingerprint(
             "embed_text", fp_embed, e.text_encoder, e.text_dim, e.text_ngrams, e.text_kwargs), self._embed_text, ["embed"])

@@ -34,7 +34,7 @@ def _cmd_train(args) -> int:
 
 
 def _cmd_cache(args) -> int:
-    from .cache import build_cache
+    from .features.cache import build_cache
     from .config import load_train_config
     from .data.world import ensure_world
 

@@ -169,7 +169,7 @@ class EvalConfig:
 
 @dataclass
 class CacheConfig:
-    # feature cache (dinotxt/cache.py): `dinotxt cache RECIPE` writes it; training reads it
+    # feature cache (dinotxt/data/cache.py, written by dinotxt/features/cache.py): `dinotxt cache RECIPE` writes it; training reads it
     # instead of running the frozen backbone when `path` is set
     path: Optional[str] = None  # cache folder; None = run the frozen backbone online every step
     views: int = 1  # augmented views stored per image; each step draws one of them
@@ -177,6 +177,7 @@ class CacheConfig:
     tokens: str = "all"  # all = every output token [CLS, regs, patches]; pooled = [CLS, pooled patches] (LiT: 0 head blocks)
     dtype: str = "float16"  # storage precision: float16 | bfloat16
     batch_size: int = 64  # images per backbone forward while writing
+    devices: Any = "auto"  # GPUs that write it (each takes its own source shards); CPU runs use one process
     samples_per_shard: int = 10000  # rows per cache shard for manifests (tar shards map 1:1)
 
 

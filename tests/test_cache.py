@@ -11,13 +11,15 @@ import pytest
 import torch
 
 import dinotxt
-from dinotxt.cache import CachedFeatureStream, FeatureCache, build_cache, cache_views, view_transform
+from dinotxt.data.cache import CachedFeatureStream, FeatureCache, cache_views, view_transform
+from dinotxt.features.cache import build_cache
 from dinotxt.config import ConfigError, load_train_config
 from dinotxt.data.sources import iter_tar_samples
 from dinotxt.data.stream import sample_image
 from dinotxt.loss import ClipLoss
 from dinotxt.models.factory import create_backbone
-from dinotxt.train.step import contrastive_loss, frozen_tokens
+from dinotxt.models.backbone import frozen_tokens
+from dinotxt.train.step import contrastive_loss
 from numerics import FP16_U, FP32_U, assert_float64_equal, assert_grads_float64_equal
 
 ROOT = Path(__file__).parents[1]

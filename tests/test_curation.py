@@ -1173,3 +1173,33 @@ def test_a_missing_pool_names_the_pool_key(tmp_path, capsys):
     assert main(["curate", RECIPE, f"pool.data={tmp_path / 'nowhere' / '{0..3}.tar'}", f"output_dir={tmp_path}"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("dinotxt: error: shard not found") and err.endswith("check pool.data") and "\n" not in err
+
+
+def test_embed_stage_reads_a_pooled_feature_cache_instead_of_a_second_backbone_pass(reference, world, tmp_path):
+    """One feature-extraction stage: a pooled cache (one eval crop, [CLS, mean(patches)]) of the same backbone and
+    shards gives the embed stage's outputs without running the backbone again: the same ids, keys and captions,
+    and embeddings equal to the fp16 rounding of the tokens (2**-11 relative, twice: tokens, then embeddings)."""
+    from dinotxt.config import load_train_config
+    from dinotxt.features.cache import build_cache
+
+    train = load_train_config("debug", [f"data.train={world}", f"cache.path={tmp_path / 'cache'}", "data.world.generate=false",
+                                        "data.num_workers=0", "cache.tokens=pooled", "cache.augment=false",
+                                        "model.vision_head.num_blocks=0", "model.vision_head.final_norm=false",
+                                        "model.backbone.img_size=56", "model.backbone.kwargs={depth: 1, embed_dim: 96, num_heads: 2}"])
+    build_cache(train, log=QUIET)
+    _curate(tmp_path / "runs", f"embed.from_cache={tmp_path / 'cache'}", *FAST, world=world, until="embed")
+    ours, ref = tmp_path / "runs" / "debug" / "embed", reference[0] / "debug" / "embed"
+    a, b = _pool_table(tmp_path / "runs" / "debug"), _pool_table(reference[0] / "debug")
+    assert a["uid"].tolist() == b["uid"].tolist() and a["key"] == b["key"] and a["caption"] == b["caption"]
+    for unit in ("000000", "000003"):
+        cached, online = np.load(ours / "image" / f"{unit}.npy"), np.load(ref / "image" / f"{unit}.npy")
+        assert cached.shape == online.shape and np.abs(cached.astype(np.float32) - online).max() < 4 * 2.0 ** -11
+    # a cache of another kind is refused with the reason
+    other = load_train_config("debug", [f"data.train={world}", f"cache.path={tmp_path / 'all'}", "data.world.generate=false",
+                                        "data.num_workers=0", "model.backbone.img_size=56",
+                                        "model.backbone.kwargs={depth: 1, embed_dim: 96, num_heads: 2}"])
+    build_cache(other, log=QUIET)
+    from dinotxt.config import ConfigError
+
+    with pytest.raises(ConfigError, match="tokens='all'"):
+        _curate(tmp_path / "runs2", f"embed.from_cache={tmp_path / 'all'}", *FAST, world=world, until="embed")

@@ -12,7 +12,8 @@ import dinotxt
 from conftest import TINY_BACKBONE, TINY_TEXT
 from dinotxt.loss import ClipLoss
 from dinotxt.models.text_tower import trim_padding
-from dinotxt.train.step import contrastive_loss, frozen_tokens
+from dinotxt.models.backbone import frozen_tokens
+from dinotxt.train.step import contrastive_loss
 from numerics import assert_float64_equal, assert_grads_float64_equal
 
 

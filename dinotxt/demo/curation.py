@@ -48,7 +48,7 @@ METRICS = {"top1": "zero-shot top-1", "top5": "zero-shot top-5", "mean_per_class
 
 def pool_truth(pool_dir: Path) -> Dict[int, Dict]:
     """uid -> {concept, noisy, copy} for every pool sample, read from the shards' ``key.json``."""
-    from curation.pool import sample_uid
+    from ..data.units import sample_uid
 
     from ..data.sources import iter_tar_samples
 

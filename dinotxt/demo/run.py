@@ -74,7 +74,7 @@ def prepare_feature_cache(cfg) -> float:
     """Run the frozen backbone ONCE over the training images (``cache.views`` seeded crops each) and
     store its tokens, so the training steps only run the head and the text tower. A finished
     cache from an earlier demo is reused (its spec and weights hash must match)."""
-    from ..cache import build_cache
+    from ..features.cache import build_cache
     from ..data.world import ensure_world
 
     if not cfg.cache.path:

@@ -27,11 +27,13 @@ DINOv3 uses RoPE: nothing is resized.
 from __future__ import annotations
 
 from pathlib import Path
+import contextlib
 from typing import Any, Dict, Optional, Union
 
 import torch
 from torch import nn
 
+from ..precision import backbone_autocast_dtype
 from .weights import (StateDict, key_report, load_state_dict_file, load_timm_state, native_grid,
                       read_backbone_state)
 
@@ -212,4 +214,32 @@ class FrozenBackbone(nn.Module):
         return tokens[:, 0], tokens[:, 1:p], tokens[:, p:]
 
 
-__all__ = ["FrozenBackbone"]
+def frozen_tokens(backbone: torch.nn.Module, images: torch.Tensor, autocast: Optional[str] = None) -> torch.Tensor:
+    """Output tokens of the frozen backbone, as an ordinary (at least fp32) tensor the head can train on.
+
+    Args:
+        backbone: the ``FrozenBackbone``.
+        images: (B, 3, H, W) normalised images.
+        autocast: ``None`` (fp32, or whatever autocast the caller runs under) or ``"bfloat16"``.
+    """
+    dtype = backbone_autocast_dtype(autocast)
+    cast = torch.autocast(images.device.type, dtype=dtype) if dtype else contextlib.nullcontext()
+    try:
+        with torch.inference_mode(), cast:
+            tokens = backbone(images)
+    except RuntimeError as e:
+        # torch's bf16 flash-attention CPU kernel picks its AMX packing from the hardware but refuses
+        # it below the avx512 dispatch level (ATEN_CPU_CAPABILITY=default|avx2 on an AMX machine):
+        # the math kernel computes the same attention
+        if "pack_vnni2" not in str(e):
+            raise
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        with torch.inference_mode(), cast, sdpa_kernel([SDPBackend.MATH]):
+            tokens = backbone(images)
+    # inference tensors cannot be saved for backward: copy outside inference mode (bf16 autocast
+    # output becomes fp32; a float64 model, as the exactness tests run, stays float64)
+    return tokens.to(torch.promote_types(tokens.dtype, torch.float32), copy=True)
+
+
+__all__ = ["FrozenBackbone", "frozen_tokens"]

@@ -40,7 +40,7 @@ class ImageTextDataModule(L.LightningDataModule):
         self.shards, self.manifest = None, None
         # resolve sources now so a missing shard, manifest or cache stops the run before training starts
         if cfg.cache.path:
-            from ..cache import FeatureCache
+            from ..data.cache import FeatureCache
 
             self.cache = FeatureCache(cfg.cache.path)
         elif is_manifest(d.train):
@@ -61,7 +61,7 @@ class ImageTextDataModule(L.LightningDataModule):
                       world_size=world, start_positions=self.positions,
                       reader_offset=self.batches % max(1, d.num_workers))
         if self.cache is not None:
-            from ..cache import CachedFeatureStream
+            from ..data.cache import CachedFeatureStream
 
             dataset = CachedFeatureStream(self.cache, **common)
         else:

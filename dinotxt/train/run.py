@@ -69,7 +69,7 @@ def _captions_for_tokenizer(cfg: DictConfig, limit: int) -> List[str]:
     """Up to ``limit`` captions of the training data, read in order (no images decoded)."""
     d = cfg.data
     if d.train is None and cfg.cache.path:  # training on the feature cache alone
-        from ..cache import FeatureCache
+        from ..data.cache import FeatureCache
 
         cache = FeatureCache(cfg.cache.path)
         captions = []

@@ -11,51 +11,12 @@ backbone entirely.
 """
 from __future__ import annotations
 
-import contextlib
 from typing import Dict, Optional
 
 import torch
 
+from ..models.backbone import frozen_tokens
 from ..precision import at_least_fp32
-
-AUTOCAST_DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
-
-
-def backbone_autocast_dtype(name: Optional[str]) -> Optional[torch.dtype]:
-    """The autocast dtype of ``trainer.backbone_autocast`` (None = inherit the run's precision)."""
-    if name in (None, "", "none", "null"):
-        return None
-    if name not in AUTOCAST_DTYPES:
-        raise ValueError(f"trainer.backbone_autocast={name!r} is not supported; use bfloat16 or null")
-    return AUTOCAST_DTYPES[name]
-
-
-def frozen_tokens(backbone: torch.nn.Module, images: torch.Tensor, autocast: Optional[str] = None) -> torch.Tensor:
-    """Output tokens of the frozen backbone, as an ordinary (at least fp32) tensor the head can train on.
-
-    Args:
-        backbone: the ``FrozenBackbone``.
-        images: (B, 3, H, W) normalised images.
-        autocast: ``None`` (fp32, or whatever autocast the caller runs under) or ``"bfloat16"``.
-    """
-    dtype = backbone_autocast_dtype(autocast)
-    cast = torch.autocast(images.device.type, dtype=dtype) if dtype else contextlib.nullcontext()
-    try:
-        with torch.inference_mode(), cast:
-            tokens = backbone(images)
-    except RuntimeError as e:
-        # torch's bf16 flash-attention CPU kernel picks its AMX packing from the hardware but refuses
-        # it below the avx512 dispatch level (ATEN_CPU_CAPABILITY=default|avx2 on an AMX machine):
-        # the math kernel computes the same attention
-        if "pack_vnni2" not in str(e):
-            raise
-        from torch.nn.attention import SDPBackend, sdpa_kernel
-
-        with torch.inference_mode(), cast, sdpa_kernel([SDPBackend.MATH]):
-            tokens = backbone(images)
-    # inference tensors cannot be saved for backward: copy outside inference mode (bf16 autocast
-    # output becomes fp32; a float64 model, as the exactness tests run, stays float64)
-    return tokens.to(torch.promote_types(tokens.dtype, torch.float32), copy=True)
 
 
 def image_features(model, batch: Dict[str, torch.Tensor], backbone_autocast: Optional[str] = None) -> torch.Tensor:

@@ -25,7 +25,8 @@ from ..loss import ClipLoss
 from ..models.factory import create_model
 from ..inference.classifier import accuracy, mean_per_class_recall, zero_shot_classifier
 from .optim import build_optimizer
-from .step import backbone_autocast_dtype, contrastive_loss
+from ..precision import backbone_autocast_dtype
+from .step import contrastive_loss
 
 
 class DinoTxtSystem(L.LightningModule):

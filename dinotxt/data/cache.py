@@ -1,10 +1,11 @@
-"""Feature cache: run the frozen backbone once, then train the text tower and head many times.
+"""Feature cache: the frozen backbone's tokens, computed once, read at every training step.
 
 LiT (Zhai et al., CVPR 2022) and dino.txt (Jose et al., "DINOv2 Meets Text", CVPR 2025)
 never update the image encoder, so its output tokens are a pure function of the
 (augmented) image and can be computed once; open_clip's long-standing request to train
-on precomputed image features (its issue #99) is the same idea. ``dinotxt cache RECIPE``
-writes, as a reader -> mapper -> writer stage (img2dataset / clip-retrieval style):
+on precomputed image features (its issue #99) is the same idea. This module is the reading
+side and what a cache depends on; ``dinotxt cache RECIPE`` writes it through the feature
+extraction stage (``dinotxt.features.cache``):
 
     <cache.path>/
       cache.json        what the tokens depend on (backbone, a hash of its weights, image size,
@@ -15,36 +16,31 @@ writes, as a reader -> mapper -> writer stage (img2dataset / clip-retrieval styl
       00000.json        that shard's index: sample keys (ids) and their raw captions
       ...
 
-One cache shard per source tar shard (manifests are cut into ``cache.samples_per_shard``
-rows), in source order, so the cached stream splits across ranks and workers exactly as the
-image stream does. A shard is written to temporary names and renamed, its index last, so
-a shard is complete iff its index exists: an interrupted ``dinotxt cache`` resumes at the
-first missing shard. Views are seeded by ``(seed, sample key, view)``, so a cached crop can
-be reproduced from the image alone. Training refuses a cache built for another backbone,
-weights, image size, transform or data instead of silently mixing features.
+One cache shard per source unit (a tar shard, or ``cache.samples_per_shard`` manifest rows),
+in source order, so the cached stream splits across ranks and workers exactly as the image
+stream does. A shard is complete iff its index exists. Views are seeded by ``(seed, sample
+key, view)``, so a cached crop can be reproduced from the image alone. Training refuses a
+cache built for another backbone, weights, image size, transform or data instead of
+silently mixing features.
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import random
-import time
 from collections import Counter
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
+from typing import Any, Callable, Dict, Iterator, Optional, Tuple
 
 import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
-from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from .config import ConfigError
-from .data.sources import expand_shards, is_manifest, iter_tar_samples, read_manifest
-from .data.stream import (SKIP_REASONS, ImageTextStream, extract_caption, mix_seed, raw_caption, sample_image,
-                          seeded_transform)
-from .fileio import atomic_output, atomic_write_json
-from .models.vision_head import pool_frozen_tokens, pooled_tokens_problem
-from .transforms import IMAGENET_MEAN, IMAGENET_STD, eval_transform, train_transform
+from ..config import ConfigError
+from ..models.vision_head import pooled_tokens_problem
+from ..transforms import IMAGENET_MEAN, IMAGENET_STD, eval_transform, train_transform
+from .sources import expand_shards, is_manifest
+from .stream import ImageTextStream, extract_caption, mix_seed, seeded_transform
 
 FORMAT_VERSION = 1
 META_NAME = "cache.json"
@@ -129,7 +125,7 @@ def backbone_fingerprint(backbone: torch.nn.Module) -> str:
     return h.hexdigest()
 
 
-def _source_fingerprint(cfg: DictConfig) -> Optional[Dict[str, Any]]:
+def source_fingerprint(cfg: DictConfig) -> Optional[Dict[str, Any]]:
     spec = cfg.data.train
     if spec is None:
         return None
@@ -141,24 +137,11 @@ def _source_fingerprint(cfg: DictConfig) -> Optional[Dict[str, Any]]:
     return {"shards": [{"file": Path(s).name, "bytes": Path(s).stat().st_size} for s in expand_shards(spec)]}
 
 
-def _source_jobs(cfg: DictConfig) -> List[Dict[str, Any]]:
-    """One job per cache shard: a tar shard, or a slice of the manifest's rows."""
-    d = cfg.data
-    if d.train is None:
-        raise ConfigError("no training data: set data.train to the shards or manifest to cache")
-    if is_manifest(d.train):
-        rows = read_manifest(d.train, d.manifest_image_column, d.manifest_caption_column)
-        n = max(1, int(cfg.cache.samples_per_shard))
-        return [{"name": f"{i:05d}", "source": f"{Path(d.train).name}[{lo}:{lo + n}]", "rows": rows[lo:lo + n]}
-                for i, lo in enumerate(range(0, len(rows), n))]
-    return [{"name": f"{i:05d}", "source": path} for i, path in enumerate(expand_shards(d.train))]
-
-
-def _diff(recorded: Any, wanted: Any, prefix: str = "") -> Optional[Tuple[str, Any, Any]]:
+def spec_difference(recorded: Any, wanted: Any, prefix: str = "") -> Optional[Tuple[str, Any, Any]]:
     """First (field, recorded, wanted) where two JSON-like values differ."""
     if isinstance(recorded, dict) and isinstance(wanted, dict):
         for k in list(recorded) + [k for k in wanted if k not in recorded]:
-            found = _diff(recorded.get(k), wanted.get(k), f"{prefix}{k}.")
+            found = spec_difference(recorded.get(k), wanted.get(k), f"{prefix}{k}.")
             if found:
                 return found
         return None
@@ -239,13 +222,13 @@ class FeatureCache:
 
     def check_fits(self, cfg: DictConfig, backbone: Optional[torch.nn.Module] = None) -> None:
         """Raise ConfigError if this cache was not built for the run ``cfg`` (and its live backbone)."""
-        found = _diff({k: v for k, v in self.spec.items() if k not in _TRAIN_MAY_DIFFER},
+        found = spec_difference({k: v for k, v in self.spec.items() if k not in _TRAIN_MAY_DIFFER},
                       {k: v for k, v in cache_spec(cfg).items() if k not in _TRAIN_MAY_DIFFER})
         if found:
             field, recorded, wanted = found
             raise ConfigError(f"feature cache {self.root} was built with {field}={recorded!r} but this run has "
                               f"{wanted!r}; rebuild it with `dinotxt cache RECIPE` into a new cache.path")
-        source = _source_fingerprint(cfg)
+        source = source_fingerprint(cfg)
         if source is not None and source != self.meta["source"]:
             raise ConfigError(f"feature cache {self.root} was built from other data than data.train={cfg.data.train}; "
                               "rebuild it, or set data.train=null to train on the cache alone")
@@ -293,177 +276,3 @@ class CachedFeatureStream(ImageTextStream):
         if self.tokenizer is not None:
             out["text"] = self.tokenizer([caption])[0]
         return out, None
-
-
-# --------------------------------------------------------------------------- writing
-
-
-class _ShardDecoder(IterableDataset):
-    """Decodes whole source shards (one dataloader worker per shard) into seeded views;
-    after a shard's samples it yields ``{"job", "done": skip counts}``."""
-
-    def __init__(self, jobs: List[Dict], cfg: DictConfig):
-        self.jobs = jobs
-        d = cfg.data
-        self.image_keys = [k.lower() for k in d.image_keys]
-        self.caption_key, self.json_field = d.caption_key, d.caption_json_field
-        self.transform = view_transform(cfg)
-        self.seed, self.views = int(cfg.seed), int(cfg.cache.views)
-
-    def _samples(self, job: Dict, errors: Counter) -> Iterator[Dict]:
-        if "rows" in job:
-            return ({"__key__": path, "__path__": path, "__caption__": caption} for path, caption in job["rows"])
-        return iter_tar_samples(job["source"], errors)
-
-    def __iter__(self):
-        info = get_worker_info()
-        wid, nw = (info.id, info.num_workers) if info else (0, 1)
-        for job in self.jobs[wid::nw]:
-            errors: Counter = Counter()
-            for sample in self._samples(job, errors):
-                if extract_caption(sample, self.caption_key, self.json_field) is None:
-                    errors["no_caption"] += 1
-                    continue
-                try:
-                    image = sample_image(sample, self.image_keys)
-                except Exception:  # PIL raises many types for broken files; all mean "skip it"
-                    errors["bad_image"] += 1
-                    continue
-                if image is None:
-                    errors["no_image"] += 1
-                    continue
-                yield {"job": job["name"], "key": sample["__key__"],
-                       "caption": raw_caption(sample, self.caption_key, self.json_field),
-                       "views": cache_views(image, sample["__key__"], self.transform, self.seed, self.views)}
-            yield {"job": job["name"], "done": {k: int(errors[k]) for k in SKIP_REASONS if errors[k]}}
-
-
-class _ShardWriter:
-    """Appends rows of one cache shard to a temporary file; ``finish`` renames it into place
-    and then writes the index, so a half-written shard is never taken for a finished one."""
-
-    def __init__(self, root: Path, name: str):
-        self.root, self.name = root, name
-        self._output = atomic_output(root / f"{name}.bin")
-        self._file = open(self._output.__enter__(), "wb")
-        self.keys: List[str] = []
-        self.captions: List[Any] = []
-
-    def append(self, key: str, caption: Any, row: bytes) -> None:
-        self._file.write(row)
-        self.keys.append(key)
-        self.captions.append(caption)
-
-    def finish(self, skipped: Dict[str, int]) -> None:
-        self._file.close()
-        self._output.__exit__(None, None, None)
-        atomic_write_json(self.root / f"{self.name}.json",
-                          {"count": len(self.keys), "skipped": skipped, "keys": self.keys, "captions": self.captions})
-
-    def abort(self) -> None:
-        self._file.close()
-        self._output.__exit__(RuntimeError, RuntimeError("aborted"), None)  # removes the temporary file
-
-
-def _shard_complete(root: Path, name: str) -> bool:
-    return (root / f"{name}.json").is_file() and (root / f"{name}.bin").is_file()
-
-
-def build_cache(cfg: DictConfig, device: Optional[str] = None, log: Callable[[str], None] = print,
-                trust_code: bool = False) -> Dict[str, Any]:
-    """Run the frozen backbone of ``cfg`` over ``data.train`` once and write ``cache.path``
-    (``trust_code``: the recipe may name its backbone by import path).
-
-    Resumes a partial cache with the same spec; refuses a folder holding a cache with another
-    spec. Returns a summary (samples, skipped, shards, bytes, seconds, images/s).
-    """
-    from .models.factory import create_backbone
-    from .train.step import frozen_tokens
-
-    c = cfg.cache
-    if not c.path:
-        raise ConfigError("cache.path is not set: name the folder to write, e.g. `dinotxt cache RECIPE cache.path=runs/cache`")
-    root = Path(c.path)
-    spec = cache_spec(cfg)
-    jobs = _source_jobs(cfg)
-    source = _source_fingerprint(cfg)
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    backbone = create_backbone(cfg.model.backbone, trust_code=trust_code).to(device)
-    weights_hash = backbone_fingerprint(backbone)
-    with torch.inference_mode():
-        size = spec["backbone"]["img_size"]
-        full = backbone(torch.zeros(1, 3, size, size, device=device)).shape
-    token_shape = [2, int(full[-1])] if c.tokens == "pooled" else [int(full[1]), int(full[2])]
-    meta = {"format": FORMAT_VERSION, "spec": spec, "weights_hash": weights_hash, "token_shape": token_shape, "source": source,
-            "data": str(cfg.data.train), "shards": [{"name": j["name"], "source": str(j["source"])} for j in jobs]}
-    meta_path = root / META_NAME
-    if meta_path.is_file():
-        old = json.loads(meta_path.read_text())
-        found = _diff(old.get("spec"), spec) or _diff(old.get("source"), source, "source.")
-        if found:
-            field, recorded, wanted = found
-            raise ConfigError(f"{root} holds a feature cache built with {field}={recorded!r}, but the recipe asks for "
-                              f"{wanted!r}; write to another cache.path or delete that folder")
-        if old.get("weights_hash") != weights_hash:
-            raise ConfigError(f"{root} holds a feature cache computed by a backbone with other weights; write to "
-                              "another cache.path or delete that folder")
-    atomic_write_json(meta_path, meta)
-
-    todo = [j for j in jobs if not _shard_complete(root, j["name"])]
-    if len(todo) < len(jobs):
-        log(f"[dinotxt] feature cache {root}: {len(jobs) - len(todo)} of {len(jobs)} shards already done; resuming")
-    views, bytes_per_row = int(c.views), int(np.prod(token_shape)) * 2 * int(c.views)
-    torch_dtype = STORAGE[c.dtype][0]
-    pool_kind, prefix = cfg.model.vision_head.pooling, backbone.num_prefix_tokens
-    autocast = cfg.trainer.backbone_autocast
-    written, skipped, done = 0, Counter(), 0
-    start = time.time()
-
-    def flush(pending: List[Tuple[_ShardWriter, Dict]]) -> None:
-        if not pending:
-            return
-        images = torch.cat([item["views"] for _, item in pending])
-        out = []
-        for chunk in images.split(max(1, int(c.batch_size))):
-            tokens = frozen_tokens(backbone, chunk.to(device, non_blocking=True), autocast)
-            if c.tokens == "pooled":
-                tokens = pool_frozen_tokens(tokens, prefix, pool_kind, cfg.model.vision_head.gem_p)
-            out.append(tokens.to(torch_dtype).cpu())
-        rows = torch.cat(out).reshape(len(pending), views, *token_shape)
-        raw = rows.view(torch.int16) if torch_dtype == torch.bfloat16 else rows
-        for (writer, item), row in zip(pending, raw.numpy()):
-            writer.append(item["key"], item["caption"], row.tobytes())
-        pending.clear()
-
-    writers: Dict[str, _ShardWriter] = {}
-    pending: List[Tuple[_ShardWriter, Dict]] = []
-    loader = DataLoader(_ShardDecoder(todo, cfg), batch_size=None, num_workers=min(int(cfg.data.num_workers), len(todo)))
-    try:
-        for item in loader:
-            name = item["job"]
-            if name not in writers:
-                writers[name] = _ShardWriter(root, name)
-            if "done" in item:
-                flush(pending)
-                writer = writers.pop(name)
-                writer.finish(item["done"])
-                written += len(writer.keys)
-                skipped.update(item["done"])
-                done += 1
-                elapsed = time.time() - start
-                log(f"[dinotxt] cache shard {name}: {len(writer.keys)} samples, {sum(item['done'].values())} skipped "
-                    f"({done}/{len(todo)} shards, {written * views / max(elapsed, 1e-9):.1f} images/s)")
-                continue
-            pending.append((writers[name], item))
-            if len(pending) * views >= c.batch_size:
-                flush(pending)
-    except BaseException:
-        for writer in writers.values():
-            writer.abort()
-        raise
-    elapsed = time.time() - start
-    total = sum(int(json.loads((root / f"{j['name']}.json").read_text())["count"]) for j in jobs)
-    return {"path": str(root), "shards": len(jobs), "samples": total, "written_now": written, "views": views,
-            "token_shape": token_shape, "dtype": c.dtype, "skipped_now": dict(skipped),
-            "bytes": total * bytes_per_row, "seconds": round(elapsed, 1),
-            "images_per_s": round(written * views / elapsed, 1) if elapsed > 0 and written else None}

@@ -1,9 +1,14 @@
-"""The pool being curated: its work units and a stable id for every sample.
+"""Data in *units*, with a stable id for every sample: how the feature extraction stage (the
+feature cache, the curation embeddings) and the curation stages walk a data source.
 
-A pool is the training-data format of dinotxt (``dinotxt.data``): webdataset shards in the
-img2dataset layout, or a CSV / TSV / parquet manifest. Stages process it in *units* (one
-shard, or a slice of manifest rows) so that every output is sharded the same way, written
-atomically per unit, and a rerun skips the units already done.
+A source is the training-data format of dinotxt: webdataset shards in the img2dataset layout,
+or a CSV / TSV / parquet manifest. A unit is one shard, or a slice of manifest rows, so that
+every output is sharded the same way, written atomically per unit, and a rerun skips the
+units already done.
+
+``fmt`` below is any settings object with the reading fields of ``data`` / ``pool`` sections:
+``image_keys``, ``caption_key``, ``caption_json_field``, ``manifest_image_column``,
+``manifest_caption_column``.
 
 Sample ids: ``sample_uid`` hashes the shard's *file name* and the sample key (or the
 manifest's file name, image path and caption) to an int64, so an id depends only on the
@@ -18,8 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, Iterator, List, Optional, Tuple
 
-from dinotxt.data.sources import expand_shards, is_manifest, iter_tar_samples, read_manifest
-from dinotxt.data.stream import extract_caption
+from .sources import expand_shards, is_manifest, iter_tar_samples, read_manifest
+from .stream import extract_caption
 
 
 def sample_uid(unit_name: str, key: str) -> int:
@@ -29,7 +34,7 @@ def sample_uid(unit_name: str, key: str) -> int:
 
 
 @dataclass(frozen=True)
-class PoolUnit:
+class DataUnit:
     """One shard, or the manifest rows ``[start, stop)``."""
 
     index: int
@@ -43,15 +48,15 @@ class PoolUnit:
         return self.stop > self.start
 
 
-def pool_units(pool_cfg) -> List[PoolUnit]:
-    """The units of ``pool.data`` in a fixed order (shards as listed/sorted, manifest slices in row order)."""
-    spec = pool_cfg.data
+def data_units(spec, fmt, rows_per_unit: int, key: str = "data.train") -> List[DataUnit]:
+    """The units of the source ``spec`` in a fixed order (shards as listed/sorted, manifest slices of
+    ``rows_per_unit`` rows in row order); ``key`` names the setting in error messages."""
     if is_manifest(spec):
-        rows = len(_manifest_rows(spec, pool_cfg.manifest_image_column, pool_cfg.manifest_caption_column))
-        step = max(1, int(pool_cfg.manifest_rows_per_unit))
-        return [PoolUnit(i, Path(spec).name, str(spec), start, min(rows, start + step))
+        rows = len(_manifest_rows(spec, fmt.manifest_image_column, fmt.manifest_caption_column))
+        step = max(1, int(rows_per_unit))
+        return [DataUnit(i, Path(spec).name, str(spec), start, min(rows, start + step))
                 for i, start in enumerate(range(0, rows, step))]
-    shards = expand_shards(list(spec) if not isinstance(spec, str) else spec, key="pool.data")
+    shards = expand_shards(list(spec) if not isinstance(spec, str) else spec, key=key)
     seen: Dict[str, str] = {}
     for s in shards:
         name = Path(s).name
@@ -59,7 +64,7 @@ def pool_units(pool_cfg) -> List[PoolUnit]:
             raise ValueError(f"shards {seen[name]} and {s} have the same file name; sample ids are built from the "
                              "shard file name and the key, so rename one of them")
         seen[name] = s
-    return [PoolUnit(i, Path(s).name, s) for i, s in enumerate(shards)]
+    return [DataUnit(i, Path(s).name, s) for i, s in enumerate(shards)]
 
 
 _MANIFEST_CACHE: Dict[Tuple[str, str, str], List[Tuple[str, str, str]]] = {}
@@ -91,7 +96,7 @@ def _unique_keys(keys: Dict[str, int], key: str) -> str:
 
 
 @dataclass
-class PoolSample:
+class UnitSample:
     """A raw sample: undecoded image bytes (None when absent) and its caption (None when missing or empty)."""
 
     uid: int
@@ -101,13 +106,13 @@ class PoolSample:
     raw: Dict  # the tar members (for rewriting shards), or {"__path__": image path}
 
 
-def iter_unit(unit: PoolUnit, pool_cfg, errors: Dict[str, int]) -> Iterator[PoolSample]:
+def iter_unit(unit: DataUnit, fmt, errors: Dict[str, int]) -> Iterator[UnitSample]:
     """Samples of one unit in file order. A truncated shard ends early with ``errors['corrupt_shard']``
     counted (by ``iter_tar_samples``); an unreadable manifest image yields ``image=None``."""
     seen: Dict[str, int] = {}
-    image_keys = [k.lower() for k in pool_cfg.image_keys]
+    image_keys = [k.lower() for k in fmt.image_keys]
     if unit.is_manifest:
-        rows = _manifest_rows(unit.path, pool_cfg.manifest_image_column, pool_cfg.manifest_caption_column)
+        rows = _manifest_rows(unit.path, fmt.manifest_image_column, fmt.manifest_caption_column)
         for path, caption, ident in rows[unit.start:unit.stop]:
             uid = sample_uid(unit.name, ident)
             try:
@@ -116,11 +121,11 @@ def iter_unit(unit: PoolUnit, pool_cfg, errors: Dict[str, int]) -> Iterator[Pool
             except OSError:
                 image = None
             text = extract_caption({"__caption__": caption}, rng=random.Random(uid))
-            yield PoolSample(uid, ident.split("\x00")[0], text, image, {"__path__": path, "__caption__": caption})
+            yield UnitSample(uid, ident.split("\x00")[0], text, image, {"__path__": path, "__caption__": caption})
         return
     for sample in iter_tar_samples(unit.path, errors):
         key = _unique_keys(seen, sample["__key__"])
         uid = sample_uid(unit.name, key)
-        caption = extract_caption(sample, pool_cfg.caption_key, pool_cfg.caption_json_field, rng=random.Random(uid))
+        caption = extract_caption(sample, fmt.caption_key, fmt.caption_json_field, rng=random.Random(uid))
         image = next((sample[k] for k in image_keys if k in sample), None)
-        yield PoolSample(uid, key, caption, image, sample)
+        yield UnitSample(uid, key, caption, image, sample)
