@@ -35,11 +35,11 @@ test-kernels: $(STAMP)
 	env $(BASELINE_KERNELS) DINOTXT_TEST_THREADS=1 $(BIN)/python -m pytest -q -p no:cacheprovider $(NUMERICS)
 	env $(AVX2_KERNELS) $(BIN)/python -m pytest -q -p no:cacheprovider $(NUMERICS)
 
-# a fresh venv, a non-editable `pip install .` with every dependency from the registry, and the CLI
-# from another folder (about 6 GB and a few minutes)
+# a fresh venv, a non-editable `pip install ".[train]"` with every dependency from the registry, and the
+# CLI from another folder (about 6 GB and a few minutes)
 check-install:
 	rm -rf /tmp/dinotxt-check-install && $(PYTHON) -m venv /tmp/dinotxt-check-install/venv
-	/tmp/dinotxt-check-install/venv/bin/python -m pip install --quiet .
+	/tmp/dinotxt-check-install/venv/bin/python -m pip install --quiet ".[train]"
 	cd /tmp/dinotxt-check-install && venv/bin/dinotxt demo --help > /dev/null && venv/bin/dinotxt models \
 	  && venv/bin/dinotxt train debug optim.max_steps=2 trainer.val_every_n_steps=0 data.world.num_train=32 \
 	     data.world.num_eval=0 data.world.samples_per_shard=32 data.num_workers=0 eval.zeroshot_dir=null \

@@ -1,19 +1,18 @@
 """Typed curation recipes (dino.txt curation, METHOD.md section 7).
 
-A recipe is a short YAML diff over the defaults below, merged with the same strict
-mechanism as training configs (``dinotxt.config.check_keys`` / ``_merge``): defaults ->
-recipe -> command-line ``key=value``. A mistyped key stops the run with a message naming
+A recipe is a short YAML diff over the defaults below, merged with dinotxt's one config
+mechanism (``dinotxt.config.load_config``): defaults -> recipe -> command-line ``key=value``,
+choice fields checked at load. A mistyped key stops the run with a message naming
 the nearest valid key. The resolved recipe is written to ``<output_dir>/<name>/config.yaml``.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 from omegaconf import DictConfig, OmegaConf
 
-from dinotxt.config import ConfigError, _merge, _parse_dotlist, _read_yaml, find_recipe
+from dinotxt.config import ConfigError, choice, load_config
 
 
 @dataclass
@@ -48,7 +47,7 @@ class EmbedConfig:
     num_workers: int = 2  # dataloader workers decoding images
     accelerator: str = "auto"  # Lightning accelerator; GPUs are used when present
     devices: Any = "auto"  # several GPUs split the input shards between them (Lightning predict, DDP)
-    precision: str = "auto"  # auto = bf16-mixed on GPU, 32-true on CPU
+    precision: str = choice("auto", "auto", "32-true", "bf16-mixed", "16-mixed")  # auto = bf16-mixed on GPU, 32-true on CPU
     # caption encoder: "tfidf" (hashed word n-gram TF-IDF, no download) or "package.module:factory"
     # returning an object with encode(list_of_captions) -> (n, dim) array (any sentence encoder you have)
     text_encoder: str = "tfidf"
@@ -67,7 +66,7 @@ class DedupConfig:
     enabled: bool = True
     threshold: float = 0.95  # cosine similarity of image embeddings at or above which two samples are duplicates
     neighbors: int = 16  # nearest neighbours searched per sample (groups connect transitively beyond this)
-    index: str = "auto"  # flat (exact) | ivf (approximate, for large pools) | auto (flat up to flat_max rows)
+    index: str = choice("auto", "auto", "flat", "ivf")  # flat (exact) | ivf (approximate, for large pools) | auto (flat up to flat_max rows)
     flat_max: int = 200_000
     nlist: Optional[int] = None  # IVF lists; default 4 * sqrt(N)
     nprobe: int = 16
@@ -76,15 +75,15 @@ class DedupConfig:
 
 @dataclass
 class ClusterConfig:
-    embeddings: str = "image"  # image | text: which embeddings the hierarchical k-means runs on
+    embeddings: str = choice("image", "image", "text")  # which embeddings the hierarchical k-means runs on
     levels: List[int] = field(default_factory=lambda: [1000, 100])  # clusters per level, bottom level first
     iters: int = 50  # Lloyd iterations of every k-means run
     resampling_steps: Any = 1  # R per level (an int for all levels, or a list)
     sample_size: Any = None  # s points per cluster kept in a resampling step (int or list); None = half the mean cluster size
-    init: str = "kmeans++"  # kmeans++ | random
+    init: str = choice("kmeans++", "kmeans++", "random")
     init_sample_per_centroid: int = 64  # k-means++ seeds on at most this many points per centroid (a random subset)
-    device: str = "auto"  # faiss device for k-means and de-duplication: auto (GPU when faiss sees one) | cpu | cuda
-    gpu_index: str = "replicate"  # several GPUs: replicate the centroids (split the queries) | shard them (split the centroids)
+    device: str = choice("auto", "auto", "cpu", "cuda")  # faiss device for k-means and de-duplication: auto = GPU when faiss sees one
+    gpu_index: str = choice("replicate", "replicate", "shard")  # several GPUs: replicate the centroids (split the queries) | shard them
     chunk_size: int = 65536  # rows per assignment chunk: bounds memory, the pool stays memory-mapped
 
 
@@ -92,7 +91,7 @@ class ClusterConfig:
 class ImageBalanceConfig:
     enabled: bool = True
     target_size: Any = 0.5  # samples to keep: an int, or a fraction (0, 1] of the deduplicated pool
-    strategy: str = "closest"  # closest (to the leaf centroid first) | random
+    strategy: str = choice("closest", "closest", "random")  # closest (to the leaf centroid first) | random
 
 
 @dataclass
@@ -109,7 +108,7 @@ class TextBalanceConfig:
 
 @dataclass
 class CombineConfig:
-    mode: str = "intersection"  # intersection (dino.txt) | union | image | text
+    mode: str = choice("intersection", "intersection", "union", "image", "text")  # intersection is dino.txt's
     write_shards: bool = False  # also write the curated pairs as webdataset shards that training reads directly
     samples_per_shard: int = 1000
 
@@ -134,18 +133,6 @@ class CurationConfig:
     report: ReportConfig = field(default_factory=ReportConfig)
 
 
-_CHOICES = {
-    "embed.precision": ("auto", "32-true", "bf16-mixed", "16-mixed"),
-    "dedup.index": ("auto", "flat", "ivf"),
-    "cluster.embeddings": ("image", "text"),
-    "cluster.init": ("kmeans++", "random"),
-    "cluster.gpu_index": ("replicate", "shard"),
-    "cluster.device": ("auto", "cpu", "cuda"),
-    "image_balance.strategy": ("closest", "random"),
-    "combine.mode": ("intersection", "union", "image", "text"),
-}
-
-
 def per_level(value: Any, levels: int, key: str) -> List[Any]:
     """An int (or None) for every level, or a list with one value per level."""
     if isinstance(value, (list, tuple)) or OmegaConf.is_list(value):
@@ -158,10 +145,6 @@ def per_level(value: Any, levels: int, key: str) -> List[Any]:
 
 def validate(cfg: DictConfig) -> None:
     """Reject values that would fail deep inside a stage, with a message saying what to fix."""
-    for key, choices in _CHOICES.items():
-        value = OmegaConf.select(cfg, key)
-        if value not in choices:
-            raise ConfigError(f"{key}={value!r} is not one of {', '.join(choices)}")
     if cfg.pool.data is None:
         raise ConfigError("no pool: set pool.data to shards (dir/{00000..00009}.tar, a folder) or a .csv/.parquet manifest")
     levels = list(cfg.cluster.levels)
@@ -198,17 +181,7 @@ def validate(cfg: DictConfig) -> None:
 
 def load_curation_config(recipe: Optional[str] = None, overrides: Optional[List[str]] = None) -> DictConfig:
     """Resolve defaults -> recipe -> command-line overrides into a validated CurationConfig."""
-    cfg = OmegaConf.structured(CurationConfig)
-    recipe = find_recipe(recipe) if recipe else None
-    recipe_cfg = _read_yaml(recipe) if recipe else OmegaConf.create({})
-    cfg = _merge(cfg, recipe_cfg, str(recipe) if recipe else "recipe")
-    cfg = _merge(cfg, _parse_dotlist(overrides or []), "command line")
-    if cfg.name is None:
-        cfg.name = Path(recipe).stem if recipe else "curation"
-    try:
-        OmegaConf.resolve(cfg)
-    except Exception as e:
-        raise ConfigError(f"cannot resolve config: {str(e).splitlines()[0]}") from None
+    cfg = load_config(CurationConfig, recipe, overrides, default_name="curation")
     validate(cfg)
     return cfg
 

@@ -21,6 +21,7 @@ gathered. A rerun embeds only the units without a ``.parquet``.
 from __future__ import annotations
 
 import json
+import logging
 from collections import Counter
 from pathlib import Path
 from typing import Dict, List
@@ -39,6 +40,8 @@ from dinotxt.models.factory import create_backbone
 
 from .store import load_table, save_npy, save_table, shard_paths
 from .text_encoders import HashedTfidfEncoder, encode_checked, load_text_encoder
+
+log = logging.getLogger(__name__)
 
 
 def backbone_config(embed_cfg):
@@ -152,7 +155,7 @@ def embed_images(cfg, units: List[DataUnit], out_dir: Path, trust_code: bool = F
         precision = "bf16-mixed" if torch.cuda.is_available() and e.accelerator in ("auto", "gpu", "cuda") else "32-true"
     job = EmbeddingJob(out_dir, eval_transform(bcfg.img_size), 2 * backbone.embed_dim)
     return run_extraction(job, backbone, units, cfg.pool, e.batch_size, e.num_workers, e.accelerator, e.devices,
-                          precision, log=lambda m: print(f"[curate] embed: {m}", flush=True), verb="embed")
+                          precision, log=lambda m: log.info(f"embed: {m}"), verb="embed")
 
 
 def embed_texts(cfg, units: List[DataUnit], embed_dir: Path, text_dir: Path, trust_code: bool = False) -> Dict:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import time
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Tuple
@@ -35,6 +36,8 @@ from .config import load_curation_config, per_level
 from dinotxt.data.units import data_units
 from .stages import Stage, fingerprint, run_stage
 from .store import EmbeddingStore, save_npy, shard_paths
+
+log = logging.getLogger(__name__)
 
 
 class Curation:
@@ -116,7 +119,7 @@ class Curation:
 
     # ---------------------------------------------------------------- helpers
     def log(self, msg: str) -> None:
-        print(f"[curate] {msg}", flush=True)
+        log.info(f"{msg}")
 
     @property
     def pool(self) -> Dict:

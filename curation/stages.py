@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import shutil
 import time
 from pathlib import Path
@@ -25,6 +26,8 @@ from omegaconf import OmegaConf
 
 from dinotxt.config import ConfigError
 from dinotxt.fileio import atomic_write_json
+
+log = logging.getLogger(__name__)
 
 
 def fingerprint(*parts: Any) -> str:
@@ -74,7 +77,7 @@ class Stage:
                 raise ConfigError(
                     f"{self.folder} holds '{self.name}' outputs made with different settings or inputs; "
                     f"delete that folder to recompute them, or pick a new run name (name=NEW_NAME)")
-            print(f"[curate] {self.name}: settings or inputs changed, recomputing", flush=True)
+            log.info(f"{self.name}: settings or inputs changed, recomputing")
             shutil.rmtree(self.folder)
         self.folder.mkdir(parents=True, exist_ok=True)
         atomic_write_json(self.folder / "started.json", {"stage": self.name, "fingerprint": self.fingerprint})
@@ -88,12 +91,12 @@ class Stage:
 def run_stage(stage: Stage, work: Callable[[bool], Dict]) -> Dict:
     """Run ``work(resuming)`` unless the stage is already done; returns the stage's statistics."""
     if stage.done:
-        print(f"[curate] {stage.name}: done earlier, skipped", flush=True)
+        log.info(f"{stage.name}: done earlier, skipped")
         return stage.stats
     resuming = stage.begin()
-    print(f"[curate] {stage.name}: {'resuming' if resuming else 'running'}", flush=True)
+    log.info(f"{stage.name}: {'resuming' if resuming else 'running'}")
     start = time.time()
     stats = work(resuming)
     stage.finish(stats, time.time() - start)
-    print(f"[curate] {stage.name}: done in {time.time() - start:.1f} s", flush=True)
+    log.info(f"{stage.name}: done in {time.time() - start:.1f} s")
     return stats

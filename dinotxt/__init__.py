@@ -1,19 +1,35 @@
 """dinotxt: give language to frozen self-supervised vision encoders (dino.txt / LiT).
 
-``import dinotxt`` needs torch, timm and sentencepiece only; Lightning, faiss and the
-training stack load where they are used.
+The public API loads on first use (PEP 562), so ``import dinotxt`` and ``dinotxt --help`` cost
+nothing; ``dinotxt.load`` & co. need torch, timm and sentencepiece only. Lightning, faiss and the
+rest of the training and curation stack load where they are used (the ``[train]`` and
+``[curate]`` extras).
 """
-from .config import ConfigError, list_models, model_config
-from .models import DinoTxt, FrozenBackbone, TextTower, VisionHead, create_model
-from .tokenizer import Tokenizer, train_tokenizer
-from .loss import ClipLoss, clip_loss
-from .inference import DenseSettings, load_templates, segment, zero_shot_classifier
-from .checkpoint import load, save_checkpoint
-from .clip_tokenizer import ClipTokenizer
-from .models.official import load_official
+from importlib import import_module
 
 __version__ = "0.1.0"
 
-__all__ = ["ConfigError", "list_models", "model_config", "DinoTxt", "FrozenBackbone", "TextTower", "VisionHead",
-           "create_model", "Tokenizer", "train_tokenizer", "ClipLoss", "clip_loss", "load_templates",
-           "zero_shot_classifier", "load", "save_checkpoint", "ClipTokenizer", "load_official"]
+_API = {
+    "ConfigError": "config", "list_models": "config", "model_config": "config",
+    "DinoTxt": "models", "FrozenBackbone": "models", "TextTower": "models", "VisionHead": "models",
+    "create_model": "models",
+    "Tokenizer": "tokenizer", "train_tokenizer": "tokenizer", "ClipTokenizer": "clip_tokenizer",
+    "ClipLoss": "loss", "clip_loss": "loss",
+    "load_templates": "inference", "zero_shot_classifier": "inference", "segment": "inference",
+    "DenseSettings": "inference",
+    "load": "checkpoint", "save_checkpoint": "checkpoint", "load_official": "models.official",
+}
+
+__all__ = sorted(_API)
+
+
+def __getattr__(name):
+    if name in _API:
+        value = getattr(import_module(f".{_API[name]}", __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'dinotxt' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(list(globals()) + __all__)

@@ -14,7 +14,9 @@
     dinotxt models | recipes
 
 User errors (bad config, missing files, wrong checkpoints) print one line and exit 2;
-set DINOTXT_DEBUG=1 to see the traceback instead.
+set DINOTXT_DEBUG=1 to see the traceback instead. Progress goes through the ``dinotxt`` logger
+(INFO on stdout; ``--quiet`` anywhere on the line keeps warnings only). Nothing here imports
+torch before a command runs, so ``dinotxt --help`` answers at once.
 """
 from __future__ import annotations
 
@@ -25,7 +27,27 @@ import sys
 from typing import List, Optional
 
 
+# the extras (pyproject.toml) a command needs beyond the core, and the modules that tell they are there
+EXTRAS = {"train": ("lightning", "tensorboard", "matplotlib"), "curate": ("lightning", "faiss", "pyarrow", "matplotlib")}
+
+
+def _require(extra: str, command: str) -> None:
+    import importlib.util
+
+    def absent(module: str) -> bool:
+        try:
+            return importlib.util.find_spec(module) is None
+        except ImportError:  # a broken or blocked install
+            return True
+
+    missing = [m for m in EXTRAS[extra] if absent(m)]
+    if missing:
+        raise ImportError(f"dinotxt {command} needs the [{extra}] extra (missing: {', '.join(missing)}): "
+                          f"pip install 'dinotxt[{extra}]'")
+
+
 def _cmd_train(args) -> int:
+    _require("train", "train")
     from .train.run import run_training
 
     metrics = run_training(args.recipe, args.overrides, resume=args.resume, trust_code=args.trust_code)
@@ -34,6 +56,7 @@ def _cmd_train(args) -> int:
 
 
 def _cmd_cache(args) -> int:
+    _require("train", "cache")
     from .features.cache import build_cache
     from .config import load_train_config
     from .data.world import ensure_world
@@ -196,6 +219,7 @@ def _cmd_eval_suite(args) -> int:
 
 
 def _cmd_curate(args) -> int:
+    _require("curate", "curate")
     from curation.pipeline import run_curation
 
     run_curation(args.recipe, args.overrides, stage=args.stage, until=args.until, trust_code=args.trust_code)
@@ -203,6 +227,7 @@ def _cmd_curate(args) -> int:
 
 
 def _cmd_demo(args) -> int:
+    _require("curate" if args.curation else "train", "demo")
     if args.curation:
         from .demo.curation import run_curation_demo
 
@@ -255,6 +280,7 @@ def trust_option(q: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="dinotxt", description="Align text to a frozen vision encoder (dino.txt / LiT).")
+    p.add_argument("-q", "--quiet", action="store_true", help="show warnings and results only, not progress messages")
     sub = p.add_subparsers(dest="command", required=True)
 
     t = sub.add_parser("train", help="train an aligner from a recipe YAML")
@@ -400,6 +426,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
+    import logging
+
+    from .log import setup_console
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    quiet = any(a in ("--quiet", "-q") for a in argv)  # accepted anywhere on the line
+    argv = [a for a in argv if a not in ("--quiet", "-q")]
+    setup_console(logging.WARNING if quiet else logging.INFO)
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     # key=value overrides may come after flags (``train R --resume optim.max_steps=30``)

@@ -1,15 +1,21 @@
-"""Typed configuration for models and training runs.
+"""Typed configuration: the one config mechanism of dinotxt, and the model and training schemas.
 
-All defaults live here (model architecture) and in ``dinotxt/configs/defaults.yaml``
-(training). Registered architectures (``dinotxt/configs/models/*.yaml``) and recipes
-(``recipes/*.yaml``) are short diffs merged over them with OmegaConf, in the order
-defaults -> model registry entry -> recipe -> command line, as DINOv2 does.
+Every default is written once, in the dataclasses below (the curation and evaluation-suite
+schemas live next to their code and use the same mechanism). Registered architectures
+(``dinotxt/configs/models/*.yaml``) and recipes (``recipes/*.yaml``) are short diffs merged
+over the defaults with OmegaConf, in the order defaults -> model registry entry -> recipe ->
+command line, as DINOv2 does:
 
-Unknown keys are rejected with a message that names the key and the closest valid
-one, so a typo (``optim.lrr=1e-3``) stops a run before it starts.
+- ``merge_config(base, update, source)``: refuses a key ``base`` lacks, naming the closest valid
+  one (``optim.lrr=1e-3`` stops the run before it starts), and a value of the wrong type;
+- ``read_yaml`` / ``parse_overrides``: a recipe file and ``key=value`` command-line overrides;
+- ``finalize``: resolves ``${...}`` interpolations and checks every choice field (declared with
+  ``choice(...)``: the value must be one of its choices) at load, not deep inside a run;
+- ``load_config(schema, recipe, overrides)``: all of it, for a schema without a registry layer.
 """
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import math
 from dataclasses import dataclass, field
@@ -20,7 +26,6 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 MODEL_CONFIG_DIR = CONFIG_DIR / "models"
-TRAIN_DEFAULTS = CONFIG_DIR / "defaults.yaml"
 # the shipped recipes: inside the installed package (the wheel maps the top-level recipes/ folder
 # to dinotxt/recipes), or next to the package in a source checkout / editable install
 RECIPE_DIRS = (Path(__file__).parent / "recipes", Path(__file__).resolve().parent.parent / "recipes")
@@ -28,6 +33,11 @@ RECIPE_DIRS = (Path(__file__).parent / "recipes", Path(__file__).resolve().paren
 
 class ConfigError(ValueError):
     """A configuration the user wrote cannot be used; the message says what to fix."""
+
+
+def choice(default: Any, *choices: Any) -> Any:
+    """A dataclass field whose value must be one of ``choices`` (checked by ``finalize``)."""
+    return field(default=default, metadata={"choices": tuple(choices)})
 
 
 # --------------------------------------------------------------------------- model
@@ -56,11 +66,11 @@ class VisionHeadConfig:
     mlp_ratio: float = 4.0  # SwiGLU hidden = ceil64(int(width * mlp_ratio * 2/3))
     drop_path: float = 0.3  # stochastic depth, linearly spread over the blocks
     layer_scale_init: float = 1e-5
-    pooling: str = "mean"  # pooler for patch tokens: mean | max | gem
+    pooling: str = choice("mean", "mean", "max", "gem")  # pooler for patch tokens
     gem_p: float = 3.0  # GeM exponent
     use_patch_tokens: bool = True  # False: CLS-only embedding (the LiT baseline)
     final_norm: bool = True  # LayerNorm over all head tokens (dino.txt's ln_final)
-    attn_impl: str = "sdpa"  # sdpa (torch) | xformers
+    attn_impl: str = choice("sdpa", "sdpa", "xformers")  # torch SDPA, or xformers (the [xformers] extra)
     grad_checkpointing: bool = False  # recompute head blocks in the backward pass (activation memory for compute)
 
 
@@ -78,7 +88,9 @@ class TextConfig:
 
 @dataclass
 class ModelConfig:
-    arch: str = ""  # registry entry this config was built from (informational)
+    # the registry entry (dinotxt/configs/models/) a training config starts from; for a model's own
+    # config, the entry it was built from ("" for a model assembled by hand)
+    arch: str = "dinotxt_vitl14_reg4"
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
     vision_head: VisionHeadConfig = field(default_factory=VisionHeadConfig)
     text: TextConfig = field(default_factory=TextConfig)
@@ -147,7 +159,8 @@ class TrainerConfig:
     # auto | ddp | fsdp | any Lightning strategy name; fsdp shards the text tower, the head blocks
     # and the frozen backbone's blocks across GPUs, one FSDP unit per block (dinotxt/train/strategy.py)
     strategy: str = "auto"
-    precision: str = "auto"  # auto = bf16-mixed on GPU, 32-true on CPU
+    # auto = bf16-mixed on GPU, 32-true on CPU; otherwise a Lightning precision
+    precision: str = choice("auto", "auto", "32-true", "bf16-mixed", "16-mixed", "bf16-true", "16-true", "64-true")
     accumulate_grad_batches: int = 1
     log_every_n_steps: int = 50
     checkpoint_every_n_steps: int = 1000
@@ -156,7 +169,7 @@ class TrainerConfig:
     deterministic: bool = False
     # run the frozen backbone under bf16 autocast even when the rest trains in fp32 (CPUs with
     # AMX / avx512_bf16, or GPUs): about 2x faster, NOT bit-exact (tokens differ by ~3e-3 relative)
-    backbone_autocast: Optional[str] = None  # None | bfloat16
+    backbone_autocast: Optional[str] = choice(None, None, "bfloat16")
 
 
 @dataclass
@@ -174,8 +187,9 @@ class CacheConfig:
     path: Optional[str] = None  # cache folder; None = run the frozen backbone online every step
     views: int = 1  # augmented views stored per image; each step draws one of them
     augment: bool = True  # views are training crops (data.crop_scale, data.hflip); False: one eval crop
-    tokens: str = "all"  # all = every output token [CLS, regs, patches]; pooled = [CLS, pooled patches] (LiT: 0 head blocks)
-    dtype: str = "float16"  # storage precision: float16 | bfloat16
+    # all = every output token [CLS, regs, patches]; pooled = [CLS, pooled patches] (LiT: 0 head blocks)
+    tokens: str = choice("all", "all", "pooled")
+    dtype: str = choice("float16", "float16", "bfloat16")  # storage precision
     batch_size: int = 64  # images per backbone forward while writing
     devices: Any = "auto"  # GPUs that write it (each takes its own source shards); CPU runs use one process
     samples_per_shard: int = 10000  # rows per cache shard for manifests (tar shards map 1:1)
@@ -195,7 +209,7 @@ class TrainConfig:
     cache: CacheConfig = field(default_factory=CacheConfig)
 
 
-# ---------------------------------------------------------------------- merging
+# ---------------------------------------------------------------------- the mechanism
 
 
 def _flat_keys(node: Any, prefix: str = "") -> List[str]:
@@ -221,7 +235,8 @@ def check_keys(schema: Any, update: Any, source: str) -> None:
         raise ConfigError(f"unknown config key '{key}' in {source}{hint}")
 
 
-def _merge(base: DictConfig, update: Any, source: str) -> DictConfig:
+def merge_config(base: DictConfig, update: Any, source: str) -> DictConfig:
+    """``base`` with ``update`` merged over it; unknown keys and wrong types are a ConfigError naming ``source``."""
     check_keys(base, update, source)
     try:
         return OmegaConf.merge(base, update)
@@ -230,7 +245,8 @@ def _merge(base: DictConfig, update: Any, source: str) -> DictConfig:
         raise ConfigError(f"invalid value in {source}: {msg}") from None
 
 
-def _read_yaml(path: Path) -> DictConfig:
+def read_yaml(path: Union[str, Path]) -> DictConfig:
+    path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
     try:
@@ -238,6 +254,53 @@ def _read_yaml(path: Path) -> DictConfig:
     except Exception as e:
         raise ConfigError(f"cannot parse YAML {path}: {str(e).splitlines()[0]}") from None
     return cfg if cfg is not None else OmegaConf.create({})
+
+
+def parse_overrides(overrides: List[str]) -> DictConfig:
+    """``["optim.lr=3e-4", ...]`` as a config to merge."""
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"command-line override '{item}' must look like key=value (e.g. optim.lr=3e-4)")
+    return OmegaConf.from_dotlist(list(overrides))
+
+
+def check_choices(cfg: DictConfig, prefix: str = "") -> None:
+    """Every ``choice(...)`` field of the structured ``cfg`` (nested sections too) holds one of its choices."""
+    schema = OmegaConf.get_type(cfg)
+    if not dataclasses.is_dataclass(schema):
+        return
+    for f in dataclasses.fields(schema):
+        value = cfg.get(f.name)
+        choices = f.metadata.get("choices")
+        if choices is not None and value not in choices:
+            shown = ", ".join("null" if c is None else str(c) for c in choices)
+            raise ConfigError(f"{prefix}{f.name}={value!r} is not one of {shown}")
+        if isinstance(value, DictConfig):
+            check_choices(value, f"{prefix}{f.name}.")
+
+
+def finalize(cfg: DictConfig) -> DictConfig:
+    """Resolve ``${...}`` interpolations (saved as plain values) and check the choice fields."""
+    try:
+        OmegaConf.resolve(cfg)
+    except Exception as e:
+        raise ConfigError(f"cannot resolve config: {str(e).splitlines()[0]}") from None
+    check_choices(cfg)
+    return cfg
+
+
+def load_config(schema: type, recipe: Optional[Union[str, Path]] = None, overrides: Optional[List[str]] = None,
+                default_name: Optional[str] = None) -> DictConfig:
+    """Defaults (``schema``) -> recipe (a file, or a shipped recipe by name) -> ``key=value`` overrides. A
+    ``name`` field left unset becomes the recipe's file stem (or ``default_name``)."""
+    cfg = OmegaConf.structured(schema)
+    recipe = find_recipe(recipe) if recipe else None
+    if recipe:
+        cfg = merge_config(cfg, read_yaml(recipe), str(recipe))
+    cfg = merge_config(cfg, parse_overrides(overrides or []), "command line")
+    if "name" in cfg and cfg.name is None:
+        cfg.name = Path(recipe).stem if recipe else default_name
+    return finalize(cfg)
 
 
 def shipped_recipes() -> List[str]:
@@ -281,41 +344,28 @@ def model_config(arch: str, overrides: Any = None) -> DictConfig:
             close = difflib.get_close_matches(arch, list_models(), n=1, cutoff=0.4)
             hint = f"; did you mean '{close[0]}'?" if close else f"; registered: {', '.join(list_models())}"
             raise ConfigError(f"unknown model '{arch}'{hint}")
-    cfg = OmegaConf.structured(ModelConfig)
-    cfg = _merge(cfg, _read_yaml(path), str(path))
+    cfg = merge_config(OmegaConf.structured(ModelConfig), read_yaml(path), str(path))
     cfg.arch = path.stem
     if overrides:
-        cfg = _merge(cfg, overrides, "model overrides")
+        cfg = merge_config(cfg, overrides, "model overrides")
+    check_choices(cfg, "model.")
     return cfg
-
-
-def _parse_dotlist(overrides: List[str]) -> DictConfig:
-    for item in overrides:
-        if "=" not in item:
-            raise ConfigError(f"command-line override '{item}' must look like key=value (e.g. optim.lr=3e-4)")
-    return OmegaConf.from_dotlist(list(overrides))
 
 
 def load_train_config(recipe: Optional[str] = None, overrides: Optional[List[str]] = None) -> DictConfig:
     """Resolve defaults -> model registry entry -> recipe -> command-line overrides."""
     cfg = OmegaConf.structured(TrainConfig)
-    cfg = _merge(cfg, _read_yaml(TRAIN_DEFAULTS), str(TRAIN_DEFAULTS))
     recipe = find_recipe(recipe) if recipe else None
-    recipe_cfg = _read_yaml(recipe) if recipe else OmegaConf.create({})
-    cli_cfg = _parse_dotlist(overrides or [])
+    recipe_cfg = read_yaml(recipe) if recipe else OmegaConf.create({})
+    cli_cfg = parse_overrides(overrides or [])
     # the architecture chosen last wins; its registry file is the base the recipe's model section edits
     arch = OmegaConf.select(cli_cfg, "model.arch") or OmegaConf.select(recipe_cfg, "model.arch") or cfg.model.arch
-    if arch:
-        cfg.model = model_config(arch)
-    cfg = _merge(cfg, recipe_cfg, str(recipe) if recipe else "recipe")
-    cfg = _merge(cfg, cli_cfg, "command line")
+    cfg.model = model_config(arch)
+    cfg = merge_config(cfg, recipe_cfg, str(recipe) if recipe else "recipe")
+    cfg = merge_config(cfg, cli_cfg, "command line")
     if cfg.name is None:
         cfg.name = Path(recipe).stem if recipe else "run"
-    try:
-        OmegaConf.resolve(cfg)  # ${...} interpolations become plain values, saved as such
-    except Exception as e:
-        raise ConfigError(f"cannot resolve config: {str(e).splitlines()[0]}") from None
-    return cfg
+    return finalize(cfg)
 
 
 def resolve_model_dims(cfg: DictConfig, embed_dim: int) -> None:
@@ -332,6 +382,7 @@ def to_yaml(cfg: Any) -> str:
 
 __all__ = [
     "BackboneConfig", "VisionHeadConfig", "TextConfig", "ModelConfig", "TrainConfig",
-    "ConfigError", "list_models", "model_config", "load_train_config", "check_keys", "find_recipe", "shipped_recipes",
+    "ConfigError", "choice", "list_models", "model_config", "load_train_config", "load_config", "merge_config",
+    "read_yaml", "parse_overrides", "check_keys", "check_choices", "finalize", "find_recipe", "shipped_recipes",
     "resolve_model_dims", "to_yaml", "ListConfig",
 ]

@@ -3,6 +3,11 @@ import os
 import pytest
 import torch
 
+from dinotxt.log import setup_console
+
+# the progress messages the command line shows (tests read them from stdout, in process too)
+setup_console()
+
 # DINOTXT_TEST_THREADS=1 runs the suite single-threaded: reductions split differently over threads,
 # so a tolerance must hold for both
 torch.set_num_threads(int(os.environ.get("DINOTXT_TEST_THREADS", min(2, os.cpu_count() or 1))))

@@ -51,3 +51,39 @@ def test_overrides_win_and_interpolations_resolve():
 def test_unknown_model():
     with pytest.raises(ConfigError, match="did you mean 'dinotxt_vitl14_reg4'"):
         model_config("dinotxt_vitl14_reg")
+
+
+@pytest.mark.parametrize("override, message", [
+    ("model.vision_head.pooling=median", "model.vision_head.pooling='median' is not one of mean, max, gem"),
+    ("cache.dtype=float8", "cache.dtype='float8' is not one of float16, bfloat16"),
+    ("trainer.backbone_autocast=float16", "trainer.backbone_autocast='float16' is not one of null, bfloat16"),
+    ("model.vision_head.attn_impl=flash", "attn_impl='flash' is not one of sdpa, xformers"),
+])
+def test_choice_fields_fail_at_load_with_their_choices(override, message):
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(")):
+        load_train_config("debug", [override])
+
+
+def test_each_default_is_written_once_in_the_schema():
+    """No defaults file restates the dataclasses: the resolved defaults are the schema's own."""
+    from omegaconf import OmegaConf
+
+    from dinotxt.config import CONFIG_DIR, TrainConfig
+
+    assert not (CONFIG_DIR / "defaults.yaml").exists()
+    cfg = load_train_config(None)
+    schema = OmegaConf.structured(TrainConfig)
+    schema.model = model_config(schema.model.arch)
+    assert OmegaConf.to_container(cfg) == {**OmegaConf.to_container(schema), "name": "run"}
+
+
+def test_one_loader_for_training_curation_and_the_eval_suite():
+    from curation.config import load_curation_config
+    from dinotxt.evaluation.suite import load_suite_config
+
+    with pytest.raises(ConfigError, match="did you mean 'cluster.iters'"):
+        load_curation_config("curation/debug", ["cluster.iter=3"])
+    with pytest.raises(ConfigError, match="combine.mode='xor' is not one of"):
+        load_curation_config("curation/debug", ["combine.mode=xor"])
+    with pytest.raises(ConfigError, match=r"tasks\[0\]: mode='tiles' is not one of slide, whole"):
+        load_suite_config("eval/demo_suite", ["tasks=[{task: segmentation, dataset: demo, root: x, mode: tiles}]"])

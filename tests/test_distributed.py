@@ -77,7 +77,7 @@ def _ddp_worker(rank, world, port, out):
         from dinotxt.train.datamodule import ImageTextDataModule
 
         dm = ImageTextDataModule.__new__(ImageTextDataModule)
-        dm.positions, dm.batches = {2 * rank: 10 + rank, 2 * rank + 1: 20 + rank}, 7
+        dm.positions, dm.batches, dm.skipped = {2 * rank: 10 + rank, 2 * rank + 1: 20 + rank}, 7, {}
         state = dm.state_dict()
         if rank == 0:
             out.put((total.item() / world, grads, state))  # plain lists: no shared-memory handles
@@ -107,7 +107,7 @@ def test_ddp_loss_and_model_gradients_equal_single_process_global_batch():
     own = {k: p.grad for k, p in model.named_parameters() if p.grad is not None}
     assert set(grads) == set(own) and "logit_scale" in own and any(k.startswith("vision_head.block_list.1") for k in own)
     assert_grads_float64_equal({k: torch.tensor(g, dtype=torch.float64) for k, g in grads.items()}, own)
-    assert state == {"positions": {0: 10, 1: 20, 2: 11, 3: 21}, "batches": 7}
+    assert state == {"positions": {0: 10, 1: 20, 2: 11, 3: 21}, "batches": 7, "skipped": {}}
 
 
 def test_shards_split_across_ranks_and_dataloader_workers_without_duplicates_or_gaps(tmp_path):

@@ -79,10 +79,11 @@ class _Batches(torch.utils.data.IterableDataset):
 
 
 def _system(tiny_cfg):
+    import dinotxt
     from dinotxt.train.system import DinoTxtSystem
 
     torch.manual_seed(0)
-    return DinoTxtSystem(tiny_cfg)
+    return DinoTxtSystem(dinotxt.create_model(tiny_cfg.model), tiny_cfg.optim, tiny_cfg.seed)
 
 
 @pytest.fixture(scope="module")

@@ -100,3 +100,51 @@ def test_installed_cli_runs_a_shipped_recipe_by_name_from_another_folder(install
                   "data.world.samples_per_shard=32", "data.num_workers=0", "eval.zeroshot_dir=null")
     assert trained.returncode == 0, trained.stderr[-3000:]
     assert (tmp_path / "runs" / "debug" / "checkpoint" / "model.safetensors").is_file()
+
+
+BLOCK_EXTRAS = '''
+import importlib.abc, sys
+class Absent(importlib.abc.MetaPathFinder):
+    """As if only the core were installed: the [train] / [curate] packages cannot be imported."""
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in ("lightning", "pytorch_lightning", "faiss", "matplotlib", "pyarrow", "tensorboard"):
+            raise ModuleNotFoundError(f"No module named {name!r}")
+sys.meta_path.insert(0, Absent())
+'''
+
+
+def test_the_core_install_loads_classifies_and_segments_without_lightning_or_faiss(tmp_path):
+    """`pip install .` without extras: a checkpoint loads and serves inference; a training command says
+    which extra it needs in one line."""
+    import dinotxt
+    from test_checkpoint import CAPTIONS, hand_built
+
+    tok = dinotxt.train_tokenizer(CAPTIONS * 4, vocab_size=64, context_length=16)
+    dinotxt.save_checkpoint(tmp_path / "ckpt", hand_built(tok), tok)
+    code = BLOCK_EXTRAS + f'''
+import torch, dinotxt
+from PIL import Image
+model, transform, tok = dinotxt.load({str(tmp_path / "ckpt")!r})
+clf = dinotxt.zero_shot_classifier(model, tok, ["red circle", "blue star"], ["a photo of a {{}}."])
+probs = (model.encode_image(transform(Image.new("RGB", (64, 64), (200, 20, 20)))[None], normalize=True) @ clf.t())
+seg = dinotxt.segment(model, tok, Image.new("RGB", (60, 44)), ["cat", "sky"], templates="simple", short_side=56)
+bad = [m for m in ("lightning", "faiss", "matplotlib", "pyarrow") if m in sys.modules]
+print(tuple(probs.shape), tuple(seg.labels.shape), bad)
+from dinotxt.cli import main
+sys.exit(main(["train", "debug"]))
+'''
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                         env=dict(os.environ, PYTHONWARNINGS="ignore"))
+    assert "(1, 2) (44, 60) []" in out.stdout, out.stdout + out.stderr
+    assert out.returncode == 2 and out.stderr.strip() == ("dinotxt: error: dinotxt train needs the [train] extra "
+                                                          "(missing: lightning, tensorboard, matplotlib): "
+                                                          "pip install 'dinotxt[train]'"), out.stderr
+
+
+def test_the_command_line_answers_help_without_importing_torch():
+    code = ("import sys, time; t = time.perf_counter(); from dinotxt.cli import build_parser; build_parser(); "
+            "print(round(time.perf_counter() - t, 3), [m for m in ('torch', 'timm', 'omegaconf') if m in sys.modules])")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    seconds, loaded = out.stdout.split(" ", 1)
+    assert loaded.strip() == "[]", out.stdout + out.stderr
+    assert float(seconds) < 0.5  # a whole interpreter starts in ~0.05 s; torch alone takes seconds

@@ -8,10 +8,13 @@ relative to the manifest's folder are allowed).
 from __future__ import annotations
 
 import glob
+import logging
 import re
 import tarfile
 from pathlib import Path
 from typing import Dict, Iterator, List, Sequence, Tuple, Union
+
+log = logging.getLogger(__name__)
 
 _BRACE = re.compile(r"\{(\d+)\.\.(\d+)\}")
 
@@ -119,8 +122,8 @@ def iter_tar_samples(path: str, errors: Dict[str, int]) -> Iterator[Dict[str, by
         yield current
     if problem:
         errors["corrupt_shard"] = errors.get("corrupt_shard", 0) + 1
-        print(f"[dinotxt] warning: shard {path} is corrupt or truncated ({problem}); "
-              "used the samples before the damage", flush=True)
+        log.warning(f"shard {path} is corrupt or truncated ({problem}); "
+              "used the samples before the damage")
 
 
 def _has_end_marker(path: str) -> bool:

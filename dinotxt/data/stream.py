@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import random
 from collections import Counter
 from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
@@ -28,6 +29,8 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from .sources import iter_tar_samples
+
+log = logging.getLogger(__name__)
 
 SKIP_REASONS = ("bad_image", "no_image", "no_caption", "corrupt_shard")
 _MASK64 = (1 << 64) - 1
@@ -232,8 +235,8 @@ class ImageTextStream(IterableDataset):
             if decoded is None:
                 errors[reason] += 1
                 if errors[reason] <= 3 or errors[reason] % 1000 == 0:
-                    print(f"[dinotxt] skipping sample {sample.get('__key__')!r}: {reason} "
-                          f"({errors[reason]} so far on reader {reader})", flush=True)
+                    log.info(f"skipping sample {sample.get('__key__')!r}: {reason} "
+                          f"({errors[reason]} so far on reader {reader})")
                 continue
             delta = {k: errors[k] - reported[k] for k in SKIP_REASONS}
             reported.update(delta)

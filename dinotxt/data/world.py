@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import math
 import os
 import random
@@ -26,6 +27,8 @@ from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
+
+log = logging.getLogger(__name__)
 
 SHAPES = ["circle", "square", "triangle", "star"]
 COLORS: Dict[str, Tuple[int, int, int]] = {
@@ -232,6 +235,5 @@ def ensure_world(spec) -> None:
     (``generate: true``); its shards then serve as ``data.train`` like any other."""
     if not spec.generate:
         return
-    print(f"[dinotxt] writing the procedural demo world to {spec.root} ({spec.num_train} train / {spec.num_eval} eval)",
-          flush=True)
+    log.info(f"writing the procedural demo world to {spec.root} ({spec.num_train} train / {spec.num_eval} eval)")
     write_world(spec.root, spec.num_train, spec.num_eval, spec.image_size, spec.samples_per_shard, spec.seed)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import shutil
 import time
 from collections import Counter
@@ -28,6 +29,8 @@ import numpy as np
 from ..config import ConfigError, find_recipe
 from ..fileio import atomic_write_json
 from .run import attribute_accuracy
+
+log = logging.getLogger(__name__)
 
 BANNER = """\
 dinotxt curation demo: does curating the pool help?
@@ -117,12 +120,12 @@ def train_arm(root: Path, arm: str, shards: Path, uids: np.ndarray, seed: int, o
     run_dir = root / name
     finished = json.loads((run_dir / "metrics.json").read_text()) if (run_dir / "metrics.json").is_file() else {}
     if "zeroshot" in finished:
-        print(f"[dinotxt] {name}: finished earlier, reusing {run_dir}/metrics.json", flush=True)
+        log.info(f"{name}: finished earlier, reusing {run_dir}/metrics.json")
         return finished
     resume = (run_dir / "checkpoints" / "last.ckpt").is_file()
     if run_dir.exists() and not resume:
         shutil.rmtree(run_dir)
-    print(f"[dinotxt] training on the {arm} subset ({shards}), seed {seed}", flush=True)
+    log.info(f"training on the {arm} subset ({shards}), seed {seed}")
     args = [f"data.train={shards}", f"output_dir={root}", f"name={name}", f"seed={seed}"] + list(overrides)
     # on --resume the saved config is kept and these (identical) overrides locate the run folder
     return run_training(str(find_recipe("curation/demo_train")), args, resume=resume)
@@ -153,17 +156,16 @@ def run_curation_demo(overrides: List[str] = (), seeds: int = 1, fresh: bool = F
         shutil.rmtree(root, ignore_errors=True)
     start = time.time()
     spec = spec or PoolSpec()
-    print(f"[dinotxt] writing the pool ({spec.num_samples:,} pairs) and the balanced held-out set to {root / 'world'}",
-          flush=True)
+    log.info(f"writing the pool ({spec.num_samples:,} pairs) and the balanced held-out set to {root / 'world'}")
     if pool_spec_changed(root / "world", spec):
-        print("[dinotxt] the pool spec changed: the pool, its curation and the random subsets are redone", flush=True)
+        log.info("the pool spec changed: the pool, its curation and the random subsets are redone")
         for stale in [root / "curation"] + sorted(root.glob("random*")):
             shutil.rmtree(stale, ignore_errors=True)
     info = write_pool(str(root / "world"), spec)
     t = info["truth"]
-    print(f"[dinotxt] pool: dominant concepts {', '.join(spec.dominant)} hold "
+    log.info(f"pool: dominant concepts {', '.join(spec.dominant)} hold "
           f"{sum(t['concepts'].get(c, 0) for c in spec.dominant) / spec.num_samples:.0%}; "
-          f"{t['noisy']:,} mismatched captions; {t['copies']:,} copies of {spec.popular_images} popular images", flush=True)
+          f"{t['noisy']:,} mismatched captions; {t['copies']:,} copies of {spec.popular_images} popular images")
 
     vocabulary = write_concept_vocabulary(root / "world" / "metadata.txt")
     cfg = load_curation_config(str(find_recipe("curation/demo")),

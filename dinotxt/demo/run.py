@@ -7,6 +7,7 @@ zero-shot accuracy on the held-out images next to chance and writes the run fold
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 import time
 from pathlib import Path
@@ -14,6 +15,8 @@ from typing import List
 
 from ..config import find_recipe, load_train_config
 from ..fileio import atomic_write_bytes
+
+log = logging.getLogger(__name__)
 
 BANNER = """\
 dinotxt demo: align a text tower to a frozen vision encoder, end to end, on CPU.
@@ -52,7 +55,7 @@ def random_label_miou(confusion) -> float:
 def demo_segmentation(run_dir: Path) -> dict:
     """Open-vocabulary segmentation of the held-out images against their label maps (the 24
     object classes; background pixels are ignored), written to ``run_dir/segmentation``."""
-    from .. import load
+    from ..checkpoint import load
     from ..evaluation.datasets import segmentation_dataset
     from ..evaluation.segmentation import evaluate_segmentation
     from ..inference.settings import DenseSettings
@@ -83,11 +86,11 @@ def prepare_feature_cache(cfg) -> float:
     start = time.time()
     summary = build_cache(cfg)
     if summary["written_now"]:
-        print(f"[dinotxt] feature cache {summary['path']}: the frozen backbone ran once over {summary['samples']:,} "
+        log.info(f"feature cache {summary['path']}: the frozen backbone ran once over {summary['samples']:,} "
               f"training images x {summary['views']} views in {summary['seconds']:.0f} s "
-              f"({summary['images_per_s']:.0f} images/s); training reads its tokens from there", flush=True)
+              f"({summary['images_per_s']:.0f} images/s); training reads its tokens from there")
     else:
-        print(f"[dinotxt] feature cache {summary['path']}: reusing the finished cache of an earlier demo", flush=True)
+        log.info(f"feature cache {summary['path']}: reusing the finished cache of an earlier demo")
     return time.time() - start
 
 
@@ -106,10 +109,10 @@ def run_demo(overrides: List[str] = (), fresh: bool = False) -> dict:
             previous = run_dir.with_name(run_dir.name + ".previous")
             shutil.rmtree(previous, ignore_errors=True)
             run_dir.rename(previous)
-            print(f"[dinotxt] kept the earlier demo run as {previous}", flush=True)
+            log.info(f"kept the earlier demo run as {previous}")
         elif (run_dir / "checkpoints" / "last.ckpt").is_file():
             resume = True
-            print(f"[dinotxt] continuing the interrupted demo run in {run_dir}", flush=True)
+            log.info(f"continuing the interrupted demo run in {run_dir}")
     start = time.time()
     cache_seconds = prepare_feature_cache(cfg)
     metrics = run_training(str(recipe), list(overrides), resume=resume)

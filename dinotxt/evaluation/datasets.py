@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,6 +40,8 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 import numpy as np
 
 from ..inference.classifier import DATA_DIR, load_classnames, read_lines
+
+log = logging.getLogger(__name__)
 
 IGNORE_INDEX = 255
 Source = Union[Path, bytes]  # a file, or the bytes of a shard member
@@ -540,8 +543,8 @@ def retrieval_dataset(name: str, root: Union[str, Path], annotations: Optional[U
         dataset = RetrievalDataset(f"shards:{root_path.name}", items, transform)
         dataset.skipped = skipped
         if skipped:
-            print(f"[dinotxt] retrieval: skipped {sum(skipped.values())} samples of {root} "
-                  f"({', '.join(f'{k} {v}' for k, v in sorted(skipped.items()))})", flush=True)
+            log.info(f"retrieval: skipped {sum(skipped.values())} samples of {root} "
+                  f"({', '.join(f'{k} {v}' for k, v in sorted(skipped.items()))})")
         return dataset
     if name not in RETRIEVAL_DATASETS:
         raise ValueError(f"unknown retrieval dataset '{name}' (use coco, flickr30k or shards)")

@@ -13,6 +13,7 @@ background class, predicting background everywhere), so a reader can judge the n
 """
 from __future__ import annotations
 
+import logging
 import math
 import time
 from pathlib import Path
@@ -24,6 +25,8 @@ import torch
 from ..fileio import atomic_write_json, atomic_write_text
 from ..inference.dense import DEFAULTS, DenseSettings, dense_classifier, segment_batch
 from .datasets import IGNORE_INDEX, SegmentationDataset
+
+log = logging.getLogger(__name__)
 
 
 def confusion_matrix(pred: Union[np.ndarray, torch.Tensor], target: Union[np.ndarray, torch.Tensor], num_classes: int,
@@ -134,8 +137,8 @@ def evaluate_segmentation(model, tokenizer: Optional[Callable], dataset: Segment
                 examples.append((sample, result.labels.numpy()))
         step = max(1, num // 10)
         if progress and (done + len(samples)) // step > done // step:
-            print(f"[dinotxt] segmentation {dataset.name}: {done + len(samples)}/{num} images, "
-                  f"{time.time() - start:.0f} s", flush=True)
+            log.info(f"segmentation {dataset.name}: {done + len(samples)}/{num} images, "
+                  f"{time.time() - start:.0f} s")
         done += len(samples)
     metrics = segmentation_metrics(conf, names)
     gt = conf.sum(1)
@@ -169,8 +172,14 @@ def write_segmentation_report(metrics: Dict, class_names: Sequence[str], out_dir
     title = (f"{metrics['dataset']}: mIoU {100 * metrics['miou']:.1f} over {metrics['num_classes']} classes, "
              f"{metrics['num_images']} images ({metrics['mode']})")
     atomic_write_text(out_dir / "per_class_iou.md", per_class_table(metrics, title))
-    confusion_matrix_figure(metrics["confusion"], class_names, out_dir / "confusion.png",
-                            title=f"{metrics['dataset']} confusion (rows: ground truth, row-normalised)")
+    import importlib.util
+
+    if importlib.util.find_spec("matplotlib") is None:  # the core install has no plotting library
+        log.warning(f"matplotlib is not installed: {out_dir / 'confusion.png'} not drawn (pip install 'dinotxt[train]'); "
+                    "the matrix is in metrics.json")
+    else:
+        confusion_matrix_figure(metrics["confusion"], class_names, out_dir / "confusion.png",
+                                title=f"{metrics['dataset']} confusion (rows: ground truth, row-normalised)")
     names = list(class_names)
     shown = names + ["ignored"] if IGNORE_INDEX >= len(names) else names
     for sample, pred in examples:

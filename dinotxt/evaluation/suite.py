@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,10 +33,12 @@ from typing import Any, Dict, List, Optional, Tuple
 import torch
 from omegaconf import OmegaConf
 
-from ..config import ConfigError, _merge, _read_yaml, check_keys, find_recipe
+from ..config import ConfigError, choice, finalize, find_recipe, merge_config, parse_overrides, read_yaml
 from ..fileio import atomic_write_json, atomic_write_text
 from ..inference.settings import DEFAULTS as DENSE
-from ..inference.settings import DenseSettings
+from ..inference.settings import MODES, DenseSettings
+
+log = logging.getLogger(__name__)
 
 TASKS = ("zeroshot", "segmentation", "retrieval")
 
@@ -53,7 +56,7 @@ class SuiteModelConfig:
 
 @dataclass
 class SuiteTaskConfig:
-    task: str = "zeroshot"  # zeroshot | segmentation | retrieval
+    task: str = choice("zeroshot", *TASKS)
     dataset: str = "folder"  # zeroshot: imagenet | folder; segmentation: ade20k ... demo | custom; retrieval: coco | flickr30k | shards
     root: Optional[str] = None  # dataset folder (or shards)
     name: Optional[str] = None  # label in the report (default: task/dataset)
@@ -62,7 +65,7 @@ class SuiteTaskConfig:
     templates: str = DENSE.templates  # imagenet (80) | ovseg (14) | simple | a file with {} templates
     annotations: Optional[str] = None  # retrieval: the caption JSON (default: looked up under root)
     # segmentation: the dense inference settings (dinotxt.inference.settings.DenseSettings)
-    mode: str = DENSE.mode  # slide | whole
+    mode: str = choice(DENSE.mode, *MODES)
     short_side: Optional[int] = DENSE.short_side  # image short side before inference
     window: int = DENSE.window  # slide window
     stride: int = DENSE.stride  # slide stride
@@ -87,22 +90,22 @@ class SuiteConfig:
 def load_suite_config(path: str, overrides: Optional[List[str]] = None):
     """Defaults <- recipe <- ``key=value`` overrides, every key checked (tasks one by one)."""
     path = find_recipe(path)
-    raw = _read_yaml(path)
+    raw = read_yaml(path)
     if overrides:
-        from ..config import _parse_dotlist
-
-        raw = OmegaConf.merge(raw, _parse_dotlist(overrides))
-    cfg = _merge(OmegaConf.structured(SuiteConfig), {k: v for k, v in raw.items() if k != "tasks"}, str(path))
+        raw = OmegaConf.merge(raw, parse_overrides(overrides))
+    cfg = finalize(merge_config(OmegaConf.structured(SuiteConfig), {k: v for k, v in raw.items() if k != "tasks"},
+                                str(path)))
     tasks = raw.get("tasks") or []
     if not isinstance(tasks, (list, type(OmegaConf.create([])))) or not len(tasks):
         raise ConfigError(f"{path} has no tasks: add a list 'tasks:' of {{task, dataset, root}} entries")
     resolved = []
     for i, t in enumerate(tasks):
         source = f"{path} tasks[{i}]"
-        check_keys(OmegaConf.structured(SuiteTaskConfig), t, source)
-        task = _merge(OmegaConf.structured(SuiteTaskConfig), t, source)
-        if task.task not in TASKS:
-            raise ConfigError(f"{source}: unknown task '{task.task}' (use {', '.join(TASKS)})")
+        task = merge_config(OmegaConf.structured(SuiteTaskConfig), t, source)
+        try:
+            finalize(task)
+        except ConfigError as e:
+            raise ConfigError(f"{source}: {e}") from None
         if not task.root:
             raise ConfigError(f"{source}: set root: the {task.dataset} dataset folder")
         if task.name is None:
@@ -222,7 +225,7 @@ def run_suite(recipe: str, overrides: Optional[List[str]] = None, trust_code: bo
     tasks = []
     for task, data in zip(cfg.tasks, datasets):
         t0 = time.time()
-        print(f"[dinotxt] suite {cfg.name}: {task.name} ...", flush=True)
+        log.info(f"suite {cfg.name}: {task.name} ...")
         if task.task == "zeroshot":
             folder, names = data
             res = evaluate_zeroshot(model, transform, tokenizer, folder, names, task.templates, task.batch_size,

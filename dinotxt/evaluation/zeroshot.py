@@ -1,15 +1,82 @@
-"""Zero-shot classification (OpenAI CLIP protocol, METHOD.md section 4) on an image folder
-(one sub-folder per class) or the ImageNet validation layout (synset folders, class names
-shipped in ``dinotxt/assets``). Works with any model exposing ``encode_image`` / ``encode_text``."""
+"""Zero-shot classification (OpenAI CLIP protocol, METHOD.md section 4): the one evaluation that
+serves the command line (``dinotxt eval zeroshot``), the suite and the validation steps of
+training (``ZeroShotTask`` + ``zeroshot_metrics``).
+
+Images of a folder (one sub-folder per class) or of the ImageNet validation layout (synset
+folders, class names shipped in ``dinotxt/assets``) are scored against the prompt-ensemble
+classifier. Works with any model exposing ``encode_image`` / ``encode_text``.
+"""
 from __future__ import annotations
 
-from typing import Dict, List, Optional
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 from torch.utils.data import DataLoader
 
 from ..data.folder import ImageFolderDataset
-from ..inference.classifier import accuracy, load_classnames, load_templates, mean_per_class_recall, zero_shot_classifier
+from ..inference.classifier import load_classnames, load_templates, zero_shot_classifier
+
+
+def accuracy(logits: torch.Tensor, targets: torch.Tensor, topk=(1, 5)) -> List[float]:
+    """Fraction of samples whose target is among the top-k logits, for each k."""
+    maxk = min(max(topk), logits.shape[1])
+    pred = logits.topk(maxk, dim=1).indices
+    hit = pred == targets[:, None]
+    return [hit[:, : min(k, maxk)].any(1).float().mean().item() for k in topk]
+
+
+def mean_per_class_recall(logits: torch.Tensor, targets: torch.Tensor, num_classes: int) -> float:
+    pred = logits.argmax(1)
+    recalls = [(pred[targets == c] == c).float().mean().item() for c in range(num_classes) if (targets == c).any()]
+    return float(sum(recalls) / max(1, len(recalls)))
+
+
+@dataclass
+class ZeroShotTask:
+    """Classes, prompts and tokenizer of a zero-shot evaluation (for the classifier)."""
+
+    classnames: List[str]
+    templates: Sequence[str]
+    tokenizer: Callable
+
+    def classifier(self, model, device=None) -> torch.Tensor:
+        return zero_shot_classifier(model, self.tokenizer, self.classnames, list(self.templates), device=device)
+
+
+def zeroshot_metrics(logits: torch.Tensor, targets: torch.Tensor, classnames: Sequence[str]) -> Dict:
+    """Top-1 / top-5 / mean per-class recall, chance and the confusion matrix of (N, C) logits."""
+    top1, top5 = accuracy(logits, targets, (1, 5))
+    confusion = torch.zeros(len(classnames), len(classnames), dtype=torch.long)
+    confusion.index_put_((targets, logits.argmax(1)), torch.ones_like(targets), accumulate=True)
+    return {
+        "top1": top1,
+        "top5": top5,
+        "mean_per_class_recall": mean_per_class_recall(logits, targets, len(classnames)),
+        "chance_top1": 1.0 / len(classnames),
+        "num_images": int(len(targets)),
+        "num_classes": len(classnames),
+        "classnames": list(classnames),
+        "confusion": confusion.tolist(),  # rows: true class, columns: predicted class
+    }
+
+
+def zeroshot_task(data_dir: str, tokenizer: Callable, classnames=None, templates="imagenet", dataset: str = "folder"):
+    """(image folder, ZeroShotTask) of a folder or ImageNet layout; ``classnames`` may be a list or a file."""
+    from .datasets import zeroshot_folder
+
+    data_dir, classnames = zeroshot_folder(dataset, data_dir, classnames)
+    folder = ImageFolderDataset(data_dir)
+    if classnames is None:
+        classnames = [c.replace("_", " ") for c in folder.classes]
+    elif isinstance(classnames, str):
+        classnames = load_classnames(classnames)
+    if len(classnames) != len(folder.classes):
+        raise ValueError(f"{len(classnames)} class names for {len(folder.classes)} class folders in {data_dir}")
+    if not classnames:
+        raise ValueError("empty class-name list")
+    template_list = load_templates(templates) if isinstance(templates, str) else list(templates)
+    return data_dir, ZeroShotTask(list(classnames), template_list, tokenizer)
 
 
 @torch.no_grad()
@@ -19,39 +86,15 @@ def evaluate_zeroshot(model, transform, tokenizer, data_dir: str, classnames: Op
     """Top-1 / top-5 / mean per-class recall and the confusion matrix. Class names default to the folder names
     (underscores read as spaces), or to the ImageNet names of the synset folders with ``dataset="imagenet"``
     (``data_dir`` holding ``val/<wnid>/`` or the synset folders); ``classnames`` may be a list or a file path."""
-    from .datasets import zeroshot_folder
-
-    data_dir, classnames = zeroshot_folder(dataset, data_dir, classnames)
-    folder = ImageFolderDataset(data_dir, transform)
-    if classnames is None:
-        classnames = [c.replace("_", " ") for c in folder.classes]
-    elif isinstance(classnames, str):
-        classnames = load_classnames(classnames)
-    if len(classnames) != len(folder.classes):
-        raise ValueError(f"{len(classnames)} class names for {len(folder.classes)} class folders in {data_dir}")
-    if not classnames:
-        raise ValueError("empty class-name list")
+    data_dir, task = zeroshot_task(data_dir, tokenizer, classnames, templates, dataset)
     device = device or next(model.parameters()).device
-    template_list = load_templates(templates) if isinstance(templates, str) else list(templates)
-    classifier = zero_shot_classifier(model, tokenizer, classnames, template_list, device=device)
+    classifier = task.classifier(model, device)
     logits, targets = [], []
-    loader = DataLoader(folder, batch_size=batch_size, num_workers=num_workers)
-    for images, labels in loader:
+    for images, labels in DataLoader(ImageFolderDataset(data_dir, transform), batch_size=batch_size,
+                                     num_workers=num_workers):
         feats = model.encode_image(images.to(device), normalize=True).float()
         logits.append((feats @ classifier.t()).cpu())
         targets.append(labels)
-    logits, targets = torch.cat(logits), torch.cat(targets)
-    top1, top5 = accuracy(logits, targets, (1, 5))
-    confusion = torch.zeros(len(classnames), len(classnames), dtype=torch.long)
-    confusion.index_put_((targets, logits.argmax(1)), torch.ones_like(targets), accumulate=True)
-    return {
-        "top1": top1,
-        "top5": top5,
-        "mean_per_class_recall": mean_per_class_recall(logits, targets, len(classnames)),
-        "chance_top1": 1.0 / len(classnames),
-        "num_images": len(folder),
-        "num_classes": len(classnames),
-        "templates": templates if isinstance(templates, str) else f"{len(template_list)} custom",
-        "classnames": list(classnames),
-        "confusion": confusion.tolist(),  # rows: true class, columns: predicted class
-    }
+    res = zeroshot_metrics(torch.cat(logits), torch.cat(targets), task.classnames)
+    res["templates"] = templates if isinstance(templates, str) else f"{len(task.templates)} custom"
+    return res

@@ -9,6 +9,7 @@ in ``dinotxt.data.cache``, which training reads from.
 from __future__ import annotations
 
 import json
+import logging
 import time
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional
@@ -26,6 +27,8 @@ from ..fileio import atomic_output, atomic_write_json
 from ..models.backbone import frozen_tokens
 from ..models.vision_head import pool_frozen_tokens
 from .extract import ExtractionJob, run_extraction
+
+logger = logging.getLogger(__name__)
 
 
 def shard_name(unit: DataUnit) -> str:
@@ -83,7 +86,7 @@ class CacheJob(ExtractionJob):
         return (self.root / f"{name}.json").is_file() and (self.root / f"{name}.bin").is_file()
 
 
-def build_cache(cfg: DictConfig, device: Optional[str] = None, log: Callable[[str], None] = print,
+def build_cache(cfg: DictConfig, device: Optional[str] = None, log: Optional[Callable[[str], None]] = None,
                 trust_code: bool = False) -> Dict[str, Any]:
     """Run the frozen backbone of ``cfg`` over ``data.train`` once and write ``cache.path``
     (``trust_code``: the recipe may name its backbone by import path).
@@ -94,6 +97,7 @@ def build_cache(cfg: DictConfig, device: Optional[str] = None, log: Callable[[st
     """
     from ..models.factory import create_backbone
 
+    log = log or logger.info
     c, d = cfg.cache, cfg.data
     if not c.path:
         raise ConfigError("cache.path is not set: name the folder to write, e.g. `dinotxt cache RECIPE cache.path=runs/cache`")
@@ -126,12 +130,12 @@ def build_cache(cfg: DictConfig, device: Optional[str] = None, log: Callable[[st
                               "another cache.path or delete that folder")
     atomic_write_json(meta_path, meta)
 
-    job = CacheJob(cfg, root, token_shape, len(units), log=lambda m: log(f"[dinotxt] {m}"))
+    job = CacheJob(cfg, root, token_shape, len(units), log=log)
     accelerator = {"cpu": "cpu", "cuda": "gpu"}.get(device or "", "auto")
     start = time.time()
     run_extraction(job, backbone, units, d, c.batch_size, num_workers=d.num_workers, accelerator=accelerator,
                    devices=c.devices if accelerator != "cpu" else 1, precision="32-true",
-                   log=lambda m: log(f"[dinotxt] feature cache {root}: {m}"), what="shards")
+                   log=lambda m: log(f"feature cache {root}: {m}"), what="shards")
     elapsed = time.time() - start
     total = sum(int(json.loads((root / f"{shard_name(u)}.json").read_text())["count"]) for u in units)
     views = int(c.views)

@@ -19,6 +19,7 @@ fingerprint for the embeddings), so a resumed stage never mixes two kinds of out
 """
 from __future__ import annotations
 
+import logging
 import time
 from collections import Counter
 from typing import Any, Dict, List
@@ -119,12 +120,13 @@ class UnitBatches(IterableDataset):
 
 def run_extraction(job: ExtractionJob, backbone: torch.nn.Module, units: List[DataUnit], fmt, batch_size: int,
                    num_workers: int = 0, accelerator: str = "auto", devices: Any = "auto", precision: str = "32-true",
-                   log=print, what: str = "units", verb: str = "process") -> bool:
+                   log=None, what: str = "units", verb: str = "process") -> bool:
     """Process every unit the job has not finished. Returns False on a non-zero rank of a multi-GPU
     run (that process's share is written and it has nothing else to do)."""
     import lightning as L
     from lightning.pytorch.callbacks import BasePredictionWriter
 
+    log = log or logging.getLogger(__name__).info
     todo = [u for u in units if not job.done(u)]
     if not todo:
         return True

@@ -85,17 +85,3 @@ def zero_shot_classifier(model, tokenizer: Callable, classnames: Sequence[str], 
             raise ValueError(f"half must be 'full' or 'patch', got {half!r}")
         weights.append(F.normalize(F.normalize(feats, dim=-1).mean(0), dim=-1))
     return torch.stack(weights)
-
-
-def accuracy(logits: torch.Tensor, targets: torch.Tensor, topk=(1, 5)) -> List[float]:
-    """Fraction of samples whose target is among the top-k logits, for each k."""
-    maxk = min(max(topk), logits.shape[1])
-    pred = logits.topk(maxk, dim=1).indices
-    hit = pred == targets[:, None]
-    return [hit[:, : min(k, maxk)].any(1).float().mean().item() for k in topk]
-
-
-def mean_per_class_recall(logits: torch.Tensor, targets: torch.Tensor, num_classes: int) -> float:
-    pred = logits.argmax(1)
-    recalls = [(pred[targets == c] == c).float().mean().item() for c in range(num_classes) if (targets == c).any()]
-    return float(sum(recalls) / max(1, len(recalls)))

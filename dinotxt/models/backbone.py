@@ -26,8 +26,8 @@ DINOv3 uses RoPE: nothing is resized.
 """
 from __future__ import annotations
 
-from pathlib import Path
 import contextlib
+from pathlib import Path
 from typing import Any, Dict, Optional, Union
 
 import torch

@@ -49,6 +49,8 @@ def create_backbone(bcfg: DictConfig, backbone_module: Optional[nn.Module] = Non
 
 
 def model_config_from(cfg: Union[DictConfig, dict]) -> DictConfig:
-    from ..config import ModelConfig, _merge
+    from ..config import ModelConfig, check_choices, merge_config
 
-    return _merge(OmegaConf.structured(ModelConfig), cfg, "model config")
+    cfg = merge_config(OmegaConf.structured(ModelConfig), cfg, "model config")
+    check_choices(cfg, "model.")
+    return cfg

@@ -1,17 +1,21 @@
 """LightningDataModule over webdataset shards (img2dataset layout), a manifest, or the
 feature cache (``cache.path``: frozen tokens instead of images).
 
-It owns the stream positions of every reader (gathered from all ranks) and the number of
-batches consumed, and saves them in Lightning checkpoints (``state_dict``), so
-``--resume`` continues the data exactly where the run stopped.
+It owns the stream positions of every reader (gathered from all ranks), the number of
+batches consumed and the samples skipped, and saves them in Lightning checkpoints
+(``state_dict``), so ``--resume`` continues the data exactly where the run stopped. The
+``StreamProgress`` callback records every consumed batch into it, so the training system
+never has to know where its batches come from.
 """
 from __future__ import annotations
 
+from collections import Counter
 from typing import Dict, List, Optional
 
 import lightning as L
 import torch
 import torch.distributed as dist
+from lightning.pytorch.callbacks import Callback
 from omegaconf import DictConfig
 from torch.utils.data import DataLoader
 
@@ -35,6 +39,7 @@ class ImageTextDataModule(L.LightningDataModule):
         self.val_dir = val_dir
         self.positions: Dict[int, int] = {}
         self.batches = 0  # training batches consumed on this rank
+        self.skipped: Counter = Counter()  # samples skipped on this rank, by reason
         d = cfg.data
         self.cache = None
         self.shards, self.manifest = None, None
@@ -48,9 +53,11 @@ class ImageTextDataModule(L.LightningDataModule):
         else:
             self.shards = expand_shards(d.train)
 
-    def record_positions(self, positions: Dict[int, int]) -> None:
-        for reader, pos in positions.items():
+    def record(self, batch: Dict) -> None:
+        """A consumed training batch: its readers' positions and its skip counts."""
+        for reader, pos in batch["positions"].items():
             self.positions[int(reader)] = max(self.positions.get(int(reader), 0), int(pos))
+        self.skipped.update({k: v for k, v in batch["skipped"].items() if v})
         self.batches += 1
 
     def train_dataloader(self) -> DataLoader:
@@ -90,8 +97,25 @@ class ImageTextDataModule(L.LightningDataModule):
             for part in parts:
                 for reader, pos in part.items():
                     positions[reader] = max(positions.get(reader, 0), pos)
-        return {"positions": positions, "batches": self.batches}
+        return {"positions": positions, "batches": self.batches, "skipped": dict(self.skipped)}
 
     def load_state_dict(self, state: Dict) -> None:
         self.positions = {int(k): int(v) for k, v in state.get("positions", {}).items()}
         self.batches = int(state.get("batches", 0))
+        self.skipped = Counter(state.get("skipped", {}))
+
+
+class StreamProgress(Callback):
+    """Records every consumed batch into the datamodule (positions for exact resume, skip counts for
+    the logs and metrics.json). Put it before any callback that saves checkpoints.
+
+    Args:
+        datamodule: the run's ``ImageTextDataModule``.
+    """
+
+    def __init__(self, datamodule: ImageTextDataModule):
+        self.datamodule = datamodule
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.datamodule.record(batch)
+        pl_module.log("train/skipped", float(sum(self.datamodule.skipped.values())), batch_size=batch["text"].shape[0])

@@ -1,11 +1,14 @@
 """AdamW with no-decay groups and a per-step warmup + cosine schedule (METHOD.md section 3)."""
 from __future__ import annotations
 
+import logging
 import math
 from typing import Iterable, List, Tuple
 
 import torch
 from torch import nn
+
+log = logging.getLogger(__name__)
 
 
 def param_groups(named_params: Iterable[Tuple[str, nn.Parameter]], weight_decay: float, verbose: bool = True) -> List[dict]:
@@ -20,8 +23,8 @@ def param_groups(named_params: Iterable[Tuple[str, nn.Parameter]], weight_decay:
             decay.append(p)
     if verbose:
         n_d, n_nd = sum(p.numel() for p in decay), sum(p.numel() for p in no_decay)
-        print(f"[dinotxt] optimizer: {len(decay)} tensors ({n_d:,} params) with weight decay, "
-              f"{len(no_decay)} tensors ({n_nd:,} params) without", flush=True)
+        log.info(f"optimizer: {len(decay)} tensors ({n_d:,} params) with weight decay, "
+              f"{len(no_decay)} tensors ({n_nd:,} params) without")
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 

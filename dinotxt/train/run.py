@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import time
 from pathlib import Path
@@ -24,15 +25,19 @@ from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from omegaconf import DictConfig, OmegaConf
 
 from ..checkpoint import save_checkpoint
-from ..config import ConfigError, TrainConfig, _merge, _parse_dotlist, load_train_config
+from ..config import ConfigError, TrainConfig, finalize, load_train_config, merge_config, parse_overrides
 from ..data.sources import expand_shards, is_manifest, iter_tar_samples, read_manifest
 from ..data.stream import extract_caption
 from ..data.world import ensure_world
 from ..fileio import atomic_write_bytes
 from ..tokenizer import Tokenizer, train_tokenizer
-from .datamodule import ImageTextDataModule
+from ..evaluation.zeroshot import zeroshot_task
+from ..models.factory import create_model
+from .datamodule import ImageTextDataModule, StreamProgress
 from .strategy import build_strategy
 from .system import DinoTxtSystem
+
+log = logging.getLogger(__name__)
 
 
 class PeriodicCheckpoint(Callback):
@@ -105,8 +110,8 @@ def prepare_tokenizer(cfg: DictConfig, run_dir: Path) -> Tokenizer:
         tok.save(path)
     else:
         captions = _captions_for_tokenizer(cfg, cfg.tokenizer.max_sentences)
-        print(f"[dinotxt] training a SentencePiece tokenizer on {len(captions):,} captions "
-              f"(vocab_size {cfg.tokenizer.vocab_size})", flush=True)
+        log.info(f"training a SentencePiece tokenizer on {len(captions):,} captions "
+              f"(vocab_size {cfg.tokenizer.vocab_size})")
         tok = train_tokenizer(captions, cfg.tokenizer.vocab_size, ctx)
         tok.save(path)
     cfg.model.text.vocab_size = tok.vocab_size
@@ -157,9 +162,10 @@ def resolve_run(recipe: Optional[str], overrides: List[str], resume: bool) -> Di
     if resume:
         if not last.is_file():
             raise ConfigError(f"--resume: no checkpoint at {last}; start the run without --resume first")
-        saved = _merge(OmegaConf.structured(TrainConfig), OmegaConf.load(run_dir / "config.yaml"), str(run_dir / "config.yaml"))
+        saved = merge_config(OmegaConf.structured(TrainConfig), OmegaConf.load(run_dir / "config.yaml"),
+                             str(run_dir / "config.yaml"))
         # a resumed run keeps its saved config; only command-line overrides (e.g. a longer schedule) apply
-        cfg = _merge(saved, _parse_dotlist(overrides), "command line")
+        cfg = finalize(merge_config(saved, parse_overrides(overrides), "command line"))
     elif last.is_file():
         raise ConfigError(
             f"{run_dir} already holds a run; continue it with --resume, or pick a new folder with name=NEW_NAME"
@@ -186,25 +192,20 @@ def run_training(recipe: Optional[str], overrides: List[str] = (), resume: bool 
     tokenizer = prepare_tokenizer(cfg, run_dir)
     atomic_write_bytes(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True).encode())
 
-    classnames, templates = None, None
-    val_dir = cfg.eval.zeroshot_dir
+    val_dir, zeroshot = cfg.eval.zeroshot_dir, None
     if val_dir:
-        from ..data.folder import ImageFolderDataset
-        from ..inference.classifier import load_classnames, load_templates
-
-        folder = ImageFolderDataset(val_dir)
-        classnames = load_classnames(cfg.eval.classnames) if cfg.eval.classnames else [c.replace("_", " ") for c in folder.classes]
-        templates = load_templates(cfg.eval.templates)
+        val_dir, zeroshot = zeroshot_task(val_dir, tokenizer, cfg.eval.classnames, cfg.eval.templates)
     datamodule = ImageTextDataModule(cfg, tokenizer, val_dir if cfg.trainer.val_every_n_steps > 0 else None)
-    system = DinoTxtSystem(cfg, tokenizer, classnames, templates, trust_code=trust_code)
+    model = create_model(cfg.model, trust_code=trust_code)
     if datamodule.cache is not None:  # refuse features of another backbone, image size, transform or data
-        datamodule.cache.check_fits(cfg, system.model.backbone)
-        print(f"[dinotxt] training on the feature cache {cfg.cache.path} ({len(datamodule.cache.names)} shards, "
+        datamodule.cache.check_fits(cfg, model.backbone)
+        log.info(f"training on the feature cache {cfg.cache.path} ({len(datamodule.cache.names)} shards, "
               f"{datamodule.cache.views} view(s), tokens={datamodule.cache.spec['tokens']}): the backbone runs only "
-              "for validation", flush=True)
+              "for validation")
     if cfg.trainer.compile:
-        system.model.text = torch.compile(system.model.text)
-        system.model.vision_head = torch.compile(system.model.vision_head)
+        model.text = torch.compile(model.text)
+        model.vision_head = torch.compile(model.vision_head)
+    system = DinoTxtSystem(model, cfg.optim, cfg.seed, cfg.trainer.backbone_autocast, zeroshot)
 
     t = cfg.trainer
     precision = t.precision
@@ -223,6 +224,7 @@ def run_training(recipe: Optional[str], overrides: List[str] = (), resume: bool 
         log_every_n_steps=t.log_every_n_steps, val_check_interval=val_every, check_val_every_n_epoch=None,
         num_sanity_val_steps=0, limit_val_batches=1.0 if val_every else 0, logger=loggers,
         callbacks=[TQDMProgressBar(refresh_rate=max(1, t.log_every_n_steps // 5)),
+                   StreamProgress(datamodule),  # before the checkpoint: a checkpoint includes its batch
                    PeriodicCheckpoint(run_dir, t.checkpoint_every_n_steps, tokenizer, cfg)],
         enable_checkpointing=False, deterministic=t.deterministic, default_root_dir=str(run_dir),
         enable_model_summary=False,
@@ -236,17 +238,21 @@ def run_training(recipe: Optional[str], overrides: List[str] = (), resume: bool 
         "steps": trainer.global_step,
         "train_seconds": round(elapsed, 1),
         "final_train_loss": float(trainer.callback_metrics.get("train/loss", float("nan"))),
-        "logit_scale": float(system.model.logit_scale.detach().exp()),
-        "skipped_samples": dict(system.skipped),
+        "logit_scale": float(model.logit_scale.detach().exp()),
+        "skipped_samples": dict(datamodule.skipped),
     }
     if val_dir and trainer.is_global_zero:
-        from ..evaluation.zeroshot import evaluate_zeroshot
-        from ..transforms import eval_transform
+        last = system.val_metrics
+        if last.get("step") == trainer.global_step and last.get("world_size") == 1:
+            res = {k: v for k, v in last.items() if k not in ("step", "world_size")}  # validated at the last step
+        else:  # on one process, over the whole folder
+            from ..evaluation.zeroshot import evaluate_zeroshot
+            from ..transforms import eval_transform
 
-        system.model.eval()
-        res = evaluate_zeroshot(system.model, eval_transform(cfg.model.backbone.img_size), tokenizer, val_dir,
-                                classnames, templates, cfg.eval.batch_size, num_workers=0)
-        metrics["zeroshot"] = res
+            model.eval()
+            res = evaluate_zeroshot(model, eval_transform(cfg.model.backbone.img_size), tokenizer, val_dir,
+                                    zeroshot.classnames, zeroshot.templates, cfg.eval.batch_size, num_workers=0)
+        metrics["zeroshot"] = {**res, "templates": cfg.eval.templates}
     if trainer.is_global_zero:
         plot_loss_curve(run_dir, cfg.data.batch_size * trainer.world_size)  # the contrastive batch
         atomic_write_bytes(run_dir / "metrics.json", json.dumps(metrics, indent=2).encode())

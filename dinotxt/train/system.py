@@ -1,9 +1,12 @@
 """The LightningModule *system* around the plain ``DinoTxt`` nn.Module.
 
-Method order follows Lightning's style guide: init -> forward -> training ->
-validation -> optimizers -> checkpoint hooks. The frozen backbone pins its own eval
-mode, and its weights are stripped from every Lightning checkpoint (and put back from
-the live model on resume), so checkpoints hold only what trains.
+It receives its model and its settings explicitly (Lightning's style guide: the system wraps
+nn.Modules it is given; no "params bag" it builds itself from), and never reaches into the
+datamodule: the data's positions and skip counts are kept by the ``StreamProgress`` callback
+(``datamodule.py``). Method order follows the style guide: init -> forward -> training ->
+validation -> optimizers -> checkpoint hooks. The frozen backbone pins its own eval mode, and
+its weights are stripped from every Lightning checkpoint (and put back from the live model on
+resume), so checkpoints hold only what trains.
 
 Exact resume: the data stream seeds every sample from ``(seed, reader, position)``, and
 the model's own random draws (drop path) are reseeded every step from ``(seed, step
@@ -13,47 +16,44 @@ before the optimizer touches the weights.
 """
 from __future__ import annotations
 
-from collections import Counter
 from typing import Any, Dict, List, Optional
 
 import lightning as L
 import torch
-from omegaconf import DictConfig, OmegaConf
 
 from ..data.stream import mix_seed
+from ..evaluation.zeroshot import ZeroShotTask, zeroshot_metrics
 from ..loss import ClipLoss
-from ..models.factory import create_model
-from ..inference.classifier import accuracy, mean_per_class_recall, zero_shot_classifier
-from .optim import build_optimizer
+from ..models.dinotxt import DinoTxt
 from ..precision import backbone_autocast_dtype
+from .optim import build_optimizer
 from .step import contrastive_loss
 
 
 class DinoTxtSystem(L.LightningModule):
     """Args:
-        cfg: the resolved training config (model, optim, eval sections are used here).
-        tokenizer: the run's tokenizer (for zero-shot validation prompts).
-        classnames, templates: zero-shot validation classes and prompts (optional).
-        trust_code: allow ``model.backbone.name`` to be an import path (``dinotxt.plugins``).
+        model: the ``DinoTxt`` to train (its backbone stays frozen).
+        optim: the ``optim`` settings (lr, weight_decay, betas, eps, warmup_steps, max_steps, min_lr_ratio).
+        seed: base seed of the per-step reseeding of the model's random draws.
+        backbone_autocast: ``None`` or ``"bfloat16"`` for the frozen backbone's forward pass.
+        zeroshot: classes, prompts and tokenizer of the zero-shot validation (optional).
     """
 
-    def __init__(self, cfg: DictConfig, tokenizer=None, classnames: Optional[List[str]] = None,
-                 templates: Optional[List[str]] = None, trust_code: bool = False):
+    def __init__(self, model: DinoTxt, optim, seed: int = 0, backbone_autocast: Optional[str] = None,
+                 zeroshot: Optional[ZeroShotTask] = None):
         super().__init__()
-        self.cfg = cfg
-        self.model = create_model(cfg.model, trust_code=trust_code)
+        self.model = model
+        self.optim = optim
+        self.seed = int(seed)
         self.loss_fn = ClipLoss()
-        self.tokenizer = tokenizer
-        self.classnames = classnames
-        self.templates = templates
-        self.skipped: Counter = Counter()
-        self.backbone_autocast = cfg.trainer.get("backbone_autocast")
-        backbone_autocast_dtype(self.backbone_autocast)  # an unsupported value stops the run before it starts
+        backbone_autocast_dtype(backbone_autocast)  # an unsupported value stops the run before it starts
+        self.backbone_autocast = backbone_autocast
+        self.zeroshot = zeroshot
         self.micro_batches = 0  # training batches seen (all ranks see the same number); saved for resume
         self._val_logits: List[torch.Tensor] = []
         self._val_targets: List[torch.Tensor] = []
         self._classifier: Optional[torch.Tensor] = None
-        self.val_metrics: Dict[str, float] = {}
+        self.val_metrics: Dict[str, Any] = {}  # the last validation's zeroshot_metrics, and its "step"
 
     def forward(self, images: torch.Tensor, ids: torch.Tensor) -> Dict[str, torch.Tensor]:
         return self.model(images, ids)
@@ -62,7 +62,7 @@ class DinoTxtSystem(L.LightningModule):
     def training_step(self, batch: Dict[str, Any], batch_idx: int) -> torch.Tensor:
         # drop path draws from the global RNG: reseed it from the step counter so a resumed run
         # (whose RNG state is not in the checkpoint) draws the same masks as an uninterrupted one
-        torch.manual_seed(mix_seed(self.cfg.seed, self.micro_batches, self.global_rank))
+        torch.manual_seed(mix_seed(self.seed, self.micro_batches, self.global_rank))
         self.micro_batches += 1
         loss = contrastive_loss(self.model, self.loss_fn, batch, self.backbone_autocast)
         if not torch.isfinite(loss):
@@ -70,15 +70,10 @@ class DinoTxtSystem(L.LightningModule):
                 f"loss is {loss.item()} at step {self.global_step}; the weights were not updated. "
                 "Lower optim.lr, raise optim.warmup_steps or set optim.grad_clip, then resume with --resume."
             )
-        self.skipped.update({k: v for k, v in batch["skipped"].items() if v})
-        dm = getattr(self.trainer, "datamodule", None)
-        if dm is not None and hasattr(dm, "record_positions"):
-            dm.record_positions(batch["positions"])
         bs = batch["text"].shape[0]
         self.log("train/loss", loss, prog_bar=True, batch_size=bs)
         self.log("train/logit_scale", self.model.logit_scale.exp(), prog_bar=True, batch_size=bs)
         self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], batch_size=bs)
-        self.log("train/skipped", float(sum(self.skipped.values())), batch_size=bs)
         return loss
 
     def on_before_optimizer_step(self, optimizer) -> None:
@@ -102,8 +97,7 @@ class DinoTxtSystem(L.LightningModule):
     # ------------------------------------------------------------------ validation (zero-shot)
     def on_validation_epoch_start(self) -> None:
         self._val_logits, self._val_targets = [], []
-        self._classifier = zero_shot_classifier(self.model, self.tokenizer, self.classnames, self.templates,
-                                                device=self.device)
+        self._classifier = self.zeroshot.classifier(self.model, self.device)
 
     def validation_step(self, batch, batch_idx: int) -> None:
         images, targets = batch
@@ -112,16 +106,14 @@ class DinoTxtSystem(L.LightningModule):
         self._val_targets.append(targets.cpu())
 
     def on_validation_epoch_end(self) -> None:
-        logits, targets = torch.cat(self._val_logits), torch.cat(self._val_targets)
-        top1, top5 = accuracy(logits, targets, (1, 5))
-        recall = mean_per_class_recall(logits, targets, len(self.classnames))
-        self.val_metrics = {"zeroshot/top1": top1, "zeroshot/top5": top5, "zeroshot/mean_per_class_recall": recall}
-        for k, v in self.val_metrics.items():
-            self.log(k, v, prog_bar=(k == "zeroshot/top1"), sync_dist=True)
+        res = zeroshot_metrics(torch.cat(self._val_logits), torch.cat(self._val_targets), self.zeroshot.classnames)
+        self.val_metrics = {**res, "step": self.global_step, "world_size": self.trainer.world_size}
+        for key in ("top1", "top5", "mean_per_class_recall"):
+            self.log(f"zeroshot/{key}", res[key], prog_bar=(key == "top1"), sync_dist=True)
 
     # ------------------------------------------------------------------ optimizers
     def configure_optimizers(self):
-        o = self.cfg.optim
+        o = self.optim
         opt, sched = build_optimizer(self.model, o.lr, o.weight_decay, o.betas, o.eps, o.warmup_steps, o.max_steps,
                                      o.min_lr_ratio)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step", "frequency": 1}}
@@ -131,12 +123,13 @@ class DinoTxtSystem(L.LightningModule):
         sd = checkpoint["state_dict"]
         for k in [k for k in sd if k.startswith("model.backbone.")]:
             del sd[k]
-        checkpoint["dinotxt"] = {"skipped": dict(self.skipped), "micro_batches": self.micro_batches,
-                                 "config": OmegaConf.to_container(self.cfg, resolve=True)}
+        checkpoint["dinotxt"] = {"micro_batches": self.micro_batches}
 
     def on_load_checkpoint(self, checkpoint: Dict[str, Any]) -> None:
+        # runs saved before the head attribute was named after its config section call it "visual"
+        sd = checkpoint["state_dict"]
+        for k in [k for k in sd if k.startswith("model.visual.")]:
+            sd["model.vision_head." + k[len("model.visual."):]] = sd.pop(k)
         # the frozen backbone is rebuilt from its config, not stored: put the live weights back
         checkpoint["state_dict"].update({f"model.{k}": v for k, v in self.model.backbone_state().items()})
-        saved = checkpoint.get("dinotxt", {})
-        self.skipped = Counter(saved.get("skipped", {}))
-        self.micro_batches = int(saved.get("micro_batches", 0))
+        self.micro_batches = int(checkpoint.get("dinotxt", {}).get("micro_batches", 0))

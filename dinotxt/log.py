@@ -1,0 +1,42 @@
+"""Logging: what dinotxt and curation report while they work goes through the ``dinotxt`` and
+``curation`` loggers (``logging.getLogger(__name__)`` in every module), so a library user can
+silence or redirect it like any other library's. The command line shows INFO on stdout
+(``--quiet``: warnings only), as ``[dinotxt] message`` / ``[curate] message``. Results tables
+that a command exists to print are printed, not logged."""
+from __future__ import annotations
+
+import logging
+import sys
+
+LOGGERS = ("dinotxt", "curation")
+
+
+class _Stdout(logging.StreamHandler):
+    """Writes to whatever ``sys.stdout`` is when a message is emitted (a redirected stdout, pytest's capture)."""
+
+    @property
+    def stream(self):
+        return sys.stdout
+
+    @stream.setter
+    def stream(self, value):  # StreamHandler.__init__ assigns it; the property decides
+        pass
+
+
+class _Format(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        prefix = "[curate]" if record.name.startswith("curation") else "[dinotxt]"
+        level = "" if record.levelno < logging.WARNING else f"{record.levelname.lower()}: "
+        return f"{prefix} {level}{record.getMessage()}"
+
+
+def setup_console(level: int = logging.INFO) -> None:
+    """Show dinotxt's and curation's messages from ``level`` up on stdout (idempotent)."""
+    for name in LOGGERS:
+        logger = logging.getLogger(name)
+        logger.setLevel(level)
+        if not any(isinstance(h, _Stdout) for h in logger.handlers):
+            handler = _Stdout()
+            handler.setFormatter(_Format())
+            logger.addHandler(handler)
+        logger.propagate = False
