@@ -5,7 +5,7 @@ nothing; ``dinotxt.load`` & co. need torch, timm and sentencepiece only. Lightni
 rest of the training and curation stack load where they are used (the ``[train]`` and
 ``[curate]`` extras).
 """
-from importlib import import_module
+from .plugins import lazy_attributes
 
 __version__ = "0.1.0"
 
@@ -23,12 +23,7 @@ _API = {
 __all__ = sorted(_API)
 
 
-def __getattr__(name):
-    if name in _API:
-        value = getattr(import_module(f".{_API[name]}", __name__), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module 'dinotxt' has no attribute {name!r}")
+__getattr__ = lazy_attributes(__name__, _API)
 
 
 def __dir__():

@@ -29,6 +29,7 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 import torch
 
 from .fileio import atomic_write_bytes
+from .tokenizer import pack_ids
 
 BPE_FILENAME = "bpe_simple_vocab_16e6.txt.gz"
 VOCAB_SIZE = 49408
@@ -167,15 +168,8 @@ class ClipTokenizer:
     def __call__(self, texts: Union[str, Sequence[str]], context_length: Optional[int] = None) -> torch.Tensor:
         if isinstance(texts, str):
             texts = [texts]
-        n = context_length or self.context_length
-        out = torch.zeros(len(texts), n, dtype=torch.long)
-        for i, text in enumerate(texts):
-            ids = [self.sot_id] + self.encode(text) + [self.eot_id]
-            if len(ids) > n:
-                ids = ids[:n]
-                ids[-1] = self.eot_id
-            out[i, : len(ids)] = torch.tensor(ids)
-        return out
+        return pack_ids([[self.sot_id] + self.encode(t) + [self.eot_id] for t in texts],
+                        context_length or self.context_length, self.eot_id)
 
     def decode(self, ids: Sequence[int]) -> str:
         """Text of ``ids``: SOT is dropped and decoding stops at EOT (padding follows it; id 0

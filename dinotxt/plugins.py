@@ -53,4 +53,18 @@ def import_object(spec: str, *, trust_code: bool, setting: str) -> Any:
     return obj
 
 
-__all__ = ["UntrustedCodeError", "import_object", "is_import_path"]
+def lazy_attributes(package: str, api: dict):
+    """A module ``__getattr__`` (PEP 562) importing ``name`` from ``package.<api[name]>`` on first use,
+    so a package facade costs nothing to import (``dinotxt --help`` never loads torch)."""
+
+    def __getattr__(name: str):
+        if name not in api:
+            raise AttributeError(f"module {package!r} has no attribute {name!r}")
+        value = getattr(importlib.import_module(f"{package}.{api[name]}"), name)
+        setattr(importlib.import_module(package), name, value)
+        return value
+
+    return __getattr__
+
+
+__all__ = ["UntrustedCodeError", "import_object", "is_import_path", "lazy_attributes"]

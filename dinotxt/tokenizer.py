@@ -19,6 +19,18 @@ import torch
 from .fileio import atomic_write_bytes
 
 
+def pack_ids(sequences: Sequence[List[int]], context_length: int, eot_id: int) -> torch.Tensor:
+    """(B, context_length) ids, padded with 0; a sequence that is too long is cut and keeps EOT as
+    its last token (the text tower pools at EOT), as OpenAI's CLIP tokenizer does."""
+    out = torch.zeros(len(sequences), context_length, dtype=torch.long)
+    for i, ids in enumerate(sequences):
+        if len(ids) > context_length:
+            ids = ids[:context_length]
+            ids[-1] = eot_id
+        out[i, : len(ids)] = torch.tensor(ids)
+    return out
+
+
 class Tokenizer:
     """Wraps a SentencePiece model. ``tokenizer(texts) -> LongTensor (B, context_length)``."""
 
@@ -47,15 +59,7 @@ class Tokenizer:
     def __call__(self, texts: Union[str, Sequence[str]], context_length: int = None) -> torch.Tensor:
         if isinstance(texts, str):
             texts = [texts]
-        n = context_length or self.context_length
-        out = torch.zeros(len(texts), n, dtype=torch.long)
-        for i, text in enumerate(texts):
-            ids = self.encode(text)
-            if len(ids) > n:
-                ids = ids[:n]
-                ids[-1] = self.eot_id
-            out[i, : len(ids)] = torch.tensor(ids)
-        return out
+        return pack_ids([self.encode(t) for t in texts], context_length or self.context_length, self.eot_id)
 
     def decode(self, ids: Sequence[int]) -> str:
         pieces = [int(i) for i in ids if 1 < int(i) < self.sot_id]
