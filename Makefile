@@ -11,7 +11,7 @@ NUMERICS := tests/test_models.py tests/test_speed_parity.py tests/test_loss.py t
 BASELINE_KERNELS := ATEN_CPU_CAPABILITY=default MKL_ENABLE_INSTRUCTIONS=SSE4_2 ONEDNN_MAX_CPU_ISA=SSE41
 AVX2_KERNELS     := ATEN_CPU_CAPABILITY=avx2 MKL_ENABLE_INSTRUCTIONS=AVX2 ONEDNN_MAX_CPU_ISA=AVX2
 
-.PHONY: demo demo-curation test test-kernels check-install setup clean
+.PHONY: demo demo-curation test test-fast test-kernels check-install setup clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -29,6 +29,10 @@ demo-curation: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q tests
+
+# the fast half, for the edit-test loop (the end-to-end runs in their own processes are marked slow)
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -q -m "not slow" tests
 
 # the numerics-sensitive tests on the baseline (SSE) kernels with 1 thread, and on AVX2 kernels
 test-kernels: $(STAMP)

@@ -24,3 +24,20 @@ def tiny_model():
     torch.manual_seed(0)
     return dinotxt.create_model("dinotxt_demo", backbone=TINY_BACKBONE, text=TINY_TEXT,
                                 vision_head={"num_blocks": 2, "drop_path": 0.0})
+
+
+@pytest.fixture(scope="session")
+def trained_debug_run(tmp_path_factory):
+    """One tiny run of the real command line (``dinotxt train debug``, 12 steps, checkpoints at 6 and 12)
+    in its own process, shared by the tests that need a trained run folder: (folder, recipe, result)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    work = tmp_path_factory.mktemp("e2e")
+    recipe = str(Path(__file__).parents[1] / "recipes" / "debug.yaml")
+    first = subprocess.run([sys.executable, "-m", "dinotxt.cli", "train", recipe, "optim.max_steps=12",
+                            "trainer.checkpoint_every_n_steps=6"], cwd=work, capture_output=True, text=True, timeout=600,
+                           env=dict(os.environ, PYTHONWARNINGS="ignore"))
+    assert first.returncode == 0, first.stderr[-3000:]
+    return work, recipe, first

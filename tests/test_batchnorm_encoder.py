@@ -48,6 +48,7 @@ def cli(*args, cwd):
                           text=True, timeout=600)
 
 
+@pytest.mark.slow
 def test_cache_train_and_load_a_batchnorm_encoder(setup):
     work, recipe = setup
     refused = cli("cache", recipe, cwd=work)
@@ -76,6 +77,7 @@ def test_cache_train_and_load_a_batchnorm_encoder(setup):
         assert torch.equal(single.encode_image(x), model.encode_image(x))
 
 
+@pytest.mark.slow
 def test_training_leaves_the_live_frozen_weights_and_running_statistics_untouched(setup, monkeypatch):
     """The live backbone before and after a real fit (online, with validation), in one process."""
     from dinotxt.train import run as run_module

@@ -217,6 +217,7 @@ def _take(stream, n):
     return [next(it) for _ in range(n)]
 
 
+@pytest.mark.slow
 def test_cache_and_train_from_it_on_the_command_line(tmp_path):
     env = dict(os.environ, PYTHONWARNINGS="ignore")
     common = ["data.world.num_train=128", "data.world.num_eval=24", "data.world.samples_per_shard=64", "cache.path=runs/feat"]

@@ -1,8 +1,5 @@
 """Checkpoints: a DinoTxt assembled by hand saves and loads like a factory one; a checkpoint that
 names code to run (``subprocess:run``) is refused and runs nothing unless the user opts in."""
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -70,20 +67,21 @@ def malicious_checkpoint(tmp_path, tokenizer):
     return tmp_path / "ckpt", marker
 
 
-def test_checkpoint_naming_code_is_refused_and_runs_nothing(malicious_checkpoint):
+def test_checkpoint_naming_code_is_refused_and_runs_nothing(malicious_checkpoint, capsys):
+    from dinotxt.cli import main
+
     ckpt, marker = malicious_checkpoint
     with pytest.raises(UntrustedCodeError, match=r"subprocess:run.*trust_code=True"):
         dinotxt.load(ckpt)
     assert not marker.exists()
-    env = dict(os.environ, PYTHONWARNINGS="ignore")
     image = ckpt.parent / "photo.png"
     __import__("PIL.Image").Image.new("RGB", (64, 48)).save(image)
     for args in (["eval", "zeroshot", "--checkpoint", str(ckpt), "--data", str(ckpt)],
                  ["segment", str(image), "--checkpoint", str(ckpt), "--labels", "a,b"],
                  ["export", str(ckpt), "--format", "safetensors", "--include-backbone"]):
-        out = subprocess.run([sys.executable, "-m", "dinotxt.cli", *args], capture_output=True, text=True, env=env)
-        assert out.returncode == 2 and len(out.stderr.strip().splitlines()) == 1, out.stderr
-        assert "subprocess:run" in out.stderr and "--trust-code" in out.stderr
+        rc, err = main(args), capsys.readouterr().err
+        assert rc == 2 and len(err.strip().splitlines()) == 1, err
+        assert "subprocess:run" in err and "--trust-code" in err
         assert not marker.exists()
     # the opt-in is real: with it the file's code runs (and then fails, as it builds no module)
     with pytest.raises(TypeError, match="did not build an nn.Module"):

@@ -894,6 +894,7 @@ def test_until_then_rest_equals_an_uninterrupted_run(reference, world, tmp_path,
     _assert_identical_runs(reference[0], tmp_path)
 
 
+@pytest.mark.slow
 def test_sigkill_during_embedding_then_resume_is_bit_identical(reference, world, tmp_path, capsys):
     """``dinotxt curate`` killed with SIGKILL while embedding unit 2, after its embeddings were written and
     before its metadata table (the unit's done marker): the rerun embeds units 2 and 3 only."""
@@ -1144,6 +1145,7 @@ def test_unknown_stage_name_is_a_clear_error(world, tmp_path, capsys):
 
 
 # ====================================================================== 8. the CLI end to end
+@pytest.mark.slow
 def test_cli_curate_end_to_end(reference, world, tmp_path):
     exe = Path(sys.executable).with_name("dinotxt")
     cmd = [str(exe)] if exe.is_file() else [sys.executable, "-m", "dinotxt.cli"]

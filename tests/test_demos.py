@@ -10,6 +10,7 @@ TINY_TRAIN = ["model.backbone.img_size=56", "model.backbone.kwargs={depth: 1, em
               "eval.batch_size=48"]
 
 
+@pytest.mark.slow
 def test_demo_reports_zero_shot_and_segmentation_and_writes_the_run_folder(tmp_path, capsys):
     from dinotxt.demo.run import run_demo
 
@@ -49,6 +50,7 @@ def test_random_label_miou_matches_a_simulation():
     assert expected == pytest.approx(segmentation_metrics(conf, list("abcd"))["miou"], abs=3e-3)
 
 
+@pytest.mark.slow
 def test_curation_demo_curates_trains_both_arms_and_reuses_finished_work(tmp_path, capsys):
     from dinotxt.demo.curation import run_curation_demo
     from dinotxt.demo.pool import PoolSpec

@@ -85,6 +85,7 @@ def _ddp_worker(rank, world, port, out):
         dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_ddp_loss_and_model_gradients_equal_single_process_global_batch():
     import torch.multiprocessing as mp
 

@@ -34,6 +34,7 @@ def setup(tmp_path_factory):
     return root
 
 
+@pytest.mark.slow
 def test_segment_command_writes_overlay_and_heatmaps(setup):
     out = setup / "seg" / "overlay.png"
     env = dict(os.environ, PYTHONWARNINGS="ignore")

@@ -38,6 +38,7 @@ def _ckpt_step(path):
     return torch.load(path, map_location="cpu", weights_only=False)["global_step"]
 
 
+@pytest.mark.slow
 def test_sigkill_mid_epoch_then_resume_equals_uninterrupted_run(tmp_path):
     ref = subprocess.run(_cmd("train", RECIPE, *COMMON, "name=ref"), cwd=tmp_path, env=_env(),
                          capture_output=True, text=True, timeout=600)

@@ -82,6 +82,7 @@ def installed(tmp_path_factory):
     return target
 
 
+@pytest.mark.slow
 def test_installed_cli_runs_a_shipped_recipe_by_name_from_another_folder(installed, tmp_path):
     env = dict(os.environ, PYTHONPATH=str(installed), PYTHONWARNINGS="ignore")
 
@@ -113,6 +114,7 @@ sys.meta_path.insert(0, Absent())
 '''
 
 
+@pytest.mark.slow
 def test_the_core_install_loads_classifies_and_segments_without_lightning_or_faiss(tmp_path):
     """`pip install .` without extras: a checkpoint loads and serves inference; a training command says
     which extra it needs in one line."""

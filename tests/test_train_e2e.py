@@ -14,18 +14,25 @@ ROOT = Path(__file__).parents[1]
 
 
 def cli(*args, cwd):
+    """The real entry point, in its own process (``python -m dinotxt.cli``)."""
     env = dict(os.environ, PYTHONWARNINGS="ignore")
     return subprocess.run([sys.executable, "-m", "dinotxt.cli", *args], cwd=cwd, env=env, capture_output=True,
                           text=True, timeout=600)
 
 
+def in_process(capsys, monkeypatch, cwd, *args):
+    """``dinotxt ARGS`` in this process (the CLI's own error handling): (exit code, stdout, stderr)."""
+    from dinotxt.cli import main
+
+    monkeypatch.chdir(cwd)
+    rc = main([str(a) for a in args])
+    captured = capsys.readouterr()
+    return rc, captured.out, captured.err
+
+
 @pytest.fixture(scope="module")
-def debug_run(tmp_path_factory):
-    work = tmp_path_factory.mktemp("e2e")
-    recipe = str(ROOT / "recipes" / "debug.yaml")
-    first = cli("train", recipe, "optim.max_steps=12", "trainer.checkpoint_every_n_steps=6", cwd=work)
-    assert first.returncode == 0, first.stderr[-3000:]
-    return work, recipe, first
+def debug_run(trained_debug_run):
+    return trained_debug_run
 
 
 def test_train_writes_a_complete_run_folder(debug_run):
@@ -60,6 +67,7 @@ def test_checkpoint_loads_and_classifies(debug_run):
     assert probs.shape == (1, 3) and torch.allclose(probs.sum(), torch.tensor(1.0))
 
 
+@pytest.mark.slow
 def test_resume_continues_the_run(debug_run):
     work, recipe, _ = debug_run
     again = cli("train", recipe, cwd=work)
@@ -71,33 +79,34 @@ def test_resume_continues_the_run(debug_run):
     assert metrics["steps"] == 16
 
 
-def test_eval_zeroshot_cli(debug_run):
+def test_eval_zeroshot_cli(debug_run, capsys, monkeypatch):
     work, _, _ = debug_run
-    out = cli("eval", "zeroshot", "--checkpoint", "runs/debug/checkpoint", "--data", "runs/debug_world/eval/classes",
-              "--templates", "simple", "--json", cwd=work)
-    assert out.returncode == 0, out.stderr[-2000:]
-    assert "top-1" in out.stdout and "chance" in out.stdout
-    res = json.loads(out.stdout.strip().splitlines()[-1])
+    rc, out, err = in_process(capsys, monkeypatch, work, "eval", "zeroshot", "--checkpoint", "runs/debug/checkpoint",
+                              "--data", "runs/debug_world/eval/classes", "--templates", "simple", "--json")
+    assert rc == 0, err[-2000:]
+    assert "top-1" in out and "chance" in out
+    res = json.loads(out.strip().splitlines()[-1])
     assert res["num_classes"] == 24 and res["num_images"] == 48
 
 
 @pytest.mark.parametrize("args, message", [
     (["train", "RECIPE", "optim.lrr=1"], "did you mean 'optim.lr'"),
     (["train", "RECIPE", "data.train=/nonexistent/{000..003}.tar", "data.world.generate=false", "name=x"], "shard not found"),
+    (["train", "RECIPE", "model.vision_head.pooling=median"], "is not one of mean, max, gem"),
     (["eval", "zeroshot", "--checkpoint", "/nonexistent", "--data", "."], "not a dinotxt checkpoint"),
 ])
-def test_user_errors_are_one_line(debug_run, args, message):
+def test_user_errors_are_one_line(debug_run, args, message, capsys, monkeypatch):
     work, recipe, _ = debug_run
-    out = cli(*[recipe if a == "RECIPE" else a for a in args], cwd=work)
-    assert out.returncode == 2
-    assert message in out.stderr and len(out.stderr.strip().splitlines()) == 1, out.stderr
+    rc, _, err = in_process(capsys, monkeypatch, work, *[recipe if a == "RECIPE" else a for a in args])
+    assert rc == 2
+    assert message in err and len(err.strip().splitlines()) == 1 and err.startswith("dinotxt: error: "), err
 
 
-def test_tokenizer_train_cli(debug_run, tmp_path):
+def test_tokenizer_train_cli(debug_run, tmp_path, capsys, monkeypatch):
     work, _, _ = debug_run
-    out = cli("tokenizer", "train", "--data", "runs/debug_world/train", "--out", str(tmp_path / "t.model"),
-              "--vocab-size", "128", "--context-length", "20", cwd=work)
-    assert out.returncode == 0, out.stderr[-2000:]
+    rc, out, err = in_process(capsys, monkeypatch, work, "tokenizer", "train", "--data", "runs/debug_world/train",
+                              "--out", tmp_path / "t.model", "--vocab-size", "128", "--context-length", "20")
+    assert rc == 0, err[-2000:]
     tok = dinotxt.Tokenizer(tmp_path / "t.model", context_length=20)
     ids = tok(["a red circle"])
     assert ids.shape == (1, 20) and ids.argmax(-1).item() == (ids[0] != 0).sum().item() - 1
