@@ -64,7 +64,10 @@ class VisionHeadConfig:
     num_blocks: int = 2  # trainable transformer blocks over the frozen tokens (0 allowed)
     num_heads: Optional[int] = None  # default: backbone width // 64 (16 for ViT-L)
     mlp_ratio: float = 4.0  # SwiGLU hidden = ceil64(int(width * mlp_ratio * 2/3))
-    drop_path: float = 0.3  # stochastic depth, linearly spread over the blocks
+    drop_path: float = 0.3  # stochastic depth of every head block (the same rate for each, as the official head)
+    # batch_subset (official DINOv2/v3 form: each branch on floor((1-p)B) samples, ~p of the head compute
+    # saved) | per_sample (a Bernoulli mask over all B samples, dinotxt <= 0.1)
+    drop_path_mode: str = choice("batch_subset", "batch_subset", "per_sample")
     layer_scale_init: float = 1e-5
     pooling: str = choice("mean", "mean", "max", "gem")  # pooler for patch tokens
     gem_p: float = 3.0  # GeM exponent

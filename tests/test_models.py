@@ -52,7 +52,10 @@ def test_paper_model_exact_sizes():
     assert block.mlp.w1.weight.shape == (2752, 1024) and block.mlp.w2.weight.shape == (2752, 1024)
     assert block.mlp.w3.weight.shape == (1024, 2752) and block.mlp.w1.bias is not None
     assert torch.all(block.ls1.gamma == 1e-5) and torch.all(block.ls2.gamma == 1e-5)
-    assert block.norm1.eps == 1e-5 and model.vision_head.block_list[1].drop_path.p == pytest.approx(0.3)
+    assert block.norm1.eps == 1e-5
+    # stochastic depth 0.3 on EVERY head block, in the official batch-subset form
+    assert [(b.residual1.p, b.residual2.p, b.residual1.mode) for b in model.vision_head.block_list] == \
+        [(pytest.approx(0.3), pytest.approx(0.3), "batch_subset")] * 2
     assert model.embed_dim == 2048
     t = model.text
     assert t.head.linear_projection.weight.shape == (2048, 1280) and t.head.linear_projection.bias is None

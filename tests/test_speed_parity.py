@@ -129,7 +129,8 @@ def test_flop_count_matches_torch_flop_counter(cached):
     from dinotxt.train.flops import attention_flops, train_step_flops
 
     torch.manual_seed(0)
-    model = dinotxt.create_model("dinotxt_demo", backbone=TINY_BACKBONE, text=TINY_TEXT, vision_head={"num_blocks": 2})
+    model = dinotxt.create_model("dinotxt_demo", backbone=TINY_BACKBONE, text=TINY_TEXT,
+                                 vision_head={"num_blocks": 2, "drop_path": 0.3})
     images, ids = torch.randn(4, 3, 56, 56), _ids(4, 16)
     tokens = frozen_tokens(model.backbone, images)
     batch = {"tokens": tokens, "text": ids} if cached else {"image": images, "text": ids}
@@ -137,9 +138,12 @@ def test_flop_count_matches_torch_flop_counter(cached):
         contrastive_loss(model, ClipLoss(), batch).backward()
     text_len = trim_padding(ids).shape[1]
     ours = train_step_flops(model, 4, tokens.shape[1], text_len, cached=cached)
-    # attention (forward) of the trained blocks and of the frozen backbone (forward only)
-    trained = 4 * (len(model.vision_head.block_list) * attention_flops(tokens.shape[1], 96)
-                   + len(model.text.backbone.blocks) * attention_flops(text_len, 64))
+    # attention (forward) of the trained blocks and of the frozen backbone (forward only); the head's
+    # branches run on floor(0.7 * 4) = 2 rows (batch-subset stochastic depth at the default 0.3)
+    head_rows = 2
+    assert model.vision_head.drop_path == 0.3 and model.vision_head.training
+    trained = (head_rows * len(model.vision_head.block_list) * attention_flops(tokens.shape[1], 96)
+               + 4 * len(model.text.backbone.blocks) * attention_flops(text_len, 64))
     frozen = 0 if cached else 4 * TINY_BACKBONE["kwargs"]["depth"] * attention_flops(tokens.shape[1], 96)
     counts = counter.get_flop_counts()["Global"]
     sdpa = sum(v for op, v in counts.items() if "scaled_dot_product" in str(op))

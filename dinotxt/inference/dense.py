@@ -11,7 +11,7 @@ the head CLS token and plays no part here).
 - ``slide`` (the official protocol): 384 x 384 windows at stride 192 on mmsegmentation's
   grid (the last window in a row or column is flush with the border; a side shorter than
   the window gives one window of that side). ``whole``: a single pass over the image.
-- Each window is resized to a multiple of the patch size, its normalised head patch
+- Each window is resized UP to the next multiple of the patch size (384 -> 392 at patch 14), its normalised head patch
   tokens give a cosine map against the class embeddings, the map is bilinearly upsampled
   back to the window, softmaxed over classes, accumulated into the image and divided by
   the number of windows that visited each pixel.
@@ -55,8 +55,9 @@ class SegmentationResult:
 
 
 def snap_to_patch(size: int, patch_size: int) -> int:
-    """Nearest multiple of the patch size (at least one patch), the size a window is resized to."""
-    return max(patch_size, int(round(size / patch_size)) * patch_size)
+    """The size a window is resized to: UP to the next multiple of the patch size, as the official
+    dense evaluation does (384 px -> 392 at patch 14, 384 at patch 16)."""
+    return max(patch_size, -(-size // patch_size) * patch_size)
 
 
 def window_grid(height: int, width: int, window: int = DEFAULTS.window,

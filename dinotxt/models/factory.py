@@ -31,7 +31,8 @@ def create_model(arch: Union[str, DictConfig, dict], backbone_module: Optional[n
     resolve_model_dims(cfg, backbone.embed_dim)
     h = cfg.vision_head
     head = VisionHead(backbone.embed_dim, backbone.num_prefix_tokens, h.num_blocks, h.num_heads, h.mlp_ratio,
-                      h.drop_path, h.layer_scale_init, h.pooling, h.gem_p, h.use_patch_tokens, h.final_norm, h.attn_impl)
+                      h.drop_path, h.layer_scale_init, h.pooling, h.gem_p, h.use_patch_tokens, h.final_norm, h.attn_impl,
+                      h.drop_path_mode)
     head.grad_checkpointing = bool(h.grad_checkpointing)
     t = cfg.text
     text = TextTower(t.vocab_size, t.context_length, t.width, t.depth, t.heads, t.mlp_ratio, t.output_dim)

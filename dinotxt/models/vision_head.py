@@ -15,23 +15,24 @@ from typing import Optional, Tuple
 import torch
 from torch import nn
 
-from .layers import Attention, DropPath, LayerScale, SwiGLU, swiglu_hidden_dim
+from .layers import Attention, LayerScale, StochasticResidual, SwiGLU, swiglu_hidden_dim
 
 
 class HeadBlock(nn.Module):
-    """Pre-LN block: x + ls1(attn(norm1 x)), x + ls2(mlp(norm2 x)), each with drop path.
+    """Pre-LN block: x + ls1(attn(norm1 x)), x + ls2(mlp(norm2 x)), each branch with stochastic depth.
 
     Args:
         dim: token width (the backbone's D).
         num_heads: attention heads.
         mlp_ratio: SwiGLU width ratio before the 2/3 factor.
-        drop_path: stochastic depth probability of this block.
+        drop_path: stochastic depth probability of both branches.
         layer_scale_init: initial LayerScale value on both branches.
         attn_impl: ``sdpa`` or ``xformers``.
+        drop_path_mode: ``batch_subset`` (official: each branch on floor((1-p)B) samples) or ``per_sample``.
     """
 
     def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, drop_path: float = 0.0,
-                 layer_scale_init: float = 1e-5, attn_impl: str = "sdpa"):
+                 layer_scale_init: float = 1e-5, attn_impl: str = "sdpa", drop_path_mode: str = "batch_subset"):
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, eps=1e-5)
         self.attn = Attention(dim, num_heads, impl=attn_impl)
@@ -39,11 +40,18 @@ class HeadBlock(nn.Module):
         self.norm2 = nn.LayerNorm(dim, eps=1e-5)
         self.mlp = SwiGLU(dim, swiglu_hidden_dim(dim, mlp_ratio))
         self.ls2 = LayerScale(dim, layer_scale_init)
-        self.drop_path = DropPath(drop_path)
+        self.residual1 = StochasticResidual(drop_path, drop_path_mode)
+        self.residual2 = StochasticResidual(drop_path, drop_path_mode)
+
+    def attn_branch(self, x: torch.Tensor) -> torch.Tensor:
+        return self.ls1(self.attn(self.norm1(x)))
+
+    def mlp_branch(self, x: torch.Tensor) -> torch.Tensor:
+        return self.ls2(self.mlp(self.norm2(x)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.drop_path(self.ls1(self.attn(self.norm1(x))))
-        return x + self.drop_path(self.ls2(self.mlp(self.norm2(x))))
+        x = self.residual1(x, self.attn_branch)
+        return self.residual2(x, self.mlp_branch)
 
 
 def pool_patches(patches: torch.Tensor, kind: str = "mean", p: float = 3.0) -> torch.Tensor:
@@ -87,7 +95,8 @@ class VisionHead(nn.Module):
         num_blocks: trainable blocks (dino.txt: 2; LiT: 0).
         num_heads: attention heads (default D // 64).
         mlp_ratio, drop_path, layer_scale_init, attn_impl: block settings (see HeadBlock);
-            ``drop_path`` is the rate of the last block, spread linearly from 0.
+            ``drop_path`` is the rate of EVERY block, as in the official head (not spread over depth).
+        drop_path_mode: ``batch_subset`` (official) or ``per_sample`` (see ``layers/drop_path.py``).
         pooling: mean | max | gem pooling of head patch tokens.
         gem_p: GeM exponent.
         use_patch_tokens: embedding = concat(CLS, pooled patches) (2D) if True, else CLS (D).
@@ -97,7 +106,7 @@ class VisionHead(nn.Module):
     def __init__(self, dim: int, num_prefix_tokens: int = 1, num_blocks: int = 2, num_heads: Optional[int] = None,
                  mlp_ratio: float = 4.0, drop_path: float = 0.3, layer_scale_init: float = 1e-5,
                  pooling: str = "mean", gem_p: float = 3.0, use_patch_tokens: bool = True,
-                 final_norm: bool = True, attn_impl: str = "sdpa"):
+                 final_norm: bool = True, attn_impl: str = "sdpa", drop_path_mode: str = "batch_subset"):
         super().__init__()
         num_heads = num_heads or max(1, dim // 64)
         if pooling not in ("mean", "max", "gem"):
@@ -110,9 +119,10 @@ class VisionHead(nn.Module):
         self.pooling = pooling
         self.gem_p = gem_p
         self.use_patch_tokens = use_patch_tokens
-        rates = [drop_path * i / max(1, num_blocks - 1) for i in range(num_blocks)] if num_blocks > 1 else [drop_path] * num_blocks
+        self.drop_path_mode = drop_path_mode
         self.block_list = nn.ModuleList(
-            HeadBlock(dim, num_heads, mlp_ratio, r, layer_scale_init, attn_impl) for r in rates
+            HeadBlock(dim, num_heads, mlp_ratio, drop_path, layer_scale_init, attn_impl, drop_path_mode)
+            for _ in range(num_blocks)
         )
         self.ln_final = nn.LayerNorm(dim, eps=1e-5) if final_norm else nn.Identity()
         self.grad_checkpointing = False
@@ -128,6 +138,7 @@ class VisionHead(nn.Module):
                 "drop_path": self.drop_path, "layer_scale_init": self.layer_scale_init, "pooling": self.pooling,
                 "gem_p": float(self.gem_p), "use_patch_tokens": self.use_patch_tokens,
                 "final_norm": not isinstance(self.ln_final, nn.Identity), "attn_impl": self.attn_impl,
+                "drop_path_mode": self.drop_path_mode,
                 "grad_checkpointing": bool(self.grad_checkpointing)}
 
     @staticmethod

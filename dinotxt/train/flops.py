@@ -4,7 +4,8 @@ MFU follows the PaLM convention (Chowdhery et al. 2022, appendix B): the matmul 
 (2 per multiply-add) the model needs per step, divided by step time and the hardware's
 dense peak. For dino.txt / LiT that is the frozen backbone's forward pass only (it never
 runs backward), and forward + backward (= 3x forward) of the trainable head and text
-tower, plus the loss logits. Recompute for activation checkpointing is not model work
+tower, plus the loss logits. With batch-subset stochastic depth in the head (the official form),
+its branches run on floor((1-p)B) rows and are counted so. Recompute for activation checkpointing is not model work
 and is not counted. Attention is counted over the full score matrix (also when causal),
 as ``torch.utils.flop_counter`` does; the text tower is counted at the length it really
 runs at after padding is trimmed. Sizes are read from the modules themselves, so any
@@ -16,6 +17,8 @@ from typing import Dict, Optional
 
 import torch
 from torch import nn
+
+from ..models.layers import subset_size
 
 # dense bf16 peak in TFLOP/s by device name (first match wins; order matters)
 PEAK_BF16_TFLOPS = [
@@ -67,6 +70,10 @@ def train_step_flops(model, batch_size: int, num_tokens: int, text_len: int, glo
     global_batch = global_batch or batch_size
     head = model.vision_head
     head_fwd = sum(block_forward_flops(b, num_tokens, head.dim) for b in head.block_list)
+    # batch-subset stochastic depth (the official head) computes each branch on floor((1-p)B) rows only
+    head_rows = batch_size
+    if head.training and head.drop_path > 0 and head.drop_path_mode == "batch_subset" and len(head.block_list):
+        head_rows = subset_size(batch_size, head.drop_path)
     text = model.text
     width = text.backbone.positional_embedding.shape[1]
     text_fwd = sum(block_forward_flops(b, text_len, width) for b in text.backbone.blocks)
@@ -75,7 +82,7 @@ def train_step_flops(model, batch_size: int, num_tokens: int, text_len: int, glo
     loss_fwd = 2 * 2 * batch_size * global_batch * embed  # image->text and text->image logits
     out = {
         "backbone": 0 if cached else batch_size * backbone_forward_flops(model.backbone, num_tokens),
-        "head": 3 * batch_size * head_fwd,
+        "head": 3 * head_rows * head_fwd,
         "text": 3 * batch_size * text_fwd,
         "loss": 3 * loss_fwd,
     }

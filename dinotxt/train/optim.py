@@ -29,11 +29,12 @@ def param_groups(named_params: Iterable[Tuple[str, nn.Parameter]], weight_decay:
 
 
 def warmup_cosine(warmup_steps: int, max_steps: int, min_ratio: float = 0.0):
-    """LR multiplier per step: linear warmup to 1, then cosine to ``min_ratio`` at ``max_steps``."""
+    """LR multiplier per step: linear warmup from 0 at step 0 (as the official trainer) to 1 at
+    ``warmup_steps``, then cosine to ``min_ratio`` at ``max_steps``."""
 
     def factor(step: int) -> float:
         if step < warmup_steps:
-            return (step + 1) / max(1, warmup_steps)
+            return step / warmup_steps
         progress = min(1.0, (step - warmup_steps) / max(1, max_steps - warmup_steps))
         return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 

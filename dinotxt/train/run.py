@@ -218,7 +218,7 @@ def run_training(recipe: Optional[str], overrides: List[str] = (), resume: bool 
         CSVLogger(str(run_dir / "logs"), name="csv", version=f"v{launch}"),
     ]
     trainer = L.Trainer(
-        accelerator=t.accelerator, devices=t.devices, num_nodes=t.num_nodes, strategy=build_strategy(t.strategy),
+        accelerator=t.accelerator, devices=t.devices, num_nodes=t.num_nodes, strategy=build_strategy(t.strategy, precision),
         precision=precision, max_steps=cfg.optim.max_steps, max_epochs=-1,
         accumulate_grad_batches=t.accumulate_grad_batches, gradient_clip_val=cfg.optim.grad_clip,
         log_every_n_steps=t.log_every_n_steps, val_check_interval=val_every, check_val_every_n_epoch=None,

@@ -4,7 +4,8 @@
   logit scale) are registered for gradient all-reduce, the frozen backbone never is.
   The contrastive loss gathers features with gradients over all ranks (``dinotxt.loss``),
   so DDP's gradient averaging gives exactly the single-process gradient of the global batch.
-- ``fsdp``: parameters sharded across processes, one FSDP unit per transformer block of the
+- ``fsdp``: parameters sharded across processes (under bf16: bf16 parameters, gradients reduced
+  in fp32, as the official trainer), one FSDP unit per transformer block of the
   text tower, of the vision head and of the frozen backbone (so even ViT-g and a 1280-wide
   text tower fit), ``use_orig_params`` so frozen and trainable weights can share a unit, and
   full (unsharded) state dicts in checkpoints so they load anywhere.
@@ -36,7 +37,18 @@ def block_classes() -> Set[Type[nn.Module]]:
     return classes
 
 
-def build_strategy(name: str) -> Union[str, object]:
+def fsdp_mixed_precision(precision: str):
+    """The official trainer's FSDP precision under bf16: parameters (and buffers) in bf16, gradients
+    REDUCED in fp32 (Lightning's bf16 plugin would reduce them in bf16); None for fp32 runs."""
+    if not str(precision).startswith("bf16"):
+        return None
+    import torch
+    from torch.distributed.fsdp import MixedPrecision
+
+    return MixedPrecision(param_dtype=torch.bfloat16, reduce_dtype=torch.float32, buffer_dtype=torch.bfloat16)
+
+
+def build_strategy(name: str, precision: str = "32-true") -> Union[str, object]:
     """A Lightning strategy object for ``ddp`` / ``fsdp``; other names are returned unchanged."""
     if name == "ddp":
         from lightning.pytorch.strategies import DDPStrategy
@@ -47,5 +59,5 @@ def build_strategy(name: str) -> Union[str, object]:
         from lightning.pytorch.strategies import FSDPStrategy
 
         return FSDPStrategy(auto_wrap_policy=block_classes(), sharding_strategy="FULL_SHARD", use_orig_params=True,
-                            state_dict_type="full")
+                            state_dict_type="full", mixed_precision=fsdp_mixed_precision(precision))
     return name
