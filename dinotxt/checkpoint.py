@@ -118,6 +118,37 @@ def _single_file_metadata(path: Path) -> Optional[Dict[str, str]]:
         return None
 
 
+def read_checkpoint(checkpoint: Union[str, Path]):
+    """(config with model + tokenizer sections, trainable state, tokenizer file bytes) of a folder or single file."""
+    from safetensors.torch import load_file
+
+    checkpoint = Path(checkpoint)
+    if checkpoint.is_file() and checkpoint.name != WEIGHTS_NAME:
+        cfg, state, tok_bytes = read_single_file(checkpoint)
+        return cfg, {k: v for k, v in state.items() if not k.startswith(BACKBONE_PREFIX)}, tok_bytes
+    folder = checkpoint.parent if checkpoint.is_file() else checkpoint
+    if not (folder / WEIGHTS_NAME).is_file() or not (folder / CONFIG_NAME).is_file():
+        if not folder.exists():
+            raise FileNotFoundError(f"{folder} is not a dinotxt checkpoint: it does not exist")
+        raise FileNotFoundError(f"{folder} is not a dinotxt checkpoint: expected {WEIGHTS_NAME} and {CONFIG_NAME} in it")
+    cfg = OmegaConf.load(folder / CONFIG_NAME)
+    if "model" not in cfg:
+        raise ValueError(f"{folder / CONFIG_NAME} has no 'model' section; was it written by dinotxt?")
+    kind = OmegaConf.select(cfg, "tokenizer.kind", default="sentencepiece")
+    tok_name = OmegaConf.select(cfg, "tokenizer.file", default=TOKENIZER_FILES.get(kind, "tokenizer.model"))
+    if not (folder / tok_name).is_file():
+        raise FileNotFoundError(f"{folder} is not a complete dinotxt checkpoint: {tok_name} is missing")
+    out = OmegaConf.create({"model": cfg.model, "tokenizer": {
+        "kind": kind, "file": tok_name,
+        "context_length": OmegaConf.select(cfg, "tokenizer.context_length", default=cfg.model.text.context_length)}})
+    try:
+        state = load_file(str(folder / WEIGHTS_NAME))
+    except Exception as e:
+        raise ValueError(f"cannot read {folder / WEIGHTS_NAME}: {e}") from None
+    return out, state, (folder / tok_name).read_bytes()
+
+
+
 def load(checkpoint: Union[str, Path], device: Union[str, torch.device] = "cpu", backbone_weights: Optional[str] = None,
          trust_code: bool = False):
     """Load a dinotxt checkpoint folder or single file. Returns ``(model, transform, tokenizer)``.
@@ -128,36 +159,13 @@ def load(checkpoint: Union[str, Path], device: Union[str, torch.device] = "cpu",
     checkpoint's author chose that code (``dinotxt.plugins``).
     """
     path = Path(checkpoint)
-    if path.is_file():
-        if path.name == WEIGHTS_NAME and (path.parent / CONFIG_NAME).is_file():
-            path = path.parent
-        else:
-            return load_single_file(path, device, backbone_weights, trust_code)
-    if not path.exists():
-        raise FileNotFoundError(f"{path} is not a dinotxt checkpoint: it does not exist")
-    for name in (WEIGHTS_NAME, CONFIG_NAME):
-        if not (path / name).is_file():
-            raise FileNotFoundError(
-                f"{path} is not a dinotxt checkpoint: {name} is missing "
-                f"(expected a folder with {WEIGHTS_NAME}, {CONFIG_NAME} and the tokenizer file)"
-            )
-    from safetensors.torch import load_file
-
-    cfg = OmegaConf.load(path / CONFIG_NAME)
-    if "model" not in cfg:
-        raise ValueError(f"{path / CONFIG_NAME} has no 'model' section; was it written by dinotxt?")
-    kind = OmegaConf.select(cfg, "tokenizer.kind", default="sentencepiece")  # folders older than the CLIP BPE
-    tok_file = path / OmegaConf.select(cfg, "tokenizer.file", default=TOKENIZER_FILES.get(kind, TOKENIZER_NAME))
-    if not tok_file.is_file():
-        raise FileNotFoundError(f"{path} is not a complete dinotxt checkpoint: its {kind} tokenizer file {tok_file.name} "
-                                "is missing")
-    try:
-        state = load_file(str(path / WEIGHTS_NAME))
-    except Exception as e:
-        raise ValueError(f"cannot read {path / WEIGHTS_NAME}: {e}") from None
-    tokenizer = build_tokenizer(kind, tok_file, cfg.model.text.context_length)
+    if path.is_file() and path.name != WEIGHTS_NAME:
+        return load_single_file(path, device, backbone_weights, trust_code)
+    cfg, state, tok_bytes = read_checkpoint(path)
+    tokenizer = build_tokenizer(cfg.tokenizer.kind, tok_bytes, cfg.model.text.context_length)
+    folder = path.parent if path.is_file() else path
     return _assemble(cfg.model, state, tokenizer, device, backbone_weights, trust_code=trust_code,
-                     source=str(path / CONFIG_NAME))
+                     source=str(folder / CONFIG_NAME))
 
 
 def read_single_file(path: Union[str, Path]):

@@ -99,6 +99,9 @@ class ModelConfig:
     text: TextConfig = field(default_factory=TextConfig)
     init_logit_scale: float = math.log(1 / 0.07)
     max_logit_scale: float = math.log(100.0)
+    # start from released or earlier weights (dinotxt/train/init_from.py): a dinotxt checkpoint, the two
+    # official DINOv2-release head files (a list), the official DINOv3 file, or an official text encoder alone
+    init_from: Any = None
 
 
 # ------------------------------------------------------------------------ training
@@ -149,8 +152,12 @@ class OptimConfig:
 
 @dataclass
 class TokenizerConfig:
-    path: Optional[str] = None  # existing SentencePiece .model; None = train one on the captions
-    vocab_size: int = 32000
+    # sentencepiece: trained on the captions (the default for training from scratch);
+    # clip: OpenAI's CLIP byte-level BPE, 49,408 ids, the official trainer's and the released weights' tokenizer
+    kind: str = choice("sentencepiece", "sentencepiece", "clip")
+    # sentencepiece: an existing .model (None = train one); clip: bpe_simple_vocab_16e6.txt.gz (None = open_clip's copy)
+    path: Optional[str] = None
+    vocab_size: int = 32000  # sentencepiece only (the CLIP BPE has its own 49,408)
     max_sentences: int = 1_000_000  # captions read to train the tokenizer
 
 

@@ -23,43 +23,12 @@ from pathlib import Path
 from typing import Dict, Optional, Union
 
 import torch
-from omegaconf import OmegaConf
 
-from .checkpoint import (BACKBONE_PREFIX, CONFIG_NAME, TOKENIZER_FILES, WEIGHTS_NAME, read_single_file,
-                         save_single_file)
+from .checkpoint import BACKBONE_PREFIX, read_checkpoint, save_single_file
 from .fileio import atomic_write_bytes, atomic_write_json
 from .models.official import RELEASES, official_state_dicts
 
 FORMATS = ("official", "safetensors")
-
-
-def _read_checkpoint(checkpoint: Path):
-    """(config with model + tokenizer sections, trainable state, tokenizer file bytes) of a folder or single file."""
-    from safetensors.torch import load_file
-
-    if checkpoint.is_file() and checkpoint.name != WEIGHTS_NAME:
-        cfg, state, tok_bytes = read_single_file(checkpoint)
-        return cfg, {k: v for k, v in state.items() if not k.startswith(BACKBONE_PREFIX)}, tok_bytes
-    folder = checkpoint.parent if checkpoint.is_file() else checkpoint
-    if not (folder / WEIGHTS_NAME).is_file() or not (folder / CONFIG_NAME).is_file():
-        if not folder.exists():
-            raise FileNotFoundError(f"{folder} is not a dinotxt checkpoint: it does not exist")
-        raise FileNotFoundError(f"{folder} is not a dinotxt checkpoint: expected {WEIGHTS_NAME} and {CONFIG_NAME} in it")
-    cfg = OmegaConf.load(folder / CONFIG_NAME)
-    if "model" not in cfg:
-        raise ValueError(f"{folder / CONFIG_NAME} has no 'model' section; was it written by dinotxt?")
-    kind = OmegaConf.select(cfg, "tokenizer.kind", default="sentencepiece")
-    tok_name = OmegaConf.select(cfg, "tokenizer.file", default=TOKENIZER_FILES.get(kind, "tokenizer.model"))
-    if not (folder / tok_name).is_file():
-        raise FileNotFoundError(f"{folder} is not a complete dinotxt checkpoint: {tok_name} is missing")
-    out = OmegaConf.create({"model": cfg.model, "tokenizer": {
-        "kind": kind, "file": tok_name,
-        "context_length": OmegaConf.select(cfg, "tokenizer.context_length", default=cfg.model.text.context_length)}})
-    try:
-        state = load_file(str(folder / WEIGHTS_NAME))
-    except Exception as e:
-        raise ValueError(f"cannot read {folder / WEIGHTS_NAME}: {e}") from None
-    return out, state, (folder / tok_name).read_bytes()
 
 
 def _architecture(model_cfg, state: Dict[str, torch.Tensor]) -> Dict[str, object]:
@@ -91,7 +60,7 @@ def export_official(checkpoint: Union[str, Path], out: Optional[Union[str, Path]
         layout: ``dinov2`` (two files) or ``dinov3`` (one file); default from the backbone name.
     """
     checkpoint = Path(checkpoint)
-    cfg, state, tok_bytes = _read_checkpoint(checkpoint)
+    cfg, state, tok_bytes = read_checkpoint(checkpoint)
     mcfg = cfg.model
     layout = layout or ("dinov3" if "dinov3" in str(mcfg.backbone.name) else "dinov2")
     files = official_state_dicts(state, layout)
@@ -147,7 +116,7 @@ def export_safetensors(checkpoint: Union[str, Path], out: Optional[Union[str, Pa
                        trust_code: bool = False) -> Dict[str, object]:
     """Write a checkpoint as one self-describing safetensors file that ``dinotxt.load`` reads."""
     checkpoint = Path(checkpoint)
-    cfg, state, tok_bytes = _read_checkpoint(checkpoint)
+    cfg, state, tok_bytes = read_checkpoint(checkpoint)
     state = dict(state)
     if include_backbone:
         from .models.factory import create_backbone

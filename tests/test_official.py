@@ -287,3 +287,69 @@ def test_full_size_release_with_the_default_architecture(release, tmp_path, toke
     print(f"{release}: image max abs diff {max_error(ours_image, ref):.1e}, text {max_error(ours_text, ref_text):.1e}")
     assert_close(ours_image, ref, 1e-4, "image")
     assert_close(ours_text, ref_text, 1e-4, "text")
+
+
+@pytest.mark.slow
+def test_fine_tune_the_released_model_on_your_own_pairs(dinov2_release, tmp_path, monkeypatch):
+    """model.init_from the official DINOv2-release files: step 0 is the official model exactly; a few
+    steps later the trained heads export in the official layout, which loads strictly again."""
+    from dinotxt.config import load_train_config
+    from dinotxt.train.init_from import apply_init, read_init_source
+    from dinotxt.train.run import run_training
+
+    sds, paths = dinov2_release
+    overrides = ["model.arch=dinotxt_vitl14_reg4", "model.backbone.name=vit_small_patch14_reg4_dinov2",
+                 "model.backbone.img_size=56", "model.backbone.kwargs={depth: 2}", f"model.backbone.weights={paths['backbone']}",
+                 "model.text={width: 64, depth: 2, heads: 2}",
+                 f"model.init_from=[{paths['text_encoder']},{paths['vision_head']}]",  # either order
+                 "optim.max_steps=3", "optim.lr=1e-5", "optim.warmup_steps=1", "trainer.val_every_n_steps=0",
+                 "trainer.checkpoint_every_n_steps=0", "data.num_workers=0", "eval.zeroshot_dir=null",
+                 "data.world.generate=true", "data.world.root=world", "data.train=world/train",
+                 "data.world.num_train=32", "data.world.num_eval=0", "data.world.samples_per_shard=32",
+                 "data.world.image_size=64", "data.batch_size=8", "name=finetune"]
+    monkeypatch.chdir(tmp_path)
+    cfg = load_train_config(None, overrides)
+    init = read_init_source(cfg.model.init_from)
+    assert init.tokenizer_kind == "clip_bpe" and set(init.official) == {"vision_head", "text_encoder"}
+    model = dinotxt.create_model(cfg.model)
+    apply_init(model, init)  # step 0
+    model.eval()  # (no drop path in the comparison)
+    official, _, tok = _load_v2(paths)
+    x, ids = torch.randn(2, 3, 56, 56), tok(CAPTIONS)
+    with torch.no_grad():
+        assert torch.equal(model.encode_image(x), official.encode_image(x))
+        assert torch.equal(model.encode_text(ids), official.encode_text(ids))
+    assert model.logit_scale.item() == pytest.approx(math.log(100.0))
+    # a real fine-tune from them, then the official layout again
+    run_training(None, overrides)
+    run = tmp_path / "runs" / "finetune"
+    tuned, _, tuned_tok = dinotxt.load(run / "checkpoint")
+    assert isinstance(tuned_tok, ClipTokenizer) and torch.equal(tuned_tok(CAPTIONS), ids)  # it trained with the CLIP BPE
+    assert any(not torch.equal(v, official.trainable_state_dict()[k]) for k, v in tuned.trainable_state_dict().items())
+    files = export_official(run / "checkpoint", tmp_path / "exported")["files"]
+    again, _, _ = dinotxt.load_official("dinov2_vitl14_reg4_dinotxt", backbone=paths["backbone"],
+                                        vision_head=tmp_path / "exported" / files[0],
+                                        text_encoder=tmp_path / "exported" / files[1], overrides=SMALL_V2)
+    with torch.no_grad():
+        assert torch.equal(again.encode_text(ids), tuned.encode_text(ids))
+
+
+def test_init_from_a_text_encoder_alone_and_refuses_a_mismatch(dinov2_release, tmp_path):
+    from dinotxt.config import load_train_config
+    from dinotxt.train.init_from import apply_init, read_init_source
+
+    sds, paths = dinov2_release
+    base = ["model.arch=dinotxt_vitl14_reg4", "model.backbone.name=vit_small_patch14_reg4_dinov2",
+            "model.backbone.img_size=56", "model.backbone.kwargs={depth: 2}", "model.text={width: 64, depth: 2, heads: 2}"]
+    cfg = load_train_config(None, base + [f"model.init_from={paths['text_encoder']}"])
+    model = dinotxt.create_model(cfg.model)
+    head_before = {k: v.clone() for k, v in model.vision_head.state_dict().items()}
+    apply_init(model, read_init_source(cfg.model.init_from))
+    official, _, tok = _load_v2(paths)
+    with torch.no_grad():
+        assert torch.equal(model.encode_text(tok(CAPTIONS)), official.encode_text(tok(CAPTIONS)))
+    assert all(torch.equal(v, head_before[k]) for k, v in model.vision_head.state_dict().items())  # its own init
+    wide = load_train_config(None, [*base[:-1], "model.text={width: 96, depth: 2, heads: 2}",
+                                       f"model.init_from={paths['text_encoder']}"])
+    with pytest.raises(ValueError, match=r"text encoder file .* does not fit .*shape mismatches"):
+        apply_init(dinotxt.create_model(wide.model), read_init_source(wide.model.init_from))

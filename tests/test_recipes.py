@@ -58,3 +58,25 @@ def test_eval_suite_recipe_resolves(name):
 
 def test_every_kind_of_recipe_is_shipped():
     assert set(KINDS.values()) == {"train", "curation", "suite"} and KINDS["curation/demo_train"] == "train"
+
+
+@pytest.mark.parametrize("name", [r for r, k in KINDS.items() if k == "train"])
+def test_training_recipes_are_short_diffs_that_restate_no_default(name):
+    """A recipe says only what differs from the defaults (the dataclasses) and its registry entry."""
+    from omegaconf import OmegaConf
+
+    from dinotxt.config import TrainConfig, model_config
+
+    raw = OmegaConf.to_container(OmegaConf.load(find_recipe(name)), resolve=False)
+    base = OmegaConf.structured(TrainConfig)
+    base.model = model_config(raw.get("model", {}).get("arch", base.model.arch))
+
+    def leaves(node, prefix=""):
+        for k, v in node.items():
+            if isinstance(v, dict) and not k.endswith("kwargs"):
+                yield from leaves(v, f"{prefix}{k}.")
+            else:
+                yield f"{prefix}{k}", v
+
+    restated = [k for k, v in leaves(raw) if k != "model.arch" and OmegaConf.select(base, k) == v]
+    assert not restated, f"{name} restates defaults: {restated}"

@@ -110,3 +110,22 @@ def test_tokenizer_train_cli(debug_run, tmp_path, capsys, monkeypatch):
     tok = dinotxt.Tokenizer(tmp_path / "t.model", context_length=20)
     ids = tok(["a red circle"])
     assert ids.shape == (1, 20) and ids.argmax(-1).item() == (ids[0] != 0).sum().item() - 1
+
+
+@pytest.mark.slow
+def test_train_with_the_clip_bpe_tokenizer(tmp_path, monkeypatch):
+    """tokenizer.kind=clip: the official trainer's tokenizer; its ids are open_clip's (the official ones)."""
+    import open_clip
+
+    from dinotxt.clip_tokenizer import ClipTokenizer
+    from dinotxt.train.run import run_training
+
+    monkeypatch.chdir(tmp_path)
+    metrics = run_training("debug", ["tokenizer.kind=clip", "optim.max_steps=3", "trainer.val_every_n_steps=0",
+                                     "trainer.checkpoint_every_n_steps=0", "data.num_workers=0",
+                                     "eval.zeroshot_dir=null"])
+    assert metrics["steps"] == 3
+    model, _, tok = dinotxt.load(tmp_path / "runs" / "debug" / "checkpoint")
+    assert isinstance(tok, ClipTokenizer) and model.config.text.vocab_size == 49408
+    texts = ["a red circle on a striped background", "Two BLUE stars!"]
+    assert torch.equal(tok(texts), open_clip.tokenize(texts, context_length=24))

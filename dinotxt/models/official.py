@@ -152,6 +152,43 @@ def official_state_dicts(trainable: StateDict, layout: str = "dinov2") -> Dict[s
     return files
 
 
+def official_trainable_state(model, release: "Release", files: Dict[str, StateDict],
+                             paths: Optional[Dict[str, PathLike]] = None, roles: Optional[List[str]] = None) -> StateDict:
+    """The official files of ``release`` (role -> state dict) as ``model``'s trainable weights, each
+    file checked strictly against the model's own weights in the official layout. ``roles`` limits
+    it to some files (a text encoder alone); without the DINOv3 file's logit scale it is ln 100."""
+    expected = official_state_dicts(model.trainable_state_dict(), release.layout)
+    state: StateDict = {}
+    for role in roles or list(KEY_MAPS[release.layout]):
+        file_state = files[role]
+        if role == "weights":
+            file_state = {k: v for k, v in file_state.items() if not k.startswith(DINOV3_BACKBONE_PREFIX)}
+            if "logit_scale" not in file_state:
+                file_state["logit_scale"] = torch.tensor([DEFAULT_LOGIT_SCALE])
+        report = key_report(expected[role], file_state)
+        if report:
+            path = (paths or {}).get(role, "state dict")
+            raise ValueError(f"{role.replace('_', ' ')} file {path} ({_guess_role(file_state)}) does not fit "
+                             f"{release.name} as configured (model '{model.arch}'): {report}")
+        mapped, _ = official_to_dinotxt(file_state, release.layout, role)
+        state.update(mapped)
+    if roles is None:
+        state.setdefault("logit_scale", torch.tensor(DEFAULT_LOGIT_SCALE))
+    return state
+
+
+def guess_official_role(state: StateDict) -> Optional[str]:
+    """``vision_head`` / ``text_encoder`` (DINOv2 release files), ``weights`` (the DINOv3 file), or None."""
+    if any(k.startswith(("visual_model.", "text_model.")) for k in state):
+        return "weights"
+    if any(k.startswith("backbone.token_embedding") for k in state) and any(k.startswith("head.") for k in state):
+        return "text_encoder"
+    if any(k.startswith(("block_list.", "ln_final.")) for k in state) and not any(k.endswith("patch_embed.proj.weight")
+                                                                                  for k in state):
+        return "vision_head"
+    return None
+
+
 def _guess_role(state: StateDict) -> str:
     if any(k.startswith(("visual_model.", "text_model.")) for k in state):
         return "the single DINOv3 dino.txt file (vision head and text encoder)"
@@ -207,7 +244,6 @@ def load_official(
     from .factory import create_model
 
     release = get_release(name)
-    roles = list(KEY_MAPS[release.layout])
     if release.layout == "dinov2":
         if weights is not None:
             raise ValueError(f"{release.name} ships two head files: pass vision_head=... and text_encoder=..., not weights=")
@@ -230,23 +266,8 @@ def load_official(
         cfg.backbone.name = cfg.backbone.name + "_qkvb"  # released ViT-L biases are zero; a file with biases needs them
     model = create_model(cfg)
 
-    expected = official_state_dicts(model.trainable_state_dict(), release.layout)
-    state: StateDict = {}
-    for role in roles:
-        file_state = files[role]
-        if role == "weights":
-            file_state = {k: v for k, v in file_state.items() if not k.startswith(DINOV3_BACKBONE_PREFIX)}
-            if "logit_scale" not in file_state:
-                file_state["logit_scale"] = torch.tensor([DEFAULT_LOGIT_SCALE])
-        report = key_report(expected[role], file_state)
-        if report:
-            path = {"vision_head": vision_head, "text_encoder": text_encoder, "weights": weights}[role]
-            raise ValueError(f"{role.replace('_', ' ')} file {path} ({_guess_role(file_state)}) does not fit "
-                             f"{release.name} as configured (model '{cfg.arch}'): {report}")
-        mapped, _ = official_to_dinotxt(file_state, release.layout, role)
-        state.update(mapped)
-    state.setdefault("logit_scale", torch.tensor(DEFAULT_LOGIT_SCALE))
-    model.load_trainable_state_dict(state)
+    paths = {"vision_head": vision_head, "text_encoder": text_encoder, "weights": weights}
+    model.load_trainable_state_dict(official_trainable_state(model, release, files, paths))
     model.eval().to(device)
     tokenizer = ClipTokenizer(bpe, context_length=cfg.text.context_length)
     if tokenizer.vocab_size != cfg.text.vocab_size:
@@ -255,4 +276,4 @@ def load_official(
 
 
 __all__ = ["KEY_MAPS", "RELEASES", "Release", "get_release", "load_official", "official_state_dicts",
-           "official_to_dinotxt", "DEFAULT_LOGIT_SCALE"]
+           "official_to_dinotxt", "official_trainable_state", "guess_official_role", "DEFAULT_LOGIT_SCALE"]

@@ -34,6 +34,7 @@ from ..tokenizer import Tokenizer, train_tokenizer
 from ..evaluation.zeroshot import zeroshot_task
 from ..models.factory import create_model
 from .datamodule import ImageTextDataModule, StreamProgress
+from .init_from import apply_init, read_init_source
 from .strategy import build_strategy
 from .system import DinoTxtSystem
 
@@ -100,9 +101,33 @@ def _captions_for_tokenizer(cfg: DictConfig, limit: int) -> List[str]:
     return captions
 
 
-def prepare_tokenizer(cfg: DictConfig, run_dir: Path) -> Tokenizer:
-    path = run_dir / "tokenizer.model"
+def prepare_tokenizer(cfg: DictConfig, run_dir: Path, init=None):
+    """The run's tokenizer, kept in the run folder (so ``--resume`` uses the same one): SentencePiece
+    (given, or trained on the captions) or OpenAI's CLIP BPE (``tokenizer.kind=clip``), or the one the
+    ``model.init_from`` weights bring. The text tower's vocabulary size follows it."""
     ctx = cfg.model.text.context_length
+    if init is not None:
+        wanted = "clip" if init.tokenizer_kind == "clip_bpe" else "sentencepiece"
+        if wanted != cfg.tokenizer.kind or cfg.tokenizer.path:
+            log.info(f"tokenizer: the {init.tokenizer_kind} tokenizer of model.init_from ({init.describe()})")
+        cfg.tokenizer.kind, cfg.tokenizer.path = wanted, None
+        if wanted == "sentencepiece" and not (run_dir / "tokenizer.model").is_file():
+            Tokenizer(init.tokenizer_bytes, ctx).save(run_dir / "tokenizer.model")
+        elif wanted == "clip" and init.tokenizer_bytes is not None:
+            from ..clip_tokenizer import BPE_FILENAME
+
+            if not (run_dir / BPE_FILENAME).is_file():
+                atomic_write_bytes(run_dir / BPE_FILENAME, init.tokenizer_bytes)
+    if cfg.tokenizer.kind == "clip":
+        from ..clip_tokenizer import BPE_FILENAME, ClipTokenizer
+
+        path = run_dir / BPE_FILENAME
+        tok = ClipTokenizer(path if path.is_file() else cfg.tokenizer.path, context_length=ctx)
+        if not path.is_file():
+            tok.save(path)
+        cfg.model.text.vocab_size = tok.vocab_size
+        return tok
+    path = run_dir / "tokenizer.model"
     if path.is_file():
         tok = Tokenizer(path, ctx)
     elif cfg.tokenizer.path:
@@ -189,7 +214,8 @@ def run_training(recipe: Optional[str], overrides: List[str] = (), resume: bool 
     run_dir.mkdir(parents=True, exist_ok=True)
     ensure_world(cfg.data.world)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
-    tokenizer = prepare_tokenizer(cfg, run_dir)
+    init = read_init_source(cfg.model.init_from)
+    tokenizer = prepare_tokenizer(cfg, run_dir, init)
     atomic_write_bytes(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True).encode())
 
     val_dir, zeroshot = cfg.eval.zeroshot_dir, None
@@ -197,6 +223,7 @@ def run_training(recipe: Optional[str], overrides: List[str] = (), resume: bool 
         val_dir, zeroshot = zeroshot_task(val_dir, tokenizer, cfg.eval.classnames, cfg.eval.templates)
     datamodule = ImageTextDataModule(cfg, tokenizer, val_dir if cfg.trainer.val_every_n_steps > 0 else None)
     model = create_model(cfg.model, trust_code=trust_code)
+    apply_init(model, init)  # step 0 is the released model (on resume the checkpoint's weights replace it)
     if datamodule.cache is not None:  # refuse features of another backbone, image size, transform or data
         datamodule.cache.check_fits(cfg, model.backbone)
         log.info(f"training on the feature cache {cfg.cache.path} ({len(datamodule.cache.names)} shards, "
