@@ -13,7 +13,11 @@ Rows:
                       open_clip's TimmModel does not pass the image size to timm, so its trunk
                       is rebuilt at 112 px with the same name and arguments.
   dinotxt LiT         the like-for-like row: CLS only, 0 head blocks, text projects to 384.
-  dinotxt dino.txt    the dino.txt head: 2 trainable blocks, [CLS, mean patches] (768-d).
+  dinotxt dino.txt    the dino.txt head: 2 trainable blocks, [CLS, mean patches] (768-d), drop path
+                      0.3 in the official batch-subset form (each branch on floor(0.7 B) samples).
+  ... per-sample      the same head with per-sample drop path over all B samples (the form dinotxt
+                      used before; vision_head.drop_path_mode=per_sample): the speed-up of the
+                      official form, measured in the same run.
   ... online          frozen backbone in fp32 under inference mode, images in memory.
   ... online bf16     the same with ``trainer.backbone_autocast=bfloat16`` (not bit-exact).
   ... cached          tokens read from a real feature cache (``dinotxt cache``) through the
@@ -50,7 +54,11 @@ TEXT = {"vocab_size": 49408, "context_length": 77, "width": 256, "depth": 6, "he
 HEADS = {
     "lit": {"num_blocks": 0, "use_patch_tokens": False, "final_norm": False, "drop_path": 0.0},
     "dinotxt": {"num_blocks": 2, "use_patch_tokens": True, "final_norm": True, "drop_path": 0.3},
+    # the same head with the per-sample drop path dinotxt used before following the official batch-subset form
+    "dinotxt_per_sample": {"num_blocks": 2, "use_patch_tokens": True, "final_norm": True, "drop_path": 0.3,
+                           "drop_path_mode": "per_sample"},
 }
+CACHES = {"lit": "lit", "dinotxt": "dinotxt", "dinotxt_per_sample": "dinotxt"}  # heads sharing a cache
 # row name -> (kind, head, variant)
 ROWS = {
     "open_clip LiT (locked tower)": ("open_clip", "lit", None),
@@ -59,6 +67,8 @@ ROWS = {
     "dinotxt LiT cached (pooled fp16)": ("dinotxt", "lit", "cached"),
     "dinotxt dino.txt head online": ("dinotxt", "dinotxt", "online"),
     "dinotxt dino.txt head cached (fp16)": ("dinotxt", "dinotxt", "cached"),
+    "  ... per-sample drop path, online": ("dinotxt", "dinotxt_per_sample", "online"),
+    "  ... per-sample drop path, cached": ("dinotxt", "dinotxt_per_sample", "cached"),
 }
 BASELINE = "open_clip LiT (locked tower)"
 LR, WD, BETAS, EPS = 1e-4, 1e-4, (0.9, 0.99), 1e-8
@@ -114,7 +124,7 @@ def dinotxt_config(train_dir: Path, head: str, cache_dir: Optional[Path], size: 
 def build_caches(work: Path, train_dir: Path, size: int, batch: int) -> None:
     from dinotxt.features.cache import build_cache
 
-    for head in HEADS:
+    for head in sorted(set(CACHES.values())):
         cfg = dinotxt_config(train_dir, head, work / f"cache_{head}", size, batch)
         summary = build_cache(cfg, log=lambda *_: None)
         print(f"  cache for the {head} head: {summary['samples']} samples, tokens {summary['token_shape']}, "
@@ -169,7 +179,7 @@ class Row:
         import dinotxt
         from dinotxt.loss import ClipLoss
 
-        cache_dir = work / f"cache_{head}" if variant == "cached" else None
+        cache_dir = work / f"cache_{CACHES[head]}" if variant == "cached" else None
         cfg = dinotxt_config(train_dir, head, cache_dir, size, self.images.shape[0])
         self.model = dinotxt.create_model(cfg.model).to(self.device).train()
         self.loss_fn = ClipLoss()
@@ -409,6 +419,11 @@ def main(argv: Optional[List[str]] = None) -> Dict:
         peak = f"{mem['peak_rss_mib']:.0f}" if mem else "-"
         over = f"{mem['peak_rss_mib'] - mem['base_rss_mib']:.0f}" if mem else "-"
         print(f"{n:<38}{median[n]:>10.1f}{ratio:>13}{peak:>14}{over:>15}")
+    for variant in ("online", "cached"):  # the official batch-subset drop path against per-sample, same run
+        new = next((n for n in names if ROWS[n][1:] == ("dinotxt", variant)), None)
+        old = next((n for n in names if ROWS[n][1:] == ("dinotxt_per_sample", variant)), None)
+        if new and old:
+            print(f"dino.txt head {variant}: batch-subset drop path {median[new] / median[old]:.2f}x the per-sample form")
     spread = max((max(v) - min(v)) / statistics.median(v) for v in rates.values())
     print(f"(median of {args.rounds} interleaved rounds; largest round-to-round spread {100 * spread:.0f}% of the median)")
     results = {"device": str(device), "threads": args.threads, "batch": args.batch, "size": args.size,
