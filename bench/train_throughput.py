@@ -169,7 +169,7 @@ class Row:
         open_clip.add_model_config(path)
         model = open_clip.create_model("dinov2-vits14-reg4-lit", pretrained=None, output_dict=True)
         # TimmModel builds the trunk at timm's default 518 px: rebuild it at the benchmark size
-        model.vision_head.trunk = timm.create_model(VIT, pretrained=False, num_classes=0, global_pool="token", img_size=size)
+        model.visual.trunk = timm.create_model(VIT, pretrained=False, num_classes=0, global_pool="token", img_size=size)
         model.lock_image_tower()
         self.model = model.to(self.device).train()
         self.loss_fn = open_clip.ClipLoss()
