@@ -15,7 +15,7 @@ Rows:
   dinotxt LiT         the like-for-like row: CLS only, 0 head blocks, text projects to 384.
   dinotxt dino.txt    the dino.txt head: 2 trainable blocks, [CLS, mean patches] (768-d), drop path
                       0.3 in the official batch-subset form (each branch on floor(0.7 B) samples).
-  ... per-sample      the same head with per-sample drop path over all B samples (the form dinotxt
+  ... per-sample dp   the same head with per-sample drop path over all B samples (the form dinotxt
                       used before; vision_head.drop_path_mode=per_sample): the speed-up of the
                       official form, measured in the same run.
   ... online          frozen backbone in fp32 under inference mode, images in memory.
@@ -67,8 +67,8 @@ ROWS = {
     "dinotxt LiT cached (pooled fp16)": ("dinotxt", "lit", "cached"),
     "dinotxt dino.txt head online": ("dinotxt", "dinotxt", "online"),
     "dinotxt dino.txt head cached (fp16)": ("dinotxt", "dinotxt", "cached"),
-    "  ... per-sample drop path, online": ("dinotxt", "dinotxt_per_sample", "online"),
-    "  ... per-sample drop path, cached": ("dinotxt", "dinotxt_per_sample", "cached"),
+    "dinotxt dino.txt head online per-sample dp": ("dinotxt", "dinotxt_per_sample", "online"),
+    "dinotxt dino.txt head cached per-sample dp": ("dinotxt", "dinotxt_per_sample", "cached"),
 }
 BASELINE = "open_clip LiT (locked tower)"
 LR, WD, BETAS, EPS = 1e-4, 1e-4, (0.9, 0.99), 1e-8
