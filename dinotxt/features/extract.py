@@ -20,7 +20,6 @@ fingerprint for the embeddings), so a resumed stage never mixes two kinds of out
 from __future__ import annotations
 
 import logging
-import time
 from collections import Counter
 from typing import Any, Dict, List
 
@@ -168,10 +167,8 @@ def run_extraction(job: ExtractionJob, backbone: torch.nn.Module, units: List[Da
     data = UnitBatches(todo, fmt, job, batch_size, trainer.global_rank, trainer.world_size)
     loader = DataLoader(data, batch_size=None, num_workers=min(int(num_workers), len(todo)),
                         pin_memory=torch.cuda.is_available())
-    start = time.time()
     trainer.predict(Extractor(), dataloaders=loader, return_predictions=False)
     trainer.strategy.barrier()  # every rank's units are on disk before rank 0 reads them all
-    job.seconds = time.time() - start
     return trainer.is_global_zero
 
 
