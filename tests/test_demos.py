@@ -3,27 +3,33 @@ import json
 
 import pytest
 
-TINY_TRAIN = ["model.backbone.img_size=56", "model.backbone.kwargs={depth: 1, embed_dim: 96, num_heads: 2}",
-              "model.text={width: 64, depth: 2, heads: 2, context_length: 24}", "data.batch_size=16",
+TINY_VIT = ["model.backbone.img_size=56", "model.backbone.kwargs={depth: 1, embed_dim: 96, num_heads: 2}"]
+TINY_TRAIN = TINY_VIT + ["model.text={width: 64, depth: 2, heads: 2, context_length: 24}", "data.batch_size=16",
               "data.num_workers=0", "data.shuffle_buffer=32", "optim.warmup_steps=1", "optim.max_steps=4",
               "tokenizer.vocab_size=128", "trainer.log_every_n_steps=2", "trainer.checkpoint_every_n_steps=2",
               "eval.batch_size=48"]
 
 
 @pytest.mark.slow
-def test_demo_reports_zero_shot_and_segmentation_and_writes_the_run_folder(tmp_path, capsys):
+@pytest.mark.parametrize("backbone", ["efficientnet-lite0", "dinov2-random"])
+def test_demo_reports_zero_shot_and_segmentation_and_writes_the_run_folder(tmp_path, capsys, backbone):
     from dinotxt.demo.run import run_demo
 
     world = tmp_path / "world"
-    overrides = TINY_TRAIN + [f"output_dir={tmp_path}", f"data.world.root={world}", "data.world.num_train=96",
-                              "data.world.num_eval=48", "data.world.image_size=64", "data.world.samples_per_shard=48",
-                              "trainer.val_every_n_steps=0"]
-    metrics = run_demo(overrides)
+    # the pretrained CNN at 64 px (2 x 2 patch tokens), or the random ViT cut down
+    model = ["model.backbone.img_size=64"] if backbone == "efficientnet-lite0" else TINY_VIT
+    overrides = model + TINY_TRAIN[len(TINY_VIT):] + [
+        f"output_dir={tmp_path}", f"data.world.root={world}", "data.world.num_train=96", "data.world.num_eval=48",
+        "data.world.image_size=64", "data.world.samples_per_shard=48", "trainer.val_every_n_steps=0"]
+    metrics = run_demo(overrides, backbone=backbone)
     out = capsys.readouterr().out
-    assert "RANDOM weights" in out and "model.backbone.weights=" in out  # says so, and shows the one-line change
+    # says what the encoder is, and shows the one-line change to real DINOv2 weights
+    assert ("SUPERVISED on ImageNet" if backbone == "efficientnet-lite0" else "RANDOM weights") in out
+    assert "model.backbone.weights=" in out
     # the frozen backbone ran once, into the feature cache, and training read the cached tokens
     assert "the frozen backbone ran once over 96 training images x 2 views" in out
-    assert "training on the feature cache" in out and (tmp_path / "demo_cache" / "cache.json").is_file()
+    arch = "dinotxt_demo_effnet" if backbone == "efficientnet-lite0" else "dinotxt_demo"
+    assert "training on the feature cache" in out and (tmp_path / f"demo_cache_{arch}" / "cache.json").is_file()
     for row in ("zero-shot top-1", "zero-shot top-5", "segmentation mIoU", "x chance"):
         assert row in out
     run = tmp_path / "demo"

@@ -6,7 +6,7 @@ from omegaconf import OmegaConf
 
 import dinotxt
 from dinotxt.models import FrozenBackbone, TextTower, VisionHead, pool_patches, swiglu_hidden_dim
-from conftest import TINY_BACKBONE, TINY_TEXT
+from conftest import TINY_BACKBONE, TINY_TEXT, tiny_backbone
 from numerics import assert_float64_equal
 
 
@@ -14,9 +14,10 @@ from numerics import assert_float64_equal
 def test_registry_forward_backward(arch):
     """Every registered config builds (at reduced size) and trains one step: every trainable
     parameter gets a finite, non-zero gradient, and no frozen one gets any."""
-    backbone = dict(TINY_BACKBONE, img_size=112)  # 112 divides patch 14 and 16
+    backbone = tiny_backbone(arch, 112)  # 112 divides patch 14 and 16; CNN token sources run at 64 (patch 32)
     model = dinotxt.create_model(arch, backbone=backbone, text=TINY_TEXT).eval()  # eval: no drop path skips a block
-    images, ids = torch.randn(2, 3, 112, 112), torch.randint(1, 99, (2, 16))
+    size = backbone["img_size"]
+    images, ids = torch.randn(2, 3, size, size), torch.randint(1, 99, (2, 16))
     logits, logits_t = model.get_logits(images, ids)
     assert logits.shape == (2, 2) and torch.equal(logits, logits_t.t())
     loss = dinotxt.ClipLoss()(**model(images, ids))
@@ -36,8 +37,8 @@ def test_config_read_off_the_modules_is_the_registry_config(arch):
     """``model.config`` is derived from the modules; for a factory model it is the resolved registry entry."""
     from dinotxt.config import model_config, resolve_model_dims
 
-    model = dinotxt.create_model(arch, backbone=TINY_BACKBONE, text=TINY_TEXT)
-    expected = model_config(arch, {"backbone": TINY_BACKBONE, "text": TINY_TEXT})
+    model = dinotxt.create_model(arch, backbone=tiny_backbone(arch), text=TINY_TEXT)
+    expected = model_config(arch, {"backbone": tiny_backbone(arch), "text": TINY_TEXT})
     resolve_model_dims(expected, model.backbone.embed_dim)
     assert OmegaConf.to_container(model.config) == OmegaConf.to_container(expected)
 

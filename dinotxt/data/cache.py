@@ -38,6 +38,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from ..config import ConfigError
 from ..models.vision_head import pooled_tokens_problem
+from ..models.weights import resolve_weights
 from ..transforms import IMAGENET_MEAN, IMAGENET_STD, eval_transform, train_transform
 from .sources import expand_shards, is_manifest
 from .stream import ImageTextStream, extract_caption, mix_seed, seeded_transform
@@ -84,7 +85,7 @@ def cache_spec(cfg: DictConfig) -> Dict[str, Any]:
             raise ConfigError(f"cache.tokens=pooled does not fit this model: {problem}; or use cache.tokens=all")
     weights = None
     if b.weights:
-        path = Path(b.weights)
+        path = resolve_weights(b.weights)
         if not path.is_file():
             raise FileNotFoundError(f"backbone weights not found: {path} (model.backbone.weights)")
         weights = {"file": path.name, "bytes": path.stat().st_size}

