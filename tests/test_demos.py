@@ -34,13 +34,19 @@ def test_demo_reports_zero_shot_and_segmentation_and_writes_the_run_folder(tmp_p
         assert row in out
     run = tmp_path / "demo"
     for name in ("config.yaml", "checkpoint/model.safetensors", "metrics.json", "loss_curve.png",
-                 "segmentation/metrics.json", "segmentation/per_class_iou.md", "segmentation/confusion.png"):
+                 "segmentation/metrics.json", "segmentation/per_class_iou.md", "segmentation/confusion.png",
+                 "predictions.png", "segmentation_examples.png"):
         assert (run / name).is_file(), name
     saved = json.loads((run / "metrics.json").read_text())
     seg = saved["segmentation"]
     assert saved["steps"] == 4 and seg["num_images"] == 48 and seg["num_classes"] == 24
     assert 0 <= seg["miou"] <= 1 and 0 < seg["chance_miou"] < 0.1
     assert metrics["zeroshot"]["num_images"] == 48 and list((run / "segmentation" / "examples").glob("*.png"))
+    # the two pictures: a 4 x 2 grid of held-out images with captions, and 3 stacked overlay pairs
+    from PIL import Image
+    grid = Image.open(run / "predictions.png")
+    assert grid.width == 4 * 158 + 8 and grid.height > 2 * 150
+    assert f"pictures: {run / 'predictions.png'}" in out
 
 
 def test_random_label_miou_matches_a_simulation():

@@ -110,6 +110,49 @@ def prepare_feature_cache(cfg) -> float:
     return time.time() - start
 
 
+def demo_figures(run_dir: Path, eval_root: Path, templates: str, num: int = 8) -> List[Path]:
+    """Two pictures a reader can check without running anything: held-out images with the predicted
+    caption (green when right, red when wrong, then the truth), and segmentation overlays."""
+    import torch
+    from PIL import Image
+
+    from ..checkpoint import load
+    from ..data.sources import iter_tar_samples
+    from ..data.stream import sample_image
+    from ..inference.classifier import load_templates, zero_shot_classifier
+    from ..inference.visualize import captioned_grid, save_image, stack_images
+    from ..data.world import class_names
+
+    model, transform, tokenizer = load(str(run_dir / "checkpoint"))
+    names = class_names()
+    classifier = zero_shot_classifier(model, tokenizer, names, load_templates(templates))
+    samples = []
+    for shard in sorted(eval_root.glob("*.tar")):
+        samples += list(iter_tar_samples(str(shard), {}))
+        if len(samples) >= num:
+            break
+    images, captions = [], []
+    for sample in samples[:num]:
+        image = sample_image(sample)
+        meta = json.loads(sample["json"])
+        truth = meta["caption"]
+        with torch.no_grad():
+            probs = (100 * model.encode_image(transform(image)[None], normalize=True) @ classifier.t()).softmax(-1)[0]
+        best = int(probs.argmax())
+        right = best == int(meta["label"]) - 1  # label 0 is background in the world's label maps
+        images.append(image)
+        captions.append([(f"{names[best]}  {100 * float(probs[best]):.0f}%", (20, 140, 40) if right else (200, 30, 30)),
+                         (truth if len(truth) <= 24 else truth[:23] + "…", (90, 90, 90))])
+    out = [save_image(captioned_grid(images, captions, columns=4, tile=150,
+                                     title="held-out images: zero-shot prediction (green right, red wrong), then the caption"),
+                      run_dir / "predictions.png")]
+    examples = sorted((run_dir / "segmentation" / "examples").glob("*.png"))[:3]
+    if examples:
+        out.append(save_image(stack_images([Image.open(p).convert("RGB") for p in examples]),
+                              run_dir / "segmentation_examples.png"))
+    return out
+
+
 def run_demo(overrides: List[str] = (), fresh: bool = False, backbone: str = "efficientnet-lite0") -> dict:
     """The demo on ``backbone`` (a key of ``BACKBONES``); ``overrides`` apply to recipes/demo.yaml after it."""
     from ..train.run import run_training
@@ -141,6 +184,7 @@ def run_demo(overrides: List[str] = (), fresh: bool = False, backbone: str = "ef
     attrs = attribute_accuracy(zs)
     metrics["zeroshot"].update(attrs)
     seg = demo_segmentation(run_dir)
+    figures = demo_figures(run_dir, Path(cfg.data.world.root) / "eval", cfg.eval.templates)
     metrics["segmentation"] = {k: seg[k] for k in ("miou", "macc", "num_images", "num_classes", "mode", "seconds",
                                                    "chance_miou", "baseline_majority_miou")}
     total = time.time() - start
@@ -169,6 +213,7 @@ def run_demo(overrides: List[str] = (), fresh: bool = False, backbone: str = "ef
           f"in {metrics['train_seconds']:.0f} s); demo total {total:.0f} s")
     print(f"run folder: {run_dir}/ (config.yaml, checkpoint/, metrics.json, loss_curve.png, logs/, "
           "segmentation/ with per-class IoU, confusion.png and overlays)")
+    print(f"pictures: {', '.join(str(f) for f in figures)}")
     print("=" * 66)
     metrics["demo_seconds"] = round(total, 1)
     metrics["cache_seconds"] = round(cache_seconds, 1)

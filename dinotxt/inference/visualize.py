@@ -225,6 +225,38 @@ def heatmap_sheet(image: Image.Image, scores: Union[np.ndarray, torch.Tensor], c
     return sheet
 
 
+def captioned_grid(images: Sequence[Image.Image], captions: Sequence[Sequence[tuple]], columns: int = 4,
+                   tile: int = 160, title: Optional[str] = None) -> Image.Image:
+    """Images in a grid, each with lines of text under it: ``captions[i]`` is a list of
+    ``(text, (r, g, b))`` lines (e.g. the prediction in green or red, then the truth)."""
+    font, small = _font(15), _font(13)
+    lines = max((len(c) for c in captions), default=0)
+    cell_h = tile + 8 + 19 * lines
+    rows = (len(images) + columns - 1) // columns
+    top = 30 if title else 0
+    sheet = Image.new("RGB", (columns * (tile + 8) + 8, top + rows * (cell_h + 8) + 8), (255, 255, 255))
+    draw = ImageDraw.Draw(sheet)
+    if title:
+        draw.text((8, 7), title, fill=(20, 20, 20), font=font)
+    for k, (image, caption) in enumerate(zip(images, captions)):
+        x, y = 8 + (k % columns) * (tile + 8), top + 8 + (k // columns) * (cell_h + 8)
+        sheet.paste(image.convert("RGB").resize((tile, tile), Image.BICUBIC), (x, y))
+        for j, (text, colour) in enumerate(caption):
+            draw.text((x + 2, y + tile + 4 + 19 * j), text, fill=colour, font=small if j else font)
+    return sheet
+
+
+def stack_images(pictures: Sequence[Image.Image], gap: int = 8) -> Image.Image:
+    """Pictures one under the other on white (e.g. several overlay pairs in one figure)."""
+    width = max(p.width for p in pictures)
+    sheet = Image.new("RGB", (width, sum(p.height for p in pictures) + gap * (len(pictures) - 1)), (255, 255, 255))
+    y = 0
+    for p in pictures:
+        sheet.paste(p, (0, y))
+        y += p.height + gap
+    return sheet
+
+
 def save_image(picture: Image.Image, path: Union[str, Path]) -> Path:
     """Write a PIL image atomically (format from the suffix, PNG by default)."""
     path = Path(path)
