@@ -17,8 +17,8 @@ from dinotxt.config import ConfigError, choice, load_config
 
 @dataclass
 class PoolConfig:
-    # webdataset shards ("dir/{00000..00099}.tar", a folder, a glob, a list) or a .csv/.tsv/.parquet
-    # manifest with image_path, caption columns; the same readers as training (dinotxt.data)
+    # webdataset shards ("dir/{00000..00099}.tar", a folder, a glob, a list; fsspec URLs and "pipe:COMMAND"
+    # too) or a .csv/.tsv/.parquet manifest with image_path, caption columns; the same readers as training (dinotxt.data)
     data: Any = None
     image_keys: List[str] = field(default_factory=lambda: ["jpg", "jpeg", "png", "webp"])
     caption_key: str = "txt"  # caption member extension inside a shard

@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from omegaconf import OmegaConf
 
 from dinotxt.config import model_config
+from dinotxt.data.sources import shard_name
 from dinotxt.data.units import DataUnit
 from dinotxt.features.extract import SKIP_REASONS, ExtractionJob, run_extraction
 from dinotxt.fileio import atomic_write_json
@@ -109,7 +110,7 @@ def pooled_cache_for(embed_cfg, units: List[DataUnit]):
         if b[key] != OmegaConf.to_container(bcfg)[key]:
             raise ConfigError(f"embed.from_cache={embed_cfg.from_cache} was computed with backbone {key}={b[key]!r}, "
                               f"the embed stage uses {OmegaConf.to_container(bcfg)[key]!r}")
-    sources = [Path(s["source"]).name for s in cache.meta["shards"]]
+    sources = [shard_name(s["source"]) for s in cache.meta["shards"]]
     if sources != [u.name for u in units]:
         raise ConfigError(f"embed.from_cache={embed_cfg.from_cache} covers other shards than pool.data "
                           f"({len(sources)} cached vs {len(units)} in the pool, first {sources[:1]} vs {units[0].name})")

@@ -14,10 +14,12 @@ _API = {
     "DinoTxt": "models", "FrozenBackbone": "models", "TextTower": "models", "VisionHead": "models",
     "create_model": "models",
     "Tokenizer": "tokenizer", "train_tokenizer": "tokenizer", "ClipTokenizer": "clip_tokenizer",
-    "ClipLoss": "loss", "clip_loss": "loss",
+    "ClipLoss": "loss", "clip_loss": "loss", "blocked_clip_loss": "loss",
     "load_templates": "inference", "zero_shot_classifier": "inference", "segment": "inference",
     "DenseSettings": "inference",
     "load": "checkpoint", "save_checkpoint": "checkpoint", "load_official": "models.official",
+    "create_model_and_transforms": "pretrained", "create_model_from_pretrained": "pretrained",
+    "get_tokenizer": "pretrained",
 }
 
 __all__ = sorted(_API)

@@ -6,11 +6,15 @@ that rebuilds the model, and the tokenizer, either as a folder or as one file.
       config.yaml         resolved model config, the tokenizer kind (+ the training config when saved by a run)
       tokenizer.model     SentencePiece model (dinotxt's own tokenizer), or
       bpe_simple_vocab_16e6.txt.gz   the CLIP BPE vocabulary (the official dino.txt weights)
+      backbone.safetensors   optional: the frozen backbone's weights (``dinotxt push-to-hub --include-backbone``)
 
     model.safetensors (single file, ``dinotxt export --format safetensors``)
       tensors             the same weights (+ ``backbone.*`` with ``--include-backbone``) and
                           ``__tokenizer__``: the tokenizer file's bytes as a uint8 tensor
       metadata            format, the config YAML, the tokenizer kind
+
+A folder may also be named ``hf-hub:org/name[@revision]``: a Hub repository written by
+``dinotxt push-to-hub``, fetched through the Hugging Face cache (``dinotxt.hub``).
 
 Every file is written to a temporary name and renamed, so an interrupted save never
 leaves a half-written checkpoint. Loading never unpickles objects.
@@ -36,6 +40,7 @@ TOKENIZER_FILES = {"sentencepiece": TOKENIZER_NAME, "clip_bpe": BPE_FILENAME, "h
 SINGLE_FILE_FORMAT = "dinotxt-single-file"
 TOKENIZER_TENSOR = "__tokenizer__"
 BACKBONE_PREFIX = "backbone."
+BACKBONE_NAME = "backbone.safetensors"  # optional, in a folder: the frozen backbone (FrozenBackbone.full_state_dict)
 
 
 def tokenizer_kind(tokenizer) -> str:
@@ -123,11 +128,23 @@ def _single_file_metadata(path: Path) -> Optional[Dict[str, str]]:
         return None
 
 
-def read_checkpoint(checkpoint: Union[str, Path]):
-    """(config with model + tokenizer sections, trainable state, tokenizer file bytes) of a folder or single file."""
+def local_checkpoint(checkpoint: Union[str, Path], cache_dir: Optional[Union[str, Path]] = None,
+                     with_backbone: bool = True) -> Path:
+    """The local path of a checkpoint: itself, or the Hugging Face cache folder of an ``hf-hub:`` name
+    (without its ``backbone.safetensors`` unless ``with_backbone``)."""
+    from .hub import hub_snapshot, is_hub_name
+
+    if is_hub_name(checkpoint):
+        return hub_snapshot(str(checkpoint), cache_dir, skip=() if with_backbone else (BACKBONE_NAME,))
+    return Path(checkpoint)
+
+
+def read_checkpoint(checkpoint: Union[str, Path], cache_dir: Optional[Union[str, Path]] = None):
+    """(config with model + tokenizer sections, trainable state, tokenizer file bytes) of a folder, a single
+    file or an ``hf-hub:`` name."""
     from safetensors.torch import load_file
 
-    checkpoint = Path(checkpoint)
+    checkpoint = local_checkpoint(checkpoint, cache_dir, with_backbone=False)
     if checkpoint.is_file() and checkpoint.name != WEIGHTS_NAME:
         cfg, state, tok_bytes = read_single_file(checkpoint)
         return cfg, {k: v for k, v in state.items() if not k.startswith(BACKBONE_PREFIX)}, tok_bytes
@@ -155,22 +172,33 @@ def read_checkpoint(checkpoint: Union[str, Path]):
 
 
 def load(checkpoint: Union[str, Path], device: Union[str, torch.device] = "cpu", backbone_weights: Optional[str] = None,
-         trust_code: bool = False):
-    """Load a dinotxt checkpoint folder or single file. Returns ``(model, transform, tokenizer)``.
+         trust_code: bool = False, cache_dir: Optional[Union[str, Path]] = None):
+    """Load a dinotxt checkpoint folder, single file or ``hf-hub:org/name[@revision]``. Returns
+    ``(model, transform, tokenizer)``.
 
     ``backbone_weights`` points at the frozen backbone's weights file when it moved
-    since training (the config records the original path). A checkpoint whose backbone is
+    since training (the config records the original path); without it a folder's own
+    ``backbone.safetensors`` is used when it has one. A checkpoint whose backbone is
     an import path ``package.module:factory`` is refused unless ``trust_code=True``: the
-    checkpoint's author chose that code (``dinotxt.plugins``).
+    checkpoint's author chose that code (``dinotxt.plugins``). ``cache_dir``: the Hugging
+    Face cache for ``hf-hub:`` names (default: ``huggingface_hub``'s own).
     """
-    path = Path(checkpoint)
+    from .hub import is_hub_name
+
+    source = str(checkpoint)
+    path = local_checkpoint(checkpoint, cache_dir, with_backbone=backbone_weights is None)
     if path.is_file() and path.name != WEIGHTS_NAME:
         return load_single_file(path, device, backbone_weights, trust_code)
     cfg, state, tok_bytes = read_checkpoint(path)
     tokenizer = build_tokenizer(cfg.tokenizer.kind, tok_bytes, cfg.model.text.context_length)
     folder = path.parent if path.is_file() else path
-    return _assemble(cfg.model, state, tokenizer, device, backbone_weights, trust_code=trust_code,
-                     source=str(folder / CONFIG_NAME))
+    backbone_state = None
+    if backbone_weights is None and (folder / BACKBONE_NAME).is_file():
+        from safetensors.torch import load_file
+
+        backbone_state = load_file(str(folder / BACKBONE_NAME))
+    return _assemble(cfg.model, state, tokenizer, device, backbone_weights, backbone_state=backbone_state,
+                     trust_code=trust_code, source=source if is_hub_name(source) else str(folder / CONFIG_NAME))
 
 
 def read_single_file(path: Union[str, Path]):

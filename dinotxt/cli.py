@@ -99,11 +99,18 @@ def _cmd_eval_zeroshot(args) -> int:
     model, transform, tokenizer = load(args.checkpoint, device=device, backbone_weights=args.backbone_weights,
                                trust_code=args.trust_code)
     res = evaluate_zeroshot(model, transform, tokenizer, args.data, args.classnames, args.templates,
-                            args.batch_size, args.num_workers, device, dataset=args.dataset)
+                            args.batch_size, args.num_workers, device, dataset=args.dataset, groups=args.groups)
     print(f"{'dataset':<28}{'images':>8}{'classes':>9}{'top-1':>8}{'top-5':>8}{'mean recall':>13}{'chance':>8}")
     print(f"{os.path.basename(os.path.normpath(args.data)):<28}{res['num_images']:>8}{res['num_classes']:>9}"
           f"{100 * res['top1']:>7.1f}%{100 * res['top5']:>7.1f}%{100 * res['mean_per_class_recall']:>12.1f}%"
           f"{100 * res['chance_top1']:>7.1f}%")
+    if "groups" in res:
+        print(f"\n{len(res['groups'])} groups ({res['groups_file']}): average top-1 {100 * res['top1']:.1f}%, "
+              f"worst-group top-1 {100 * res['worst_group_top1']:.1f}% ({res['worst_group']}), "
+              f"group mean {100 * res['group_mean_top1']:.1f}%")
+        print(f"{'group':<28}{'images':>8}{'top-1':>8}")
+        for g in sorted(res["groups"], key=lambda g: (g["top1"], g["group"])):
+            print(f"{g['group']:<28}{g['images']:>8}{100 * g['top1']:>7.1f}%")
     if args.json:
         print(json.dumps(res))
     return 0
@@ -267,6 +274,121 @@ def _cmd_export(args) -> int:
     return 0
 
 
+def _cmd_analyze(args) -> int:
+    _require("train", "analyze")
+    from .evaluation.analyze import analyze_runs
+
+    res = analyze_runs(args.runs, args.out)
+    print(res["table"])
+    for label in res["without_diagnostics"]:
+        print(f"note: {label} logged no diagnostics (train it with eval.diagnostics=SHARDS)")
+    print(f"wrote {res['sheet']}")
+    if args.json:
+        print(json.dumps(res["rows"]))
+    return 0
+
+
+def _segments(value: str):
+    if value == "auto":
+        return "auto"
+    try:
+        return int(value)
+    except ValueError:
+        raise ValueError(f"--segments {value!r}: give a number of segments (e.g. 4) or auto") from None
+
+
+def _cmd_group(args) -> int:
+    from pathlib import Path
+
+    from PIL import Image
+
+    from .checkpoint import load
+    from .inference.grouping import group_image
+    from .inference.visualize import overlay_segmentation, save_image
+
+    if not args.out.lower().endswith((".png", ".jpg", ".jpeg", ".webp")):
+        raise ValueError(f"--out {args.out} must end in .png, .jpg or .webp")
+    if not Path(args.image).is_file():
+        raise FileNotFoundError(f"image not found: {args.image}")
+    try:
+        image = Image.open(args.image).convert("RGB")
+    except Exception as e:
+        raise ValueError(f"cannot read image {args.image}: {e}") from None
+    segments = _segments(args.segments)
+    model, _, _ = load(args.checkpoint, device=_device(args.device), backbone_weights=args.backbone_weights,
+                       trust_code=args.trust_code)
+    result = group_image(model, image, segments, args.method, args.short_side or None, args.seed, args.max_segments)
+    names = [f"segment {j + 1}" for j in range(result.k)]
+    how = ("chosen by " + ("the eigengap" if args.method == "spectral" else "the silhouette")) if segments == "auto" else "fixed"
+    save_image(overlay_segmentation(image, result.labels, names, alpha=args.alpha,
+                                    title=f"{result.k} segments ({args.method})"), args.out)
+    if args.save_labels:
+        save_image(Image.fromarray(result.labels.numpy().astype("uint8")), args.save_labels)
+    counts = result.labels.flatten().bincount(minlength=result.k)
+    h, w = result.patch_labels.shape
+    print(f"{result.k} segments ({how}, {args.method} over {h} x {w} patch features, no text)")
+    print(f"{'segment':<16}{'area':>8}")
+    for j in range(result.k):
+        print(f"{names[j]:<16}{100 * int(counts[j]) / result.labels.numel():>7.1f}%")
+    print(f"wrote {args.out}" + (f" and {args.save_labels}" if args.save_labels else ""))
+    return 0
+
+
+def _cmd_eval_grouping(args) -> int:
+    from .checkpoint import load
+    from .evaluation.datasets import segmentation_dataset
+    from .evaluation.grouping import evaluate_grouping
+
+    segments = _segments(args.segments)
+    dataset = segmentation_dataset(args.dataset, args.root, args.split, args.classnames, args.reduce_zero_label,
+                                   args.has_background)
+    model, _, _ = load(args.checkpoint, device=_device(args.device), backbone_weights=args.backbone_weights,
+                       trust_code=args.trust_code)
+    out = args.out or os.path.join("runs", "eval", f"grouping_{args.dataset}")
+    res = evaluate_grouping(model, dataset, segments, args.method, args.short_side or None, args.seed,
+                            args.max_segments, args.limit, out, args.num_examples)
+    print(f"{'dataset':<16}{'images':>8}{'classes':>9}{'K':>6}{'method':>10}{'mIoU':>8}{'random Voronoi':>16}"
+          f"{'random cells':>14}{'colour k-means':>16}")
+    k = f"{res['mean_k']:.1f}" if segments == "auto" else str(segments)
+    print(f"{args.dataset:<16}{res['num_images']:>8}{res['num_classes']:>9}{k:>6}{args.method:>10}{100 * res['miou']:>7.1f}%"
+          f"{100 * res['random_voronoi_miou']:>15.1f}%{100 * res['random_cells_miou']:>13.1f}%"
+          f"{100 * res['colour_kmeans_miou']:>15.1f}%")
+    print("mIoU after Hungarian matching of each image's segments to its label map; the baselines partition the same "
+          "patch grid into the same K (random seed cells, random cells, k-means on cell colours)")
+    print(f"report: {out}/ (metrics.json, examples/)")
+    if args.json:
+        print(json.dumps(res))
+    return 0
+
+
+def _cmd_push_to_hub(args) -> int:
+    from .push_to_hub import human_size, push_to_hub
+
+    report = push_to_hub(args.source, args.repo_id, include_backbone=args.include_backbone, private=args.private,
+                         dry_run=args.dry_run, backbone_weights=args.backbone_weights, license=args.license,
+                         license_name=args.license_name, license_link=args.license_link,
+                         commit_message=args.commit_message, revision=args.revision, trust_code=args.trust_code)
+    files = ", ".join(f"{name} ({human_size(size)})" for name, size in sorted(report["files"].items()))
+    if report["uploaded"]:
+        print(f"uploaded {files} to {report['url']}" + (f" (commit {report['commit']})" if report.get("commit") else ""))
+    else:
+        print(f"dry run: staged {files} in {report['folder']} (nothing uploaded)")
+    print(f"load it with dinotxt.load(\"hf-hub:{args.repo_id}\")")
+    return 0
+
+
+def _cmd_embed(args) -> int:
+    from .embed import embed_dataset
+
+    report = embed_dataset(args.checkpoint, args.data, args.out, batch_size=args.batch_size, part_size=args.part_size,
+                           dtype=args.dtype, num_workers=args.num_workers, device=args.device,
+                           backbone_weights=args.backbone_weights, trust_code=args.trust_code, text=not args.no_text)
+    skipped = ", ".join(f"{k} {v}" for k, v in sorted(report["skipped"].items())) or "none"
+    print(f"{report['samples']:,} samples in {report['parts']} parts ({report['parts_written']} written now, "
+          f"{report['seconds']:.1f} s; skipped: {skipped}) in {report['out']}/img_emb, text_emb, metadata")
+    return 0
+
+
 def _cmd_models(args) -> int:
     from .config import list_models
 
@@ -320,12 +442,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     ev = sub.add_parser("eval", help="evaluate a checkpoint").add_subparsers(dest="task", required=True)
     z = ev.add_parser("zeroshot", help="zero-shot classification on an image folder (one folder per class)")
-    z.add_argument("--checkpoint", required=True, help="dinotxt checkpoint folder (runs/NAME/checkpoint)")
+    z.add_argument("--checkpoint", required=True, help="checkpoint folder (runs/NAME/checkpoint), single file, or hf-hub:org/name[@revision]")
     z.add_argument("--data", required=True, help="image folder: DIR/<class name>/<image> (imagenet: DIR/val/<wnid>/)")
     z.add_argument("--dataset", default="folder", choices=["folder", "imagenet"],
                    help="folder: class names from folder names; imagenet: synset folders named with the shipped list")
     z.add_argument("--classnames", default=None, help="text file with one class name per line (folder order)")
     z.add_argument("--templates", default="imagenet", help="imagenet | ovseg | simple | a text file of templates with {}")
+    z.add_argument("--groups", default=None,
+                   help="CSV path,label,group per image for per-group and worst-group top-1 (default: DATA/groups.csv "
+                        "when it exists, as the spurious world writes it)")
     z.add_argument("--batch-size", type=int, default=64)
     z.add_argument("--num-workers", type=int, default=2)
     z.add_argument("--device", default=None)
@@ -335,7 +460,7 @@ def build_parser() -> argparse.ArgumentParser:
     z.set_defaults(func=_cmd_eval_zeroshot)
 
     def dense_options(q) -> None:
-        q.add_argument("--checkpoint", required=True, help="dinotxt checkpoint folder (runs/NAME/checkpoint)")
+        q.add_argument("--checkpoint", required=True, help="checkpoint folder (runs/NAME/checkpoint), single file, or hf-hub:org/name[@revision]")
         from .inference.settings import DEFAULTS, MODES
 
         q.add_argument("--templates", default=DEFAULTS.templates,
@@ -368,7 +493,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=_cmd_eval_segmentation)
 
     r = ev.add_parser("retrieval", help="image<->text Recall@1/5/10 (COCO Karpathy, Flickr30k, webdataset shards)")
-    r.add_argument("--checkpoint", required=True, help="dinotxt checkpoint folder (runs/NAME/checkpoint)")
+    r.add_argument("--checkpoint", required=True, help="checkpoint folder (runs/NAME/checkpoint), single file, or hf-hub:org/name[@revision]")
     r.add_argument("--dataset", required=True, choices=["coco", "flickr30k", "shards"])
     r.add_argument("--root", required=True, help="image folder (coco: holds val2014/) or the shards")
     r.add_argument("--annotations", default=None, help="dataset_coco.json / dataset_flickr30k.json (default: under --root)")
@@ -423,7 +548,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.set_defaults(func=_cmd_demo)
 
     x = sub.add_parser("export", help="write a checkpoint in the official dino.txt layout or as one safetensors file")
-    x.add_argument("checkpoint", help="checkpoint folder (runs/NAME/checkpoint) or single .safetensors file")
+    x.add_argument("checkpoint", help="checkpoint folder (runs/NAME/checkpoint), single .safetensors file or "
+                                      "hf-hub:org/name[@revision]")
     x.add_argument("--format", required=True, choices=["official", "safetensors"],
                    help="official: *_vision_head.pth + *_text_encoder.pth (the official code loads them); "
                         "safetensors: one self-describing file for dinotxt.load")
@@ -435,12 +561,104 @@ def build_parser() -> argparse.ArgumentParser:
     trust_option(x)
     x.set_defaults(func=_cmd_export)
 
+    an = sub.add_parser("analyze", help="training dynamics of runs (eval.diagnostics): one PNG sheet + a first/last table")
+    an.add_argument("runs", nargs="+", help="run folders (runs/NAME); several are overlaid (e.g. LiT vs dino.txt)")
+    an.add_argument("--out", default=None, help="sheet to write (default RUN/dynamics.png, RUN_A/dynamics_vs_B.png)")
+    an.add_argument("--json", action="store_true", help="also print the table as JSON")
+    an.set_defaults(func=_cmd_analyze)
+
+    def grouping_options(q) -> None:
+        q.add_argument("--checkpoint", required=True, help="checkpoint folder (runs/NAME/checkpoint)")
+        q.add_argument("--method", default="kmeans", choices=["kmeans", "spectral"],
+                       help="k-means over the patch features, or spectral clustering of their cosine affinity")
+        q.add_argument("--max-segments", type=int, default=8, help="the largest K --segments auto tries")
+        q.add_argument("--short-side", type=int, default=0,
+                       help="resize the image's short side to this (default 0: the model's training resolution)")
+        q.add_argument("--seed", type=int, default=0, help="seed of the k-means seeding (and of the random baselines)")
+        q.add_argument("--device", default=None)
+        q.add_argument("--backbone-weights", default=None, help="backbone weights file, if it moved since training")
+        trust_option(q)
+
+    gr = sub.add_parser("group", help="bottom-up grouping of one image's patch features into segments (no text)")
+    gr.add_argument("image", help="image file")
+    gr.add_argument("--segments", default="4", help="number of segments K, or auto (silhouette; eigengap for spectral)")
+    gr.add_argument("--out", default="segments.png", help="overlay image to write (.png/.jpg)")
+    gr.add_argument("--save-labels", default=None, help="also write the segment map as a PNG of segment ids")
+    gr.add_argument("--alpha", type=float, default=0.5, help="opacity of the segment colours")
+    grouping_options(gr)
+    gr.set_defaults(func=_cmd_group)
+
+    eg = ev.add_parser("grouping", help="perceptual grouping as unsupervised segmentation: Hungarian-matched mIoU "
+                                        "next to random partitions with the same K")
+    eg.add_argument("--dataset", required=True,
+                    help="a segmentation layout: demo_bg (the world: background + objects) | demo | ade20k | voc21 | "
+                         "voc20 | context59 | cityscapes | coco_stuff171 | custom")
+    eg.add_argument("--root", required=True, help="dataset folder (demo_bg: the world's eval shards, runs/demo_world/eval)")
+    eg.add_argument("--segments", default="2", help="number of segments K per image, or auto")
+    eg.add_argument("--split", default="val")
+    eg.add_argument("--classnames", default=None, help="class-name file (required for custom)")
+    eg.add_argument("--reduce-zero-label", action="store_true", help="custom: label 0 ignored, other labels - 1")
+    eg.add_argument("--has-background", action="store_true", help="custom: label 0 is a background class")
+    eg.add_argument("--limit", type=int, default=None, help="evaluate the first N images only")
+    eg.add_argument("--out", default=None, help="report folder (default runs/eval/grouping_DATASET)")
+    eg.add_argument("--num-examples", type=int, default=4, help="example overlays written to the report")
+    eg.add_argument("--json", action="store_true", help="also print the metrics as JSON")
+    grouping_options(eg)
+    eg.set_defaults(func=_cmd_eval_grouping)
+
+    h = sub.add_parser("push-to-hub", help="upload a run or checkpoint to the Hugging Face Hub with a model card")
+    h.add_argument("source", help="run folder (runs/NAME), checkpoint folder or single-file checkpoint")
+    h.add_argument("repo_id", help="Hub repository org/name (created when it does not exist)")
+    h.add_argument("--include-backbone", action="store_true",
+                   help="also upload the frozen backbone's weights (backbone.safetensors); by default the card "
+                        "names the file users must bring")
+    h.add_argument("--private", action="store_true", help="create the repository as private")
+    h.add_argument("--dry-run", default=None, metavar="DIR",
+                   help="write what would be uploaded (README.md model card + checkpoint files) to DIR; upload nothing")
+    h.add_argument("--backbone-weights", default=None, help="backbone weights file, if it moved since training")
+    h.add_argument("--license", default=None,
+                   help="license id for the card (default: the backbone weights' license when known, else apache-2.0)")
+    h.add_argument("--license-name", default=None, help="with --license other: the license's short name")
+    h.add_argument("--license-link", default=None, help="with --license other: where its text is")
+    h.add_argument("--commit-message", default=None)
+    h.add_argument("--revision", default=None, help="branch to upload to (created if needed; default main)")
+    trust_option(h)
+    h.set_defaults(func=_cmd_push_to_hub)
+
+    e = sub.add_parser("embed", help="image + caption embeddings in clip-retrieval's layout (img_emb/, text_emb/, "
+                                     "metadata/), resumable per part")
+    e.add_argument("checkpoint", help="checkpoint folder (runs/NAME/checkpoint), single file, or hf-hub:org/name[@revision]")
+    e.add_argument("--data", required=True, help="shards (dir/{00000..00009}.tar, a folder) or a .csv/.parquet manifest")
+    e.add_argument("--out", required=True, help="output folder (a rerun continues it)")
+    e.add_argument("--batch-size", type=int, default=256, help="images per forward pass")
+    e.add_argument("--part-size", type=int, default=100_000, help="samples per output part (clip-retrieval's write batch)")
+    e.add_argument("--dtype", default="float16", choices=["float16", "float32"],
+                   help="storage precision (clip-retrieval writes float16)")
+    e.add_argument("--num-workers", type=int, default=4, help="threads decoding images")
+    e.add_argument("--no-text", action="store_true", help="image embeddings only")
+    e.add_argument("--device", default=None)
+    e.add_argument("--backbone-weights", default=None, help="backbone weights file, if it moved since training")
+    trust_option(e)
+    e.set_defaults(func=_cmd_embed)
+
     m = sub.add_parser("models", help="list registered model configs")
     m.set_defaults(func=_cmd_models)
 
     rc = sub.add_parser("recipes", help="list the recipes shipped with dinotxt (usable by name: dinotxt train demo)")
     rc.set_defaults(func=_cmd_recipes)
     return p
+
+
+def error_line(e: BaseException) -> str:
+    """The one line the command line prints for an error: its first line, or for an error raised in a
+    DataLoader worker (which torch re-raises as "Caught X in DataLoader worker ... Original Traceback
+    ...") the original message, the traceback's last line."""
+    lines = str(e).strip().splitlines()
+    if not lines:
+        return type(e).__name__
+    if lines[0].startswith("Caught ") and len(lines) > 1 and "Original Traceback" in lines[1]:
+        return lines[-1].split(": ", 1)[-1]
+    return lines[0]
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -466,8 +684,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     try:
         return args.func(args)
     except (ConfigError, FileNotFoundError, ValueError, ImportError, FloatingPointError) as e:
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        print(f"dinotxt: error: {msg}", file=sys.stderr)
+        print(f"dinotxt: error: {error_line(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("dinotxt: interrupted; finished checkpoints are kept (continue with --resume)", file=sys.stderr)

@@ -35,9 +35,13 @@ class ConfigError(ValueError):
     """A configuration the user wrote cannot be used; the message says what to fix."""
 
 
-def choice(default: Any, *choices: Any) -> Any:
-    """A dataclass field whose value must be one of ``choices`` (checked by ``finalize``)."""
-    return field(default=default, metadata={"choices": tuple(choices)})
+def choice(default: Any, *choices: Any, many: bool = False) -> Any:
+    """A dataclass field whose value must be one of ``choices`` (checked by ``finalize``); with
+    ``many``, a list of them is allowed too (``trainer.logger=[csv,wandb]``)."""
+    meta = {"choices": tuple(choices), "many": many}
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=meta)
+    return field(default=default, metadata=meta)
 
 
 # --------------------------------------------------------------------------- model
@@ -116,6 +120,17 @@ class ModelConfig:
 
 
 @dataclass
+class SpuriousConfig:
+    # a Waterbirds-style split of the world (dinotxt.data.world.write_spurious_world): one object per image,
+    # class = its shape; a background attribute (class i owns value i) is the class's own in `rate` of the
+    # training images and in `test_rate` of the held-out ones, whose folder lists its groups in groups.csv
+    enabled: bool = False
+    attribute: str = choice("texture", "texture", "tint")  # background texture, or background colour tint
+    rate: float = 0.95
+    test_rate: Optional[float] = None  # None = 1 - rate (anti-correlated); 0.25 = independent of the class
+
+
+@dataclass
 class WorldConfig:
     # the procedural world of captioned shapes (dinotxt.data.world), a data source with no download:
     # the demo and debug recipes generate it and point data.train at its shards
@@ -126,19 +141,25 @@ class WorldConfig:
     image_size: int = 128
     samples_per_shard: int = 512
     seed: int = 0
+    spurious: SpuriousConfig = field(default_factory=SpuriousConfig)  # a Waterbirds-style split instead
 
 
 @dataclass
 class DataConfig:
-    # webdataset shards ("dir/{00000..00099}.tar", a directory, or a list) or a
-    # manifest (.csv / .parquet with columns image_path, caption)
+    # webdataset shards ("dir/{00000..00099}.tar", a directory, or a list; fsspec URLs such as
+    # "https://host/shard-{00000..00099}.tar", "s3://bucket/train/", "hf://datasets/...", and "pipe:COMMAND"
+    # too) or a manifest (.csv / .parquet with columns image_path, caption)
     train: Any = None
     image_keys: List[str] = field(default_factory=lambda: ["jpg", "jpeg", "png", "webp"])
     caption_key: str = "txt"  # caption file extension inside a shard
     caption_json_field: str = "caption"  # fallback: field of key.json holding the caption
     manifest_image_column: str = "image_path"
     manifest_caption_column: str = "caption"
-    batch_size: int = 256  # per device
+    batch_size: int = 256  # per device (with global_batch: the micro-batch each device embeds at once)
+    # the contrastive batch of one optimizer step over all devices, reached by exact gradient caching
+    # (GradCache, dinotxt/train/gradcache.py) from micro-batches of batch_size; a multiple of
+    # batch_size x devices. None: the contrastive batch is batch_size x devices, one pass per step
+    global_batch: Optional[int] = None
     num_workers: int = 4
     shuffle_buffer: int = 2000
     crop_scale: List[float] = field(default_factory=lambda: [0.08, 1.0])
@@ -156,6 +177,13 @@ class OptimConfig:
     max_steps: int = 50000
     min_lr_ratio: float = 0.0  # cosine decays to lr * min_lr_ratio
     grad_clip: Optional[float] = None
+
+
+@dataclass
+class LossConfig:
+    # None: the dense symmetric InfoNCE (a (B_device, B) logit matrix per direction); a number: the same loss
+    # in tiles of block_size x block_size with a streaming log-sum-exp, memory O(B x block_size) (dinotxt/loss.py)
+    block_size: Optional[int] = None
 
 
 @dataclass
@@ -188,6 +216,12 @@ class TrainerConfig:
     # run the frozen backbone under bf16 autocast even when the rest trains in fp32 (CPUs with
     # AMX / avx512_bf16, or GPUs): about 2x faster, NOT bit-exact (tokens differ by ~3e-3 relative)
     backbone_autocast: Optional[str] = choice(None, None, "bfloat16")
+    # where the training metrics go: one name or a list (dinotxt/train/loggers.py); loss_curve.png is drawn
+    # from the csv logs, wandb needs `pip install wandb`, mlflow `pip install mlflow`
+    logger: Any = choice(["tensorboard", "csv"], "tensorboard", "csv", "wandb", "mlflow", many=True)
+    # per-logger settings: {wandb: {project: P, entity: E, ...}, mlflow: {experiment_name: E, tracking_uri: U}};
+    # the run name is the run's `name`, wandb's and mlflow's files go under RUN/logs by default
+    logger_kwargs: Dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -196,6 +230,11 @@ class EvalConfig:
     classnames: Optional[str] = None  # text file, one name per line (default: folder names)
     templates: str = "imagenet"  # imagenet (80 OpenAI templates) | simple | path to a text file with {}
     batch_size: int = 64
+    # training-dynamics diagnostics (dinotxt/evaluation/dynamics.py) at every validation, on the first
+    # diagnostics_size image-caption pairs of these shards (key.seg.png label maps add localisation); None = off
+    diagnostics: Optional[str] = None
+    diagnostics_size: int = 128
+    diagnostics_save: bool = False  # also write each validation's embeddings to RUN/diagnostics/step_*.safetensors
 
 
 @dataclass
@@ -221,6 +260,7 @@ class TrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
@@ -290,9 +330,13 @@ def check_choices(cfg: DictConfig, prefix: str = "") -> None:
     for f in dataclasses.fields(schema):
         value = cfg.get(f.name)
         choices = f.metadata.get("choices")
-        if choices is not None and value not in choices:
+        many = f.metadata.get("many") and isinstance(value, (list, ListConfig))
+        bad = [v for v in (value if many else [value]) if v not in choices] if choices is not None else []
+        if bad:
             shown = ", ".join("null" if c is None else str(c) for c in choices)
-            raise ConfigError(f"{prefix}{f.name}={value!r} is not one of {shown}")
+            what = f"{prefix}{f.name} has {bad[0]!r}, which" if many else f"{prefix}{f.name}={value!r}"
+            hint = " (one name or a list of them)" if f.metadata.get("many") else ""
+            raise ConfigError(f"{what} is not one of {shown}{hint}")
         if isinstance(value, DictConfig):
             check_choices(value, f"{prefix}{f.name}.")
 

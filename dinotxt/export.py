@@ -14,7 +14,7 @@ built with the sizes listed there (the tokenizer file is copied next to the weig
 with ``--include-backbone`` also the frozen backbone) that ``dinotxt.load`` reads.
 
 Only the checkpoint's own files are read; the frozen backbone is built only for
-``--include-backbone``.
+``--include-backbone``. CHECKPOINT may be ``hf-hub:org/name`` (outputs default to ``./name...``).
 """
 from __future__ import annotations
 
@@ -50,6 +50,13 @@ def _architecture(model_cfg, state: Dict[str, torch.Tensor]) -> Dict[str, object
     }
 
 
+def _local_name(checkpoint: Union[str, Path]) -> Path:
+    """The path default outputs are named after: the checkpoint's, or ``./<name>`` for ``hf-hub:org/name``."""
+    from .hub import is_hub_name, parse_hub_name
+
+    return Path(parse_hub_name(checkpoint)[0].split("/")[-1]) if is_hub_name(checkpoint) else Path(checkpoint)
+
+
 def export_official(checkpoint: Union[str, Path], out: Optional[Union[str, Path]] = None,
                     layout: Optional[str] = None) -> Dict[str, object]:
     """Write a checkpoint's heads in the official dino.txt layout. Returns the ``export.json`` report.
@@ -59,8 +66,8 @@ def export_official(checkpoint: Union[str, Path], out: Optional[Union[str, Path]
         out: output folder (default: ``<checkpoint>_official`` next to it).
         layout: ``dinov2`` (two files) or ``dinov3`` (one file); default from the backbone name.
     """
-    checkpoint = Path(checkpoint)
     cfg, state, tok_bytes = read_checkpoint(checkpoint)
+    checkpoint = _local_name(checkpoint)
     mcfg = cfg.model
     layout = layout or ("dinov3" if "dinov3" in str(mcfg.backbone.name) else "dinov2")
     files = official_state_dicts(state, layout)
@@ -115,8 +122,8 @@ def export_safetensors(checkpoint: Union[str, Path], out: Optional[Union[str, Pa
                        include_backbone: bool = False, backbone_weights: Optional[str] = None,
                        trust_code: bool = False) -> Dict[str, object]:
     """Write a checkpoint as one self-describing safetensors file that ``dinotxt.load`` reads."""
-    checkpoint = Path(checkpoint)
     cfg, state, tok_bytes = read_checkpoint(checkpoint)
+    checkpoint = _local_name(checkpoint)
     state = dict(state)
     if include_backbone:
         from .models.factory import create_backbone

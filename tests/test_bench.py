@@ -32,3 +32,11 @@ def test_eval_speed_bench_runs():
 @pytest.mark.slow
 def test_curation_bench_runs():
     assert "dedup" in _run("curation_bench.py", "--quick")
+
+
+@pytest.mark.slow
+def test_large_batch_bench_runs_its_rows():
+    out = _run("large_batch.py", "--sizes", "64,128", "--micro", "32", "--block", "48", "--cache-samples", "64",
+               "--warmup", "0")
+    assert "x one pass, dense loss" in out and "GradCache 32, blocked" in out and "dense logits MiB" in out
+    assert "the time of 'one pass, blocked loss'" in out

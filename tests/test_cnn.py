@@ -67,6 +67,44 @@ def test_the_mapping_is_strict():
                                                              "_blocks.16._bn0.weight": torch.zeros(1)}, img_size=224)
 
 
+@pytest.mark.parametrize("method", ["dino", "moco_v2", "moco_v3", "swav", "dino_training_checkpoint"])
+def test_self_supervised_resnet_checkpoints_load_their_encoder(method, tmp_path):
+    """The files DINO, MoCo and SwAV release for their ResNet-50s wrap torchvision's keys (timm's too) in
+    prefixes and add their heads; the encoder is found and loaded strictly (a ResNet-18 stands in here)."""
+    import timm
+    from safetensors.torch import save_file
+
+    torch.manual_seed(0)
+    net = timm.create_model("resnet18", pretrained=False, num_classes=0)
+    enc = net.state_dict()
+    other = {k: torch.randn_like(v) if v.is_floating_point() else v for k, v in enc.items()}
+    mlp = {"fc.0.weight": torch.randn(8, 512), "fc.2.weight": torch.randn(4, 8)}
+    wrap = lambda prefix, state: {prefix + k: v for k, v in state.items()}  # noqa: E731
+    files = {
+        "dino": enc,  # dino_resnet50_pretrain.pth: the bare backbone (fc is an identity)
+        "moco_v2": {**wrap("module.encoder_q.", {**enc, **mlp}), **wrap("module.encoder_k.", {**other, **mlp})},
+        "moco_v3": {**wrap("module.base_encoder.", {**enc, **mlp}), **wrap("module.momentum_encoder.", other),
+                    **wrap("module.predictor.", {"0.weight": torch.randn(4, 4)})},
+        "swav": {**wrap("module.", enc), "module.projection_head.0.weight": torch.randn(8, 512),
+                 "module.prototypes.weight": torch.randn(16, 8)},
+        "dino_training_checkpoint": {**wrap("student.module.backbone.", other), **wrap("teacher.backbone.", enc),
+                                     "teacher.head.mlp.0.weight": torch.randn(4, 512)},
+    }
+    path = tmp_path / f"{method}.safetensors"
+    save_file({k: v.clone().contiguous() for k, v in files[method].items()}, str(path))
+    bb = FrozenBackbone("cnn:resnet18", weights=str(path), img_size=64)
+    loaded = {k[len("net."):]: v for k, v in bb.encoder.state_dict().items()}
+    assert all(torch.equal(loaded[k], enc[k]) for k in enc)  # the query / base / teacher encoder, not the other
+
+
+def test_a_foreign_cnn_file_is_refused_with_its_keys(tmp_path):
+    import timm
+
+    enc = timm.create_model("resnet18", pretrained=False, num_classes=0).state_dict()
+    with pytest.raises(ValueError, match="unexpected 1 keys"):
+        FrozenBackbone("cnn:resnet18", weights={**enc, "mystery.weight": torch.zeros(1)}, img_size=64)
+
+
 def test_the_demo_model_trains_on_the_pretrained_cnn_and_saves_its_weights_source(tmp_path):
     from test_checkpoint import CAPTIONS
 

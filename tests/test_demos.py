@@ -68,18 +68,24 @@ def test_curation_demo_curates_trains_both_arms_and_reuses_finished_work(tmp_pat
     from dinotxt.demo.pool import PoolSpec
 
     spec = PoolSpec(num_samples=192, num_eval=48, popular_images=4, image_size=64, samples_per_shard=64)
-    curate = ["embed.backbone.img_size=56", "embed.backbone.kwargs={depth: 1, embed_dim: 96, num_heads: 2}",
-              "embed.num_workers=0", "cluster.levels=[8,2]", "cluster.iters=5", "text_balance.t=20",
+    # the demo's pretrained EfficientNet-Lite0 at 64 px (2 x 2 cells) for the embeddings and both training arms
+    curate = ["embed.backbone.img_size=64", "embed.num_workers=0", "cluster.levels=[8,2]", "cluster.iters=5", "text_balance.t=20",
               "combine.samples_per_shard=64"]
-    train = TINY_TRAIN + [f"eval.zeroshot_dir={tmp_path / 'world' / 'eval' / 'classes'}"]
+    train = ["model.backbone.img_size=64"] + TINY_TRAIN[len(TINY_VIT):] + [
+        f"eval.zeroshot_dir={tmp_path / 'world' / 'eval' / 'classes'}"]
     result = run_curation_demo(curate, root=str(tmp_path), train_overrides=train, spec=spec)
     out = capsys.readouterr().out
-    assert "curated" in out and "random" in out and "zero-shot top-1" in out and "RANDOM weights" in out
+    assert "curated" in out and "random" in out and "zero-shot top-1" in out and "SUPERVISED on ImageNet" in out
+    # what each balancing keeps on its own, next to the pool
+    assert set(result["selections"]) == {"dedup", "image_balance", "text_balance", "intersection"}
+    assert "image balancing alone" in out and "text balancing alone" in out
+    assert result["selections"]["intersection"] == result["arms"]["curated"]["composition"]
     arms = result["arms"]
     assert arms["curated"]["composition"]["pairs"] == arms["random"]["composition"]["pairs"] > 0
     assert arms["random"]["composition"]["copy_share"] >= arms["curated"]["composition"]["copy_share"]
     assert json.loads((tmp_path / "results.json").read_text())["margin_top1"] == pytest.approx(result["margin_top1"])
     runs = sorted(p.name for p in tmp_path.glob("train_*"))
+    assert len(list(tmp_path.glob("cache_curated_*/cache.json"))) == 1  # each subset ran the backbone once
     assert len(runs) == 2 and all((tmp_path / r / "metrics.json").is_file() for r in runs)
     # a second call reuses the pool, the curation and both finished runs
     again = run_curation_demo(curate, root=str(tmp_path), train_overrides=train, spec=spec)

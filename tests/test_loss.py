@@ -96,3 +96,130 @@ def test_clip_loss_of_model_forward_is_the_training_loss(tiny_model):
 
 # The 2-process gloo check (loss AND the model's gradients under DDP against one process on
 # the global batch) lives in tests/test_distributed.py.
+
+
+# ------------------------------------------------------------------ the blocked loss (loss.block_size)
+
+
+def _grad_of(loss_fn, *inputs):
+    leaves = [x.detach().clone().requires_grad_() for x in inputs]
+    loss = loss_fn(*leaves)
+    return loss.detach(), torch.autograd.grad(loss, leaves)
+
+
+@pytest.mark.parametrize("block", [1, 3, 4, 10, 64])  # tiles of one row, ragged tiles, exact tiles, one tile
+def test_blocked_loss_and_its_gradients_equal_the_dense_loss_in_float64(block):
+    from dinotxt.loss import blocked_clip_loss
+
+    img, txt = _features(10, 16, torch.float64)
+    scale = torch.tensor(14.3, dtype=torch.float64)
+    dense, dense_grads = _grad_of(clip_loss, img, txt, scale)
+    blocked, blocked_grads = _grad_of(lambda a, b, s: blocked_clip_loss(a, b, s, block_size=block), img, txt, scale)
+    assert_float64_equal(blocked, dense, "loss")
+    for name, a, b in zip(("image", "text", "scale"), blocked_grads, dense_grads):
+        assert_float64_equal(a, b, name)
+    assert_float64_equal(ClipLoss(block)(img, txt, scale), dense, "ClipLoss(block_size)")
+
+
+@pytest.mark.parametrize("block", [2, 5])
+def test_blocked_loss_of_each_rank_against_the_gathered_batch_equals_the_dense_one(block):
+    """The DDP form (each rank's rows against all columns), here with the gathered tensors built in one
+    process; tests/test_gradcache.py runs it on 2 gloo processes."""
+    from dinotxt.loss import blocked_clip_loss
+
+    img, txt = _features(12, 8, torch.float64)
+    scale = torch.tensor(9.0, dtype=torch.float64)
+    for rank in range(3):
+        rows = slice(4 * rank, 4 * rank + 4)
+
+        def loss(fn, a, b, s, all_a, all_b):
+            return fn(a, b, s, rank, all_a, all_b)
+
+        args = (img[rows], txt[rows], scale, img, txt)
+        dense, dense_grads = _grad_of(lambda *x: loss(clip_loss, *x), *args)
+        blocked, blocked_grads = _grad_of(lambda *x: loss(lambda *y: blocked_clip_loss(*y, block_size=block), *x), *args)
+        assert_float64_equal(blocked, dense, f"rank {rank} loss")
+        for i, (a, b) in enumerate(zip(blocked_grads, dense_grads)):
+            assert_float64_equal(a, b, f"rank {rank} gradient {i}")
+
+
+def test_blocked_loss_backward_passes_gradcheck():
+    from dinotxt.loss import blocked_clip_loss
+
+    img, txt = _features(7, 5, torch.float64)
+    scale = torch.tensor(3.0, dtype=torch.float64)
+    leaves = [x.clone().requires_grad_() for x in (img, txt, scale, img[2:5], txt[2:5])]
+    assert torch.autograd.gradcheck(lambda a, b, s: blocked_clip_loss(a, b, s, block_size=3), leaves[:3])
+    assert torch.autograd.gradcheck(lambda a, b, s, x, y: blocked_clip_loss(x, y, s, 1, a, b, block_size=2),
+                                    [leaves[0], leaves[1], leaves[2], leaves[3], leaves[4]])
+
+
+def test_blocked_fp32_loss_is_as_close_to_float64_as_the_dense_one():
+    """Both fp32 paths carry the rounding of their logits, |logit| <= scale, each a dot product of E terms:
+    an absolute error of about scale * E * u in the loss, and relative to the largest gradient component."""
+    from dinotxt.loss import blocked_clip_loss
+
+    img, txt = _features(96, 32)
+    scale = torch.tensor(100.0)
+    bound = 100 * 32 * FP32_U
+    ref, ref_grads = _grad_of(clip_loss, img.double(), txt.double(), scale.double())
+    for fn in (clip_loss, lambda a, b, s: blocked_clip_loss(a, b, s, block_size=40)):
+        loss, grads = _grad_of(fn, img, txt, scale)
+        assert loss.dtype == torch.float32
+        assert_close(loss.double(), ref, bound, "fp32 loss")
+        for name, a, b in zip(("image", "text", "scale"), grads, ref_grads):
+            assert_close(a.double(), b, bound, name)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_blocked_loss_and_its_gradient_stay_fp32_under_autocast(dtype):
+    """Autocast is off inside the forward AND the hand-written backward (which runs in the caller's autocast)."""
+    from dinotxt.loss import blocked_clip_loss
+
+    img, txt = _features(64, 32)
+    scale = torch.tensor(100.0)
+
+    def blocked(a, b, s):
+        return blocked_clip_loss(a, b, s, block_size=24)
+
+    plain, plain_grads = _grad_of(blocked, img, txt, scale)
+    leaves = [x.clone().requires_grad_() for x in (img, txt, scale)]
+    with torch.autocast("cpu", dtype=dtype):
+        cast = blocked(*leaves)
+        cast_grads = torch.autograd.grad(cast, leaves)  # the backward pass inside the autocast region too
+    assert cast.dtype == torch.float32 and all(g.dtype == torch.float32 for g in cast_grads)
+    assert torch.equal(cast.detach(), plain)
+    for a, b in zip(cast_grads, plain_grads):
+        assert torch.equal(a, b)
+    dense, _ = _grad_of(clip_loss, img, txt, scale)  # and it is the dense fp32 loss up to fp32 roundoff
+    assert_close(cast.detach().double(), dense.double(), 100 * 32 * FP32_U, "blocked vs dense")
+    low = (img.to(dtype), txt.to(dtype))  # features a head returned under autocast: both upcast them alike
+    assert_close(blocked(*low, scale).double(), clip_loss(*low, scale).double(), 100 * 32 * FP32_U, "low precision in")
+
+
+def test_blocked_loss_saves_features_not_logits_for_its_backward():
+    """What the autograd graph holds between the passes: O(B x E) for the blocked loss, the (B, B) logit
+    matrices (and their log-softmax) for the dense one."""
+    from dinotxt.loss import blocked_clip_loss
+
+    n, e = 512, 8
+    img, txt = (x.requires_grad_() for x in _features(n, e))
+    scale = torch.tensor(10.0, requires_grad=True)
+
+    def saved_bytes(fn):
+        seen = {}
+
+        def pack(t):
+            seen[t.data_ptr()] = t.numel() * t.element_size()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            fn(img, txt, scale)
+        return sum(seen.values())
+
+    dense = saved_bytes(clip_loss)
+    blocked = saved_bytes(lambda a, b, s: blocked_clip_loss(a, b, s, block_size=64))
+    assert dense >= 2 * n * n * 4  # two (B, B) fp32 matrices at least
+    assert blocked <= 8 * n * e * 4 + 4 * n * 4  # a few copies of the features and one log-sum-exp per row
+    with pytest.raises(ValueError, match="positive"):
+        ClipLoss(-1)

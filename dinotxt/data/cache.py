@@ -40,7 +40,7 @@ from ..config import ConfigError
 from ..models.vision_head import pooled_tokens_problem
 from ..models.weights import resolve_weights
 from ..transforms import IMAGENET_MEAN, IMAGENET_STD, eval_transform, train_transform
-from .sources import expand_shards, is_manifest
+from .sources import expand_shards, is_manifest, shard_name, shard_sizes
 from .stream import ImageTextStream, extract_caption, mix_seed, seeded_transform
 
 FORMAT_VERSION = 1
@@ -131,7 +131,9 @@ def source_fingerprint(cfg: DictConfig) -> Optional[Dict[str, Any]]:
         if not p.is_file():
             raise FileNotFoundError(f"manifest not found: {p}")
         return {"manifest": p.name, "bytes": p.stat().st_size}
-    return {"shards": [{"file": Path(s).name, "bytes": Path(s).stat().st_size} for s in expand_shards(spec)]}
+    shards = expand_shards(spec)
+    # names and sizes, not paths: the same shards moved, or served over HTTP, still fit (pipe: sizes are None)
+    return {"shards": [{"file": shard_name(s), "bytes": size} for s, size in zip(shards, shard_sizes(shards))]}
 
 
 def spec_difference(recorded: Any, wanted: Any, prefix: str = "") -> Optional[Tuple[str, Any, Any]]:

@@ -7,6 +7,9 @@ from typing import Callable, List, Optional, Tuple
 from torch.utils.data import Dataset
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".JPEG")
+# a folder's image groups for group-robustness metrics: a CSV with path,label,group per image, the path
+# relative to the folder (dinotxt.evaluation.zeroshot.read_groups; written by the spurious world)
+GROUPS_FILE = "groups.csv"
 
 
 class ImageFolderDataset(Dataset):

@@ -1,8 +1,8 @@
 """Data in *units*, with a stable id for every sample: how the feature extraction stage (the
 feature cache, the curation embeddings) and the curation stages walk a data source.
 
-A source is the training-data format of dinotxt: webdataset shards in the img2dataset layout,
-or a CSV / TSV / parquet manifest. A unit is one shard, or a slice of manifest rows, so that
+A source is the training-data format of dinotxt: webdataset shards in the img2dataset layout
+(local, fsspec URLs or ``pipe:`` commands, ``dinotxt.data.sources``), or a CSV / TSV / parquet manifest. A unit is one shard, or a slice of manifest rows, so that
 every output is sharded the same way, written atomically per unit, and a rerun skips the
 units already done.
 
@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, Iterator, List, Optional, Tuple
 
-from .sources import expand_shards, is_manifest, iter_tar_samples, read_manifest
+from .sources import expand_shards, is_manifest, iter_tar_samples, read_manifest, shard_name
 from .stream import extract_caption
 
 
@@ -59,12 +59,12 @@ def data_units(spec, fmt, rows_per_unit: int, key: str = "data.train") -> List[D
     shards = expand_shards(list(spec) if not isinstance(spec, str) else spec, key=key)
     seen: Dict[str, str] = {}
     for s in shards:
-        name = Path(s).name
+        name = shard_name(s)  # a URL's or a pipe:cat's file name too, so served shards keep their sample ids
         if name in seen and seen[name] != s:
             raise ValueError(f"shards {seen[name]} and {s} have the same file name; sample ids are built from the "
                              "shard file name and the key, so rename one of them")
         seen[name] = s
-    return [DataUnit(i, Path(s).name, s) for i, s in enumerate(shards)]
+    return [DataUnit(i, shard_name(s), s) for i, s in enumerate(shards)]
 
 
 _MANIFEST_CACHE: Dict[Tuple[str, str, str], List[Tuple[str, str, str]]] = {}

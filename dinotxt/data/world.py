@@ -23,10 +23,13 @@ import random
 import tarfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
+
+from ..fileio import atomic_write_text
+from .folder import GROUPS_FILE
 
 log = logging.getLogger(__name__)
 
@@ -72,10 +75,14 @@ class WorldSample:
     objects: List[Dict]
 
 
-def _background(rng: random.Random, size: int) -> Tuple[Image.Image, str]:
-    kind = rng.choice(BACKGROUNDS)
+def _background(rng: random.Random, size: int, kind: Optional[str] = None,
+                tint: Optional[Tuple[int, int, int]] = None) -> Tuple[Image.Image, str]:
+    drawn = rng.choice(BACKGROUNDS)  # drawn even when forced, so every later draw is what the seed gives
+    kind = kind or drawn
     base = np.array([rng.randint(70, 190)] * 3, dtype=np.float32) + np.array([rng.randint(-25, 25) for _ in range(3)])
     alt = base + rng.choice([-1, 1]) * rng.randint(30, 60)
+    if tint is not None:  # a colour cast over both tones of the texture
+        base, alt = base + np.array(tint, dtype=np.float32), alt + np.array(tint, dtype=np.float32)
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
     if kind == "striped":
         period = rng.randint(6, 20)
@@ -152,11 +159,15 @@ def _caption(rng: random.Random, objects: List[Dict], background: str) -> str:
 
 
 def render_sample(seed: int, size: int = 128, max_objects: int = 2,
-                  concept: Optional[Tuple[str, str]] = None) -> WorldSample:
+                  concept: Optional[Tuple[str, str]] = None, shape: Optional[str] = None,
+                  background: Optional[str] = None, tint: Optional[Tuple[int, int, int]] = None) -> WorldSample:
     """One image, its label map and caption, a pure function of ``seed``. ``concept=(color, shape)`` forces
-    the first object (the random draws still happen, so every other choice is what the seed gives)."""
+    the first object, ``shape`` its shape alone, ``background`` the background kind (one of ``BACKGROUNDS``)
+    and ``tint`` an RGB offset of the background (the random draws still happen, so every other choice is
+    what the seed gives)."""
     rng = random.Random(seed)
-    image, background = _background(rng, size)
+    forced_shape = shape  # the loop below names each object's own shape
+    image, background = _background(rng, size, background, tint)
     labels = Image.new("L", (size, size), 0)
     n_obj = 1 if max_objects == 1 or rng.random() < 0.75 else 2
     objects = []
@@ -174,6 +185,8 @@ def render_sample(seed: int, size: int = 128, max_objects: int = 2,
         shape = rng.choice(SHAPES)
         if k == 0 and concept is not None:
             color, shape = concept
+        elif k == 0 and forced_shape is not None:
+            shape = forced_shape
         rot = rng.uniform(-0.35, 0.35)
         jitter = tuple(int(min(255, max(0, v + rng.randint(-20, 20)))) for v in COLORS[color])
         _draw(ImageDraw.Draw(image), shape, cx, cy, r, rot, jitter)
@@ -198,11 +211,17 @@ def _encode(img: Image.Image, fmt: str) -> bytes:
 
 
 def write_split(out_dir: Path, num_samples: int, seed: int, size: int = 128, samples_per_shard: int = 512,
-                max_objects: int = 2, image_folder: bool = False) -> List[str]:
-    """Write ``num_samples`` samples as shards ``out_dir/000000.tar ...`` (atomically per shard)."""
+                max_objects: int = 2, image_folder: bool = False, plan: Optional[Sequence[Dict]] = None,
+                folder_classes: Optional[List[str]] = None) -> List[str]:
+    """Write ``num_samples`` samples as shards ``out_dir/000000.tar ...`` (atomically per shard).
+
+    ``plan`` forces what every sample shows (``plan[i]``: ``render``, keyword arguments of ``render_sample``;
+    ``class``, its image-folder class among ``folder_classes``; ``group``, written to its json and, with
+    ``image_folder``, to ``classes/groups.csv`` as ``path,label,group``)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     shards = []
-    names = class_names()
+    names = folder_classes or class_names()
+    key_of = lambda i: f"{i // samples_per_shard:06d}{i:07d}"  # noqa: E731
     if image_folder:  # every class gets a folder, so zero-shot always ranks all of them
         for name in names:
             (out_dir / "classes" / name).mkdir(parents=True, exist_ok=True)
@@ -214,20 +233,26 @@ def write_split(out_dir: Path, num_samples: int, seed: int, size: int = 128, sam
         tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
         with tarfile.open(tmp, "w") as tar:
             for i in range(start, min(num_samples, start + samples_per_shard)):
-                sample = render_sample(seed * 10_000_019 + i, size, max_objects)
-                key = f"{s:06d}{i:07d}"
+                sample = render_sample(seed * 10_000_019 + i, size, max_objects, **(plan[i]["render"] if plan else {}))
+                key = key_of(i)
                 jpg = _encode(sample.image, "JPEG")
                 _tar_add(tar, f"{key}.jpg", jpg)
                 _tar_add(tar, f"{key}.txt", sample.caption.encode())
                 meta = {"caption": sample.caption, "objects": sample.objects,
                         "label": 1 + class_index(sample.objects[0]["color"], sample.objects[0]["shape"])}
+                if plan:
+                    meta["group"] = plan[i]["group"]
                 _tar_add(tar, f"{key}.json", json.dumps(meta).encode())
                 _tar_add(tar, f"{key}.seg.png", _encode(Image.fromarray(sample.labels), "PNG"))
                 if image_folder:
-                    cls = out_dir / "classes" / names[meta["label"] - 1]
+                    cls = out_dir / "classes" / (plan[i]["class"] if plan else names[meta["label"] - 1])
                     cls.mkdir(parents=True, exist_ok=True)
                     (cls / f"{key}.jpg").write_bytes(jpg)
         os.replace(tmp, path)
+    if image_folder and plan:
+        rows = "".join(f"{plan[i]['class']}/{key_of(i)}.jpg,{plan[i]['class']},{plan[i]['group']}\n"
+                       for i in range(num_samples))
+        atomic_write_text(out_dir / "classes" / GROUPS_FILE, "path,label,group\n" + rows)
     return shards
 
 
@@ -245,6 +270,14 @@ def ensure_world(spec) -> None:
     """Write the world a recipe's ``data.world`` section describes, when it asks for it
     (``generate: true``); its shards then serve as ``data.train`` like any other."""
     if not spec.generate:
+        return
+    if spec.spurious.enabled:
+        from .spurious import write_spurious_world
+
+        log.info(f"writing the spurious-correlation world to {spec.root} ({spec.num_train} train / {spec.num_eval} "
+                 f"test, background {spec.spurious.attribute} = the class's own in {spec.spurious.rate:.0%} of train)")
+        write_spurious_world(spec.root, spec.num_train, spec.num_eval, spec.image_size, spec.samples_per_shard,
+                             spec.seed, spec.spurious.attribute, spec.spurious.rate, spec.spurious.test_rate)
         return
     log.info(f"writing the procedural demo world to {spec.root} ({spec.num_train} train / {spec.num_eval} eval)")
     write_world(spec.root, spec.num_train, spec.num_eval, spec.image_size, spec.samples_per_shard, spec.seed)

@@ -45,7 +45,7 @@ TASKS = ("zeroshot", "segmentation", "retrieval")
 
 @dataclass
 class SuiteModelConfig:
-    checkpoint: Optional[str] = None  # dinotxt checkpoint folder (runs/NAME/checkpoint)
+    checkpoint: Optional[str] = None  # dinotxt checkpoint folder (runs/NAME/checkpoint), file or hf-hub:org/name
     backbone_weights: Optional[str] = None  # the frozen backbone's weights, if they moved since training
     open_clip: Optional[str] = None  # open_clip architecture name (e.g. ViT-B-32) or a JSON model config file
     pretrained: Optional[str] = None  # open_clip pretrained tag or local weights file; None = random init
@@ -175,8 +175,11 @@ def _open_dataset(task):
 def _rows(task, res: Dict) -> List[Tuple[str, float, Optional[float]]]:
     """(metric, value, chance or trivial baseline) rows of the summary table."""
     if task.task == "zeroshot":
-        return [("top-1", res["top1"], res["chance_top1"]), ("top-5", res["top5"], min(1.0, 5 * res["chance_top1"])),
+        rows = [("top-1", res["top1"], res["chance_top1"]), ("top-5", res["top5"], min(1.0, 5 * res["chance_top1"])),
                 ("mean per-class recall", res["mean_per_class_recall"], res["chance_top1"])]
+        if "worst_group_top1" in res:  # the folder lists its groups (groups.csv, the spurious world)
+            rows.append((f"worst-group top-1 ({res['worst_group']})", res["worst_group_top1"], res["chance_top1"]))
+        return rows
     if task.task == "segmentation":
         rows = [("mIoU", res["miou"], res["baseline_majority_miou"]), ("pixel accuracy", res["aacc"], None),
                 ("mean class accuracy", res["macc"], None)]

@@ -118,6 +118,30 @@ def efficientnet_pytorch_to_timm(state: StateDict, net: nn.Module) -> StateDict:
     return out
 
 
+# heads of classifiers and of self-supervised methods: not part of a frozen feature extractor
+# (fc / classifier: supervised; fc as an MLP: MoCo; projection_head, prototypes: SwAV; predictor: BYOL-style)
+_HEADS = ("fc.", "classifier.", "head.", "projection_head.", "prototypes.", "predictor.")
+# wrappers of self-supervised checkpoints, preferred in this order when a file holds several encoders
+# (MoCo v1/v2: module.encoder_q / module.encoder_k; MoCo v3: module.base_encoder / module.momentum_encoder;
+# DINO training checkpoints: teacher / student, whose teacher is the released one)
+_PREFERRED = ("encoder_q.", "base_encoder.", "teacher.")
+
+
+def strip_ssl_wrapper(state: StateDict, own: StateDict) -> StateDict:
+    """The encoder's keys out of a self-supervised checkpoint (DINO, MoCo, SwAV ResNet-50s ...): find
+    the encoder's first key (``conv1.weight`` of a ResNet) under a wrapper prefix (``module.``,
+    ``module.encoder_q.``, ``teacher.backbone.``) and keep what lies under that prefix."""
+    if not own or any(k in own for k in state):
+        return state
+    anchor = next(iter(own))
+    prefixes = {k[: -len(anchor)] for k in state if k.endswith("." + anchor)}
+    if not prefixes:
+        return state  # nothing recognisable: the strict check reports the keys
+    prefix = min(prefixes, key=lambda p: (not any(m in p for m in _PREFERRED),
+                                          min((i for i, m in enumerate(_PREFERRED) if m in p), default=0), len(p), p))
+    return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+
+
 def cnn_state(weights, encoder: CnnTokens) -> StateDict:
     """A weights file (or state dict) in timm's or the EfficientNet-PyTorch layout, as ``encoder``'s keys."""
     from .weights import load_state_dict_file
@@ -128,11 +152,12 @@ def cnn_state(weights, encoder: CnnTokens) -> StateDict:
     if _is_efficientnet_pytorch(state):
         state = efficientnet_pytorch_to_timm(state, encoder.net)
     own = encoder.net.state_dict()
+    state = strip_ssl_wrapper(state, own)
     if encoder.stage is not None:  # a features-only encoder ends at its stage: the layers after it are not used
         state = {k: v for k, v in state.items() if k in own}
     else:  # the classifier is not part of a feature extractor
-        state = {k: v for k, v in state.items() if k in own or not k.startswith(("fc.", "classifier.", "head.fc."))}
+        state = {k: v for k, v in state.items() if k in own or not k.startswith(_HEADS)}
     return {f"net.{k}": v for k, v in state.items()}
 
 
-__all__ = ["CnnTokens", "is_cnn_name", "efficientnet_pytorch_to_timm", "cnn_state"]
+__all__ = ["CnnTokens", "is_cnn_name", "efficientnet_pytorch_to_timm", "strip_ssl_wrapper", "cnn_state"]

@@ -11,6 +11,8 @@ layout            recognised by
                   ``attn.qkv.bias`` + ``attn.qkv.bias_mask`` (the key bias is masked out)
 ``hf_dinov2``     Hugging Face transformers ``Dinov2Model`` / ``Dinov2WithRegistersModel``
                   safetensors: ``embeddings.*``, ``encoder.layer.{i}.attention.attention.query``
+``hf_dinov3``     Hugging Face transformers ``DINOv3ViTModel`` safetensors: ``embeddings.patch_embeddings.weight``,
+                  ``[model.]layer.{i}.attention.q_proj`` (``model.`` since transformers 5; the Hub files have none)
 ``timm``          timm's own keys (the Hugging Face Hub ``timm/...`` safetensors, any timm ViT)
 ================  =====================================================================
 
@@ -18,7 +20,8 @@ A wrapper prefix (``module.``, ``backbone.``, ``teacher.backbone.``, ``dinov2.``
 ``visual_model.backbone.``) is found and stripped; keys outside it (DINO heads, a
 classifier) are ignored. Official DINOv2 and DINOv3 files go through timm's own
 conversion (``checkpoint_filter_fn``); transformers files are first mapped to the
-official DINOv2 layout (the inverse of transformers' ``convert_dinov2_to_hf.py``).
+official DINOv2 layout (the inverse of transformers' ``convert_dinov2_to_hf.py``), DINOv3 ones
+to the official DINOv3 layout (``hf_dinov3_to_official``: every key is mapped or named in the error).
 
 Loading is strict: before anything is converted the file's architecture (width, depth,
 patch size, registers) is compared with the model's, and after conversion every key
@@ -28,7 +31,9 @@ missing / unexpected / mis-shaped keys (a ViT-B file for a ViT-L config says so)
 loader of dinotxt prints (backbones, checkpoints, the official release).
 
 DINOv3 uses RoPE: the rotation periods stored in the file (rounded to bfloat16 in the
-release) replace the ones timm recomputes, as the official model uses the stored ones.
+release) replace the ones timm recomputes, as the official model uses the stored ones. The
+transformers files store no periods (``DINOv3ViTModel`` computes them from ``rope_theta`` = 100,
+the value timm uses), so timm's own are kept.
 Files are never unpickled: safetensors, or ``torch.load(weights_only=True)``.
 """
 from __future__ import annotations
@@ -49,10 +54,13 @@ LAYOUT_NAMES = {
     "dinov2": "official DINOv2",
     "dinov3": "official DINOv3",
     "hf_dinov2": "Hugging Face transformers DINOv2",
+    "hf_dinov3": "Hugging Face transformers DINOv3",
     "timm": "timm",
 }
 # keys that mark the start of a ViT inside a wrapper (checkpoint dicts, DINO training state, classifiers)
-_ANCHORS = ("patch_embed.proj.weight", "embeddings.patch_embeddings.projection.weight")
+_ANCHORS = ("patch_embed.proj.weight", "embeddings.patch_embeddings.projection.weight",
+            "embeddings.patch_embeddings.weight")
+DINOV3_LAYOUTS = ("dinov3", "hf_dinov3")  # read as the official DINOv3 layout once converted
 # the classifier of a timm ViT: not part of a frozen feature extractor (built with num_classes=0)
 _CLASSIFIER_KEYS = ("head.weight", "head.bias", "head_dist.weight", "head_dist.bias")
 
@@ -126,18 +134,20 @@ def strip_wrapper_prefix(state: StateDict) -> StateDict:
 
 
 def detect_layout(state: StateDict) -> str:
-    """``dinov2`` | ``dinov3`` | ``hf_dinov2`` | ``timm`` (see the module docstring)."""
+    """``dinov2`` | ``dinov3`` | ``hf_dinov2`` | ``hf_dinov3`` | ``timm`` (see the module docstring)."""
     if "storage_tokens" in state or "rope_embed.periods" in state or any(k.endswith("qkv.bias_mask") for k in state):
         return "dinov3"
     if "embeddings.patch_embeddings.projection.weight" in state:
         return "hf_dinov2"
+    if "embeddings.patch_embeddings.weight" in state:
+        return "hf_dinov3"
     if "mask_token" in state or "register_tokens" in state:
         return "dinov2"
     if "patch_embed.proj.weight" in state:
         return "timm"
-    if any(k.startswith("embeddings.") for k in state) and any(k.startswith("layer.") for k in state):
-        raise ValueError("this looks like a Hugging Face transformers DINOv3 file, which is not supported: "
-                         "use the original DINOv3 .pth or timm's vit_*_dinov3 safetensors")
+    if any(k.startswith("embeddings.") for k in state) and any(k.startswith(("layer.", "model.layer.")) for k in state):
+        raise ValueError("this looks like a Hugging Face transformers DINOv3 file without its patch embedding "
+                         "(embeddings.patch_embeddings.weight): is the file complete?")
     raise ValueError("does not look like a ViT backbone: no patch embedding weight "
                      f"(expected one of {', '.join(_ANCHORS)}; first keys: {sorted(state)[:3]})")
 
@@ -193,6 +203,71 @@ def hf_dinov2_to_official(state: StateDict) -> StateDict:
     return out
 
 
+_HF_V3_RENAMES = {
+    "embeddings.cls_token": "cls_token",
+    "embeddings.mask_token": "mask_token",
+    "embeddings.register_tokens": "storage_tokens",
+    "embeddings.patch_embeddings.weight": "patch_embed.proj.weight",
+    "embeddings.patch_embeddings.bias": "patch_embed.proj.bias",
+    "norm.weight": "norm.weight",
+    "norm.bias": "norm.bias",
+}
+_HF_V3_BLOCK_RENAMES = {
+    "norm1.weight": "norm1.weight", "norm1.bias": "norm1.bias",
+    "norm2.weight": "norm2.weight", "norm2.bias": "norm2.bias",
+    "attention.o_proj.weight": "attn.proj.weight", "attention.o_proj.bias": "attn.proj.bias",
+    "layer_scale1.lambda1": "ls1.gamma", "layer_scale2.lambda1": "ls2.gamma",
+}
+# the MLP: plain (up, down) = official (fc1, fc2); gated (gate, up, down) = official SwiGLU (w1, w2, w3)
+_HF_V3_MLP = {False: {"up_proj": "fc1", "down_proj": "fc2"}, True: {"gate_proj": "w1", "up_proj": "w2", "down_proj": "w3"}}
+
+
+def hf_dinov3_to_official(state: StateDict) -> StateDict:
+    """transformers ``DINOv3ViTModel`` keys -> official DINOv3 keys, strictly.
+
+    ``[model.]layer.{i}`` -> ``blocks.{i}``; ``attention.{q,k,v}_proj`` fused into ``attn.qkv`` (the
+    biases too, a missing one as zeros: transformers has no key bias, the official model masks
+    it to zero); ``register_tokens`` -> ``storage_tokens``; ``layer_scale{1,2}.lambda1`` ->
+    ``ls{1,2}.gamma``; the MLP as in ``_HF_V3_MLP``. A key outside this map is an error naming it.
+    """
+    out: StateDict = {}
+    attn: Dict[Tuple[str, str], Dict[str, torch.Tensor]] = {}
+    unknown = []
+    gated = {m.group(1) for k in state if (m := re.fullmatch(r"(?:model\.)?layer\.(\d+)\.mlp\.gate_proj\.weight", k))}
+    for key, value in state.items():
+        m = re.fullmatch(r"(?:model\.)?layer\.(\d+)\.(.+)", key)
+        if m is None:
+            if key in _HF_V3_RENAMES:
+                out[_HF_V3_RENAMES[key]] = value
+            else:
+                unknown.append(key)
+            continue
+        block, rest = m.groups()
+        part = re.fullmatch(r"attention\.([qkv])_proj\.(weight|bias)", rest)
+        mlp = re.fullmatch(r"mlp\.(gate_proj|up_proj|down_proj)\.(weight|bias)", rest)
+        if part:
+            attn.setdefault((block, part.group(2)), {})[part.group(1)] = value
+        elif rest in _HF_V3_BLOCK_RENAMES:
+            out[f"blocks.{block}.{_HF_V3_BLOCK_RENAMES[rest]}"] = value
+        elif mlp and mlp.group(1) in _HF_V3_MLP[block in gated]:
+            out[f"blocks.{block}.mlp.{_HF_V3_MLP[block in gated][mlp.group(1)]}.{mlp.group(2)}"] = value
+        else:
+            unknown.append(key)
+    if unknown:
+        raise ValueError(f"transformers DINOv3 file: {len(unknown)} keys with no place in the DINOv3 layout "
+                         f"(e.g. {', '.join(unknown[:3])})")
+    for (block, kind), parts in sorted(attn.items()):
+        if kind == "weight":
+            if set(parts) != {"q", "k", "v"}:
+                raise ValueError(f"layer {block} of the transformers DINOv3 file has attention weights "
+                                 f"{sorted(parts)}; expected q, k and v")
+            out[f"blocks.{block}.attn.qkv.weight"] = torch.cat([parts["q"], parts["k"], parts["v"]])
+        else:
+            ref = next(iter(parts.values()))
+            out[f"blocks.{block}.attn.qkv.bias"] = torch.cat([parts.get(x, torch.zeros_like(ref)) for x in "qkv"])
+    return out
+
+
 def read_backbone_state(weights: Union[str, Path, StateDict]) -> Tuple[StateDict, str]:
     """A weights file (or dict) as ``(state in official / timm keys, layout)``."""
     state = load_state_dict_file(weights) if isinstance(weights, (str, Path)) else dict(weights)
@@ -200,6 +275,8 @@ def read_backbone_state(weights: Union[str, Path, StateDict]) -> Tuple[StateDict
     layout = detect_layout(state)
     if layout == "hf_dinov2":
         state = hf_dinov2_to_official(state)
+    elif layout == "hf_dinov3":
+        state = hf_dinov3_to_official(state)
     return state, layout
 
 
@@ -245,7 +322,7 @@ def _suggest_timm_name(desc: Dict[str, int], layout: str, needs_qkv_bias: bool =
     if desc.get("width") not in sizes:
         return None
     size, depth = sizes[desc["width"]]
-    if layout == "dinov3" or desc.get("patch") == 16:
+    if layout in DINOV3_LAYOUTS or desc.get("patch") == 16:
         name = f"vit_{size}_patch16_dinov3" + ("_qkvb" if needs_qkv_bias else "")
     else:
         name = f"vit_{size}_patch14{'_reg4' if desc.get('registers') == 4 else ''}_dinov2"
@@ -298,7 +375,7 @@ def load_timm_state(encoder: nn.Module, name: str, state: StateDict, layout: str
     # writes (timm keeps them out of its state dict and recomputes them, see full_state_dict)
     periods = state.pop("rope_embed.periods", state.pop("rope.periods", None))
     needs_qkv_bias = False
-    if layout == "dinov3":
+    if layout in DINOV3_LAYOUTS:
         state = _dinov3_effective_qkv_bias(state)
         biases = [v for k, v in state.items() if k.endswith("attn.qkv.bias")]
         needs_qkv_bias = any(bool(b.abs().max() > 0) for b in biases if b.numel())
@@ -313,7 +390,7 @@ def load_timm_state(encoder: nn.Module, name: str, state: StateDict, layout: str
         except Exception:
             report = ""
         raise ValueError(header + (f": {report}" if report else "") + hint)
-    if layout == "dinov3":
+    if layout in DINOV3_LAYOUTS:
         state = _drop_unused_qkv_bias(encoder, name, state, source, suggestion)
     converted = _convert(encoder, state)
     for key in _CLASSIFIER_KEYS:  # a timm classifier file: the classifier is not part of the features
@@ -376,12 +453,12 @@ def _set_rope_periods(encoder: nn.Module, name: str, periods: torch.Tensor, sour
 def dinov3_needs_qkv_bias(weights: Union[str, Path, StateDict]) -> bool:
     """Whether a DINOv3 file has non-zero (masked) qkv biases, i.e. needs timm's ``_qkvb`` variant."""
     state, layout = read_backbone_state(weights)
-    if layout != "dinov3":
+    if layout not in DINOV3_LAYOUTS:
         return False
     state = _dinov3_effective_qkv_bias(state)
     return any(bool(v.abs().max() > 0) for k, v in state.items() if k.endswith("attn.qkv.bias") and v.numel())
 
 
 __all__ = ["StateDict", "LAYOUT_NAMES", "PACKAGED_WEIGHTS", "resolve_weights", "load_state_dict_file", "strip_wrapper_prefix", "detect_layout",
-           "hf_dinov2_to_official", "read_backbone_state", "native_grid", "describe_state", "key_report",
+           "hf_dinov2_to_official", "hf_dinov3_to_official", "read_backbone_state", "native_grid", "describe_state", "key_report",
            "load_timm_state", "dinov3_needs_qkv_bias"]

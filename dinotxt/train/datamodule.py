@@ -6,11 +6,17 @@ batches consumed and the samples skipped, and saves them in Lightning checkpoint
 (``state_dict``), so ``--resume`` continues the data exactly where the run stopped. The
 ``StreamProgress`` callback records every consumed batch into it, so the training system
 never has to know where its batches come from.
+
+With ``data.global_batch`` the loader still yields micro-batches of ``data.batch_size`` (only
+those are prefetched by the workers), and ``StepBatches`` groups the K of one optimizer step
+into one training batch, so every Lightning batch ends at a step boundary: positions and
+checkpoints never fall inside an accumulation cycle.
 """
 from __future__ import annotations
 
 from collections import Counter
-from typing import Dict, List, Optional
+from itertools import islice
+from typing import Dict, Iterator, List, Optional
 
 import lightning as L
 import torch
@@ -23,6 +29,7 @@ from ..data.folder import ImageFolderDataset
 from ..data.sources import expand_shards, is_manifest, read_manifest
 from ..data.stream import ImageTextStream, collate_image_text
 from ..transforms import eval_transform, train_transform
+from .gradcache import merge_micro_batches, micro_batches_per_step
 
 
 class ImageTextDataModule(L.LightningDataModule):
@@ -58,9 +65,9 @@ class ImageTextDataModule(L.LightningDataModule):
         for reader, pos in batch["positions"].items():
             self.positions[int(reader)] = max(self.positions.get(int(reader), 0), int(pos))
         self.skipped.update({k: v for k, v in batch["skipped"].items() if v})
-        self.batches += 1
+        self.batches += int(batch.get("loader_batches", 1))  # loader batches: the readers take turns per batch
 
-    def train_dataloader(self) -> DataLoader:
+    def train_dataloader(self):
         d = self.cfg.data
         rank = self.trainer.global_rank if self.trainer else 0
         world = self.trainer.world_size if self.trainer else 1
@@ -78,9 +85,12 @@ class ImageTextDataModule(L.LightningDataModule):
                 image_keys=list(d.image_keys), caption_key=d.caption_key, caption_json_field=d.caption_json_field,
                 **common,
             )
-        return DataLoader(dataset, batch_size=d.batch_size, num_workers=d.num_workers, collate_fn=collate_image_text,
-                          persistent_workers=False, pin_memory=torch.cuda.is_available(),
-                          prefetch_factor=2 if d.num_workers > 0 else None)
+        loader = DataLoader(dataset, batch_size=d.batch_size, num_workers=d.num_workers, collate_fn=collate_image_text,
+                            persistent_workers=False, pin_memory=torch.cuda.is_available(),
+                            prefetch_factor=2 if d.num_workers > 0 else None)
+        if not d.global_batch:
+            return loader
+        return StepBatches(loader, micro_batches_per_step(d.global_batch, d.batch_size, world))
 
     def val_dataloader(self) -> List[DataLoader]:
         if not self.val_dir:
@@ -105,6 +115,34 @@ class ImageTextDataModule(L.LightningDataModule):
         self.skipped = Counter(state.get("skipped", {}))
 
 
+class StepBatches:
+    """The micro-batches of a loader grouped K at a time: one optimizer step's training batch
+    (``gradcache.merge_micro_batches``).
+
+    Args:
+        loader: yields micro-batches (an endless stream).
+        micro_batches: K, the micro-batches of one step on this device.
+    """
+
+    def __init__(self, loader: DataLoader, micro_batches: int):
+        self.loader, self.micro_batches = loader, micro_batches
+
+    def __iter__(self) -> Iterator[Dict]:
+        it = iter(self.loader)
+        while True:
+            group = list(islice(it, self.micro_batches))
+            if len(group) < self.micro_batches:
+                return
+            yield merge_micro_batches(group)
+
+
+def batch_samples(batch: Dict) -> int:
+    """Training pairs in a batch (one loader batch, or the micro-batches of a step)."""
+    if "micro_batches" in batch:
+        return sum(mb["text"].shape[0] for mb in batch["micro_batches"])
+    return batch["text"].shape[0]
+
+
 class StreamProgress(Callback):
     """Records every consumed batch into the datamodule (positions for exact resume, skip counts for
     the logs and metrics.json). Put it before any callback that saves checkpoints.
@@ -118,4 +156,4 @@ class StreamProgress(Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         self.datamodule.record(batch)
-        pl_module.log("train/skipped", float(sum(self.datamodule.skipped.values())), batch_size=batch["text"].shape[0])
+        pl_module.log("train/skipped", float(sum(self.datamodule.skipped.values())), batch_size=batch_samples(batch))

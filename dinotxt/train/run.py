@@ -21,7 +21,6 @@ from typing import Dict, List, Optional
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback, TQDMProgressBar
-from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from omegaconf import DictConfig, OmegaConf
 
 from ..checkpoint import save_checkpoint
@@ -34,8 +33,11 @@ from ..tokenizer import Tokenizer, train_tokenizer
 from ..evaluation.zeroshot import zeroshot_task
 from ..models.factory import create_model
 from .datamodule import ImageTextDataModule, StreamProgress
+from .gradcache import check_batch_config, micro_batches_per_step
 from .init_from import apply_init, read_init_source
+from .loggers import build_loggers, check_loggers
 from .strategy import build_strategy
+from .diagnostics import diagnostics_callbacks
 from .system import DinoTxtSystem
 
 log = logging.getLogger(__name__)
@@ -217,6 +219,7 @@ def resolve_run(recipe: Optional[str], overrides: List[str], resume: bool) -> Di
         raise ConfigError(
             f"{run_dir} already holds a run; continue it with --resume, or pick a new folder with name=NEW_NAME"
         )
+    check_batch_config(cfg)
     return cfg
 
 
@@ -232,6 +235,7 @@ def run_training(recipe: Optional[str], overrides: List[str] = (), resume: bool 
     """Train the recipe (``trust_code`` lets it name a backbone by import path) and return its metrics."""
     _quiet_expected_warnings()
     cfg = resolve_run(recipe, list(overrides), resume)
+    check_loggers(cfg.trainer)  # a missing wandb / mlflow stops the run before any work
     run_dir = Path(cfg.output_dir) / cfg.name
     run_dir.mkdir(parents=True, exist_ok=True)
     ensure_world(cfg.data.world)
@@ -254,30 +258,32 @@ def run_training(recipe: Optional[str], overrides: List[str] = (), resume: bool 
     if cfg.trainer.compile:
         model.text = torch.compile(model.text)
         model.vision_head = torch.compile(model.vision_head)
-    system = DinoTxtSystem(model, cfg.optim, cfg.seed, cfg.trainer.backbone_autocast, zeroshot)
+    system = DinoTxtSystem(model, cfg.optim, cfg.seed, cfg.trainer.backbone_autocast, zeroshot,
+                           loss_block_size=cfg.loss.block_size, grad_cache=bool(cfg.data.global_batch))
 
     t = cfg.trainer
     precision = t.precision
     if precision == "auto":
         precision = "bf16-mixed" if torch.cuda.is_available() else "32-true"
     val_every = t.val_every_n_steps if (val_dir and t.val_every_n_steps > 0) else None
-    launch = len(list((run_dir / "logs" / "csv").glob("*"))) if (run_dir / "logs" / "csv").exists() else 0
-    loggers = [
-        TensorBoardLogger(str(run_dir / "logs"), name="tensorboard", version=f"v{launch}"),
-        CSVLogger(str(run_dir / "logs"), name="csv", version=f"v{launch}"),
-    ]
+    loggers = build_loggers(cfg, run_dir)  # trainer.logger: csv, tensorboard, wandb, mlflow
     trainer = L.Trainer(
         accelerator=t.accelerator, devices=t.devices, num_nodes=t.num_nodes, strategy=build_strategy(t.strategy, precision),
         precision=precision, max_steps=cfg.optim.max_steps, max_epochs=-1,
-        accumulate_grad_batches=t.accumulate_grad_batches, gradient_clip_val=cfg.optim.grad_clip,
+        accumulate_grad_batches=t.accumulate_grad_batches,
+        # gradient caching optimizes manually and clips in the system (Lightning refuses to clip manual steps)
+        gradient_clip_val=None if cfg.data.global_batch else cfg.optim.grad_clip,
         log_every_n_steps=t.log_every_n_steps, val_check_interval=val_every, check_val_every_n_epoch=None,
-        num_sanity_val_steps=0, limit_val_batches=1.0 if val_every else 0, logger=loggers,
+        num_sanity_val_steps=0, limit_val_batches=1.0 if val_every else 0, logger=loggers or False,
         callbacks=[TQDMProgressBar(refresh_rate=max(1, t.log_every_n_steps // 5)),
                    StreamProgress(datamodule),  # before the checkpoint: a checkpoint includes its batch
-                   PeriodicCheckpoint(run_dir, t.checkpoint_every_n_steps, tokenizer, cfg)],
+                   PeriodicCheckpoint(run_dir, t.checkpoint_every_n_steps, tokenizer, cfg)]
+                  + diagnostics_callbacks(cfg, tokenizer, run_dir, validates=bool(val_every)),
         enable_checkpointing=False, deterministic=t.deterministic, default_root_dir=str(run_dir),
         enable_model_summary=False,
     )
+    if cfg.data.global_batch:  # the device count is known now: refuse a global batch they cannot split
+        micro_batches_per_step(cfg.data.global_batch, cfg.data.batch_size, trainer.world_size)
     start = time.time()
     last = run_dir / "checkpoints" / "last.ckpt"
     trainer.fit(system, datamodule=datamodule, ckpt_path=str(last) if resume else None)
@@ -303,7 +309,7 @@ def run_training(recipe: Optional[str], overrides: List[str] = (), resume: bool 
                                     zeroshot.classnames, zeroshot.templates, cfg.eval.batch_size, num_workers=0)
         metrics["zeroshot"] = {**res, "templates": cfg.eval.templates}
     if trainer.is_global_zero:
-        plot_loss_curve(run_dir, cfg.data.batch_size * trainer.world_size)  # the contrastive batch
+        plot_loss_curve(run_dir, cfg.data.global_batch or cfg.data.batch_size * trainer.world_size)  # the contrastive batch
         atomic_write_bytes(run_dir / "metrics.json", json.dumps(metrics, indent=2).encode())
     metrics["run_dir"] = str(run_dir)
     return metrics

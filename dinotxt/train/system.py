@@ -13,19 +13,29 @@ the model's own random draws (drop path) are reseeded every step from ``(seed, s
 counter, rank)``, so a run killed and resumed from its last checkpoint ends with the
 same weights as an uninterrupted one. A non-finite loss or gradient stops the step
 before the optimizer touches the weights.
+
+With ``data.global_batch`` (``grad_cache=True``) each training batch holds the K micro-batches
+of one optimizer step and the system optimizes manually: gradient caching
+(``gradcache.py``) back-propagates the loss of the whole global batch one micro-batch at a
+time, each micro-batch reseeded from its own counter in both passes; the optimizer, the
+gradient clipping (``optim.grad_clip``), the non-finite checks and the learning-rate schedule
+run once per step, as in the one-pass case.
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Any, Dict, List, Optional
 
 import lightning as L
 import torch
+from lightning.pytorch.strategies import ParallelStrategy
 
 from ..data.stream import mix_seed
 from ..evaluation.zeroshot import ZeroShotTask, zeroshot_metrics
 from ..loss import ClipLoss
 from ..models.dinotxt import DinoTxt
 from ..precision import backbone_autocast_dtype
+from .gradcache import gradcache_backward
 from .optim import build_optimizer
 from .step import contrastive_loss
 
@@ -37,19 +47,23 @@ class DinoTxtSystem(L.LightningModule):
         seed: base seed of the per-step reseeding of the model's random draws.
         backbone_autocast: ``None`` or ``"bfloat16"`` for the frozen backbone's forward pass.
         zeroshot: classes, prompts and tokenizer of the zero-shot validation (optional).
+        loss_block_size: None for the dense loss, or the tile side of the blocked loss (``loss.block_size``).
+        grad_cache: batches are lists of micro-batches of one step (``data.global_batch``): gradient caching.
     """
 
     def __init__(self, model: DinoTxt, optim, seed: int = 0, backbone_autocast: Optional[str] = None,
-                 zeroshot: Optional[ZeroShotTask] = None):
+                 zeroshot: Optional[ZeroShotTask] = None, loss_block_size: Optional[int] = None,
+                 grad_cache: bool = False):
         super().__init__()
         self.model = model
         self.optim = optim
         self.seed = int(seed)
-        self.loss_fn = ClipLoss()
+        self.loss_fn = ClipLoss(loss_block_size)
+        self.automatic_optimization = not grad_cache  # gradient caching runs its own backward passes
         backbone_autocast_dtype(backbone_autocast)  # an unsupported value stops the run before it starts
         self.backbone_autocast = backbone_autocast
         self.zeroshot = zeroshot
-        self.micro_batches = 0  # training batches seen (all ranks see the same number); saved for resume
+        self.micro_batches = 0  # training micro-batches seen (all ranks see the same number); saved for resume
         self._val_logits: List[torch.Tensor] = []
         self._val_targets: List[torch.Tensor] = []
         self._classifier: Optional[torch.Tensor] = None
@@ -60,27 +74,60 @@ class DinoTxtSystem(L.LightningModule):
 
     # ------------------------------------------------------------------ training
     def training_step(self, batch: Dict[str, Any], batch_idx: int) -> torch.Tensor:
+        if not self.automatic_optimization:
+            return self._grad_cache_step(batch["micro_batches"])
         # drop path draws from the global RNG: reseed it from the step counter so a resumed run
         # (whose RNG state is not in the checkpoint) draws the same masks as an uninterrupted one
         torch.manual_seed(mix_seed(self.seed, self.micro_batches, self.global_rank))
         self.micro_batches += 1
         loss = contrastive_loss(self.model, self.loss_fn, batch, self.backbone_autocast)
+        self._check_loss(loss)
+        self._log_step(loss, batch["text"].shape[0], self.trainer.optimizers[0].param_groups[0]["lr"])
+        return loss
+
+    def _grad_cache_step(self, micro_batches: List[Dict[str, Any]]) -> torch.Tensor:
+        """One optimizer step over the global batch of all ranks' micro-batches (manual optimization)."""
+        opt, sched = self.optimizers(), self.lr_schedulers()
+        seeds = [mix_seed(self.seed, self.micro_batches + i, self.global_rank) for i in range(len(micro_batches))]
+        self.micro_batches += len(micro_batches)
+        strategy = self.trainer.strategy
+
+        def backward(surrogate: torch.Tensor, last: bool) -> None:
+            # under DDP only the step's last backward pass all-reduces the accumulated gradients
+            parallel = isinstance(strategy, ParallelStrategy) and not last
+            with strategy.block_backward_sync() if parallel else contextlib.nullcontext():
+                self.manual_backward(surrogate)
+
+        opt.zero_grad(set_to_none=True)
+        loss = gradcache_backward(self.model, self.loss_fn, micro_batches, seeds, backward, self.backbone_autocast,
+                                  check_loss=self._check_loss)
+        self._log_step(loss, sum(mb["text"].shape[0] for mb in micro_batches), opt.param_groups[0]["lr"])
+        opt.step()  # on_before_optimizer_step: the non-finite check, then the gradient clipping
+        self.model.clamp_logit_scale_()
+        sched.step()
+        return loss
+
+    def _check_loss(self, loss: torch.Tensor) -> None:
         if not torch.isfinite(loss):
             raise FloatingPointError(
                 f"loss is {loss.item()} at step {self.global_step}; the weights were not updated. "
                 "Lower optim.lr, raise optim.warmup_steps or set optim.grad_clip, then resume with --resume."
             )
-        bs = batch["text"].shape[0]
-        self.log("train/loss", loss, prog_bar=True, batch_size=bs)
-        self.log("train/logit_scale", self.model.logit_scale.exp(), prog_bar=True, batch_size=bs)
-        self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], batch_size=bs)
-        return loss
+
+    def _log_step(self, loss: torch.Tensor, samples: int, lr: float) -> None:
+        self.log("train/loss", loss, prog_bar=True, batch_size=samples)
+        self.log("train/logit_scale", self.model.logit_scale.exp(), prog_bar=True, batch_size=samples)
+        self.log("train/lr", lr, batch_size=samples)
 
     def on_before_optimizer_step(self, optimizer) -> None:
         # fp16 AMP skips steps with inf gradients by design; everywhere else a non-finite
         # gradient would poison the weights and the AdamW moments
-        if str(self.trainer.precision).startswith("16"):
-            return
+        if not str(self.trainer.precision).startswith("16"):
+            self._check_gradients()
+        if not self.automatic_optimization and self.optim.grad_clip:  # Lightning clips automatic steps itself
+            self.clip_gradients(optimizer, gradient_clip_val=self.optim.grad_clip, gradient_clip_algorithm="norm")
+
+    def _check_gradients(self) -> None:
         grads = [(n, p.grad) for n, p in self.model.named_parameters() if p.grad is not None]
         if grads and not bool(torch.stack([g.isfinite().all() for _, g in grads]).all()):
             bad = [n for n, g in grads if not g.isfinite().all()]
