@@ -236,3 +236,9 @@ def test_cache_and_train_from_it_on_the_command_line(tmp_path):
     assert json.loads((tmp_path / "runs" / "debug" / "metrics.json").read_text())["steps"] == 3
     wrong = cli("train", RECIPE, *common, "model.backbone.img_size=42", "name=other")
     assert wrong.returncode == 2 and "img_size" in wrong.stderr and len(wrong.stderr.strip().splitlines()) == 1
+    # a recipe naming a cache that is not there (or not finished) builds it first, then trains from it
+    auto = cli("train", RECIPE, *common[:-1], "cache.path=runs/auto", "name=auto", "optim.max_steps=2",
+               "trainer.val_every_n_steps=0", "trainer.checkpoint_every_n_steps=0", "data.num_workers=0")
+    assert auto.returncode == 0, auto.stderr[-2000:]
+    assert "not complete, building it first" in auto.stdout and "training on the feature cache" in auto.stdout
+    assert (tmp_path / "runs" / "auto" / "cache.json").is_file()

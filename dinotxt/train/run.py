@@ -204,6 +204,17 @@ def _pretrained_text_tokenizer(cfg: DictConfig, run_dir: Path, init=None):
     return tok
 
 
+def cache_complete(path) -> bool:
+    """A feature cache folder whose metadata and every listed shard are written."""
+    from ..data.cache import META_NAME
+
+    meta = Path(path) / META_NAME
+    if not meta.is_file():
+        return False
+    shards = json.loads(meta.read_text()).get("shards", [])
+    return all((Path(path) / f"{s['name']}.json").is_file() for s in shards)
+
+
 def resolve_run(recipe: Optional[str], overrides: List[str], resume: bool) -> DictConfig:
     cfg = load_train_config(recipe, overrides)
     run_dir = Path(cfg.output_dir) / cfg.name
@@ -239,6 +250,13 @@ def run_training(recipe: Optional[str], overrides: List[str] = (), resume: bool 
     run_dir = Path(cfg.output_dir) / cfg.name
     run_dir.mkdir(parents=True, exist_ok=True)
     ensure_world(cfg.data.world)
+    if cfg.cache.path and cfg.data.train and not cache_complete(cfg.cache.path):
+        if int(os.environ.get("WORLD_SIZE", "1")) == 1:  # several processes: `dinotxt cache` first (the loader says so)
+            from ..features.cache import build_cache
+
+            log.info(f"feature cache {cfg.cache.path}: not complete, building it first (the frozen backbone runs once "
+                     "over data.train; `dinotxt cache RECIPE` does the same on its own)")
+            build_cache(cfg, trust_code=trust_code)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     init = read_init_source(cfg.model.init_from)
     tokenizer = prepare_tokenizer(cfg, run_dir, init)
