@@ -63,7 +63,7 @@ def run_text_transfer(overrides: List[str] = (), fresh: bool = False) -> Dict:
     for arm, (about, extra) in ARMS.items():
         # the arms live under text_transfer/ but read the demo's cache (its path follows output_dir otherwise)
         arm_overrides = base + extra + [f"output_dir={out}", f"name={arm}", f"cache.path={cfg.cache.path}",
-                                        "trainer.val_every_n_steps=0"]
+                                        "trainer.val_every_n_steps=0", "eval.diagnostics=null"]
         run_dir = out / arm
         if fresh or not _finished(run_dir):
             if run_dir.exists() and not (run_dir / "checkpoints" / "last.ckpt").is_file():
