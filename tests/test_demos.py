@@ -85,7 +85,7 @@ def test_curation_demo_curates_trains_both_arms_and_reuses_finished_work(tmp_pat
     assert arms["random"]["composition"]["copy_share"] >= arms["curated"]["composition"]["copy_share"]
     assert json.loads((tmp_path / "results.json").read_text())["margin_top1"] == pytest.approx(result["margin_top1"])
     runs = sorted(p.name for p in tmp_path.glob("train_*"))
-    assert len(list(tmp_path.glob("cache_curated_*/cache.json"))) == 1  # each subset ran the backbone once
+    assert len(list(tmp_path.glob("cache_curated_*_s0/cache.json"))) == 1  # the subset ran the backbone once
     assert len(runs) == 2 and all((tmp_path / r / "metrics.json").is_file() for r in runs)
     # a second call reuses the pool, the curation and both finished runs
     again = run_curation_demo(curate, root=str(tmp_path), train_overrides=train, spec=spec)

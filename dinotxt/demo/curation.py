@@ -115,7 +115,7 @@ def random_subset(cur, size: int, seed: int, out_dir: Path, samples_per_shard: i
 def train_arm(root: Path, arm: str, shards: Path, uids: np.ndarray, seed: int, overrides: List[str]) -> Dict:
     """Train ``recipes/curation/demo_train.yaml`` on ``shards``; reuse a finished run, resume a cut one.
     The run's name holds a hash of the subset's ids (and of the overrides), so a changed subset trains anew;
-    the subset's feature cache (``cache_<arm>_<hash>``) is shared by the seeds."""
+    its feature cache is ``cache_<arm>_<hash>_s<seed>`` (the cached crops are drawn from the seed)."""
     from ..train.run import run_training
 
     digest = hashlib.sha256(np.sort(uids).tobytes() + repr(list(overrides)).encode()).hexdigest()[:8]
@@ -129,9 +129,9 @@ def train_arm(root: Path, arm: str, shards: Path, uids: np.ndarray, seed: int, o
     if run_dir.exists() and not resume:
         shutil.rmtree(run_dir)
     log.info(f"training on the {arm} subset ({shards}), seed {seed}")
-    # the frozen backbone runs once per subset, into a feature cache every seed of that subset reuses
+    # the frozen backbone runs once per subset and seed, into a feature cache (its crops are drawn from the seed)
     args = [f"data.train={shards}", f"output_dir={root}", f"name={name}", f"seed={seed}",
-            f"cache.path={root / f'cache_{arm}_{digest}'}"] + list(overrides)
+            f"cache.path={root / f'cache_{arm}_{digest}_s{seed}'}"] + list(overrides)
     if not resume:
         from ..config import load_train_config
         from .run import prepare_feature_cache
