@@ -405,6 +405,18 @@ def _cmd_recipes(args) -> int:
     return 0
 
 
+def labelled_dataset_options(q: argparse.ArgumentParser, task: str) -> None:
+    """The options of an evaluation over a segmentation layout (``eval segmentation``, ``eval grouping``)."""
+    q.add_argument("--split", default="val")
+    q.add_argument("--classnames", default=None, help="class-name file overriding the shipped list (required for custom)")
+    q.add_argument("--reduce-zero-label", action="store_true", help="custom: label 0 ignored, other labels - 1")
+    q.add_argument("--has-background", action="store_true", help="custom: label 0 is a background class")
+    q.add_argument("--limit", type=int, default=None, help="evaluate the first N images only")
+    q.add_argument("--out", default=None, help=f"report folder (default runs/eval/{task}_DATASET)")
+    q.add_argument("--num-examples", type=int, default=4, help="example overlays written to the report")
+    q.add_argument("--json", action="store_true", help="also print the metrics as JSON")
+
+
 def trust_option(q: argparse.ArgumentParser) -> None:
     """``--trust-code``: the opt-in before a recipe or checkpoint may name code to import (dinotxt.plugins)."""
     q.add_argument("--trust-code", action="store_true",
@@ -480,14 +492,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--dataset", required=True,
                    help="ade20k | voc21 | voc20 | context59 | cityscapes | coco_stuff171 | demo | demo_bg | custom")
     s.add_argument("--root", required=True, help="dataset folder (demo: the world's eval shards, runs/demo_world/eval)")
-    s.add_argument("--split", default="val")
-    s.add_argument("--classnames", default=None, help="class-name file overriding the shipped list (required for custom)")
-    s.add_argument("--reduce-zero-label", action="store_true", help="custom: label 0 ignored, other labels - 1")
-    s.add_argument("--has-background", action="store_true", help="custom: label 0 is a background class")
-    s.add_argument("--limit", type=int, default=None, help="evaluate the first N images only")
-    s.add_argument("--out", default=None, help="report folder (default runs/eval/segmentation_DATASET)")
-    s.add_argument("--num-examples", type=int, default=4, help="example overlays written to the report")
-    s.add_argument("--json", action="store_true", help="also print the metrics as JSON")
+    labelled_dataset_options(s, "segmentation")
     dense_options(s)
     trust_option(s)
     s.set_defaults(func=_cmd_eval_segmentation)
@@ -595,14 +600,7 @@ def build_parser() -> argparse.ArgumentParser:
                          "voc20 | context59 | cityscapes | coco_stuff171 | custom")
     eg.add_argument("--root", required=True, help="dataset folder (demo_bg: the world's eval shards, runs/demo_world/eval)")
     eg.add_argument("--segments", default="2", help="number of segments K per image, or auto")
-    eg.add_argument("--split", default="val")
-    eg.add_argument("--classnames", default=None, help="class-name file (required for custom)")
-    eg.add_argument("--reduce-zero-label", action="store_true", help="custom: label 0 ignored, other labels - 1")
-    eg.add_argument("--has-background", action="store_true", help="custom: label 0 is a background class")
-    eg.add_argument("--limit", type=int, default=None, help="evaluate the first N images only")
-    eg.add_argument("--out", default=None, help="report folder (default runs/eval/grouping_DATASET)")
-    eg.add_argument("--num-examples", type=int, default=4, help="example overlays written to the report")
-    eg.add_argument("--json", action="store_true", help="also print the metrics as JSON")
+    labelled_dataset_options(eg, "grouping")
     grouping_options(eg)
     eg.set_defaults(func=_cmd_eval_grouping)
 

@@ -194,6 +194,16 @@ class _BlockedSymmetricInfoNCE(torch.autograd.Function):
         return g_img, g_txt, gs, None
 
 
+def _normalized(image_features, text_features, all_image_features, all_text_features):
+    """The local and gathered features, upcast to at least fp32 and L2-normalised (the gathered
+    ones default to the local ones). Call inside the autocast-disabled region of a loss."""
+    img = F.normalize(at_least_fp32(image_features), dim=-1)
+    txt = F.normalize(at_least_fp32(text_features), dim=-1)
+    all_img = img if all_image_features is None else F.normalize(at_least_fp32(all_image_features), dim=-1)
+    all_txt = txt if all_text_features is None else F.normalize(at_least_fp32(all_text_features), dim=-1)
+    return img, txt, all_img, all_txt
+
+
 def blocked_clip_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit_scale: torch.Tensor,
                       rank: int = 0, all_image_features: Optional[torch.Tensor] = None,
                       all_text_features: Optional[torch.Tensor] = None, block_size: int = 4096) -> torch.Tensor:
@@ -203,10 +213,8 @@ def blocked_clip_loss(image_features: torch.Tensor, text_features: torch.Tensor,
     if block_size < 1:
         raise ValueError(f"block_size must be a positive number of rows, not {block_size}")
     with torch.autocast(image_features.device.type, enabled=False):
-        img = F.normalize(at_least_fp32(image_features), dim=-1)
-        txt = F.normalize(at_least_fp32(text_features), dim=-1)
-        all_img = img if all_image_features is None else F.normalize(at_least_fp32(all_image_features), dim=-1)
-        all_txt = txt if all_text_features is None else F.normalize(at_least_fp32(all_text_features), dim=-1)
+        img, txt, all_img, all_txt = _normalized(image_features, text_features, all_image_features,
+                                                 all_text_features)
         scale = logit_scale.to(img.dtype)
         if all_image_features is None and all_text_features is None:  # one process: each tile serves both directions
             return _BlockedSymmetricInfoNCE.apply(img, txt, scale, block_size) / (2 * img.shape[0])
@@ -230,10 +238,8 @@ def clip_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit_s
         all_image_features, all_text_features: the gathered global features (defaults to local).
     """
     with torch.autocast(image_features.device.type, enabled=False):
-        img = F.normalize(at_least_fp32(image_features), dim=-1)
-        txt = F.normalize(at_least_fp32(text_features), dim=-1)
-        all_img = img if all_image_features is None else F.normalize(at_least_fp32(all_image_features), dim=-1)
-        all_txt = txt if all_text_features is None else F.normalize(at_least_fp32(all_text_features), dim=-1)
+        img, txt, all_img, all_txt = _normalized(image_features, text_features, all_image_features,
+                                                 all_text_features)
         scale = logit_scale.to(img.dtype)
         labels = torch.arange(img.shape[0], device=img.device) + rank * img.shape[0]
         logits_per_image = scale * img @ all_txt.t()
