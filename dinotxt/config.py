@@ -59,6 +59,9 @@ class BackboneConfig:
     img_size: int = 224
     # seed of the random init when no weights are given, so a random-weight model rebuilds identically on load
     init_seed: int = 0
+    # unlock the last K blocks (and the modules after them, e.g. the final norm): they train with optim.backbone_lr,
+    # are checkpointed and exported; the rest stays frozen and in eval mode. 0 = all frozen (dino.txt / LiT)
+    trainable_blocks: int = 0
     # extra constructor arguments for timm / the factory (e.g. depth=4 for tests)
     kwargs: Dict[str, Any] = field(default_factory=dict)
 
@@ -111,6 +114,9 @@ class ModelConfig:
     text: TextConfig = field(default_factory=TextConfig)
     init_logit_scale: float = math.log(1 / 0.07)
     max_logit_scale: float = math.log(100.0)
+    # a learnable bias added to every logit, and its initial value: the sigmoid loss (loss.kind=sigmoid) needs
+    # it (None there = SigLIP's -10); the InfoNCE does not depend on it and refuses one
+    init_logit_bias: Optional[float] = None
     # start from released or earlier weights (dinotxt/train/init_from.py): a dinotxt checkpoint, the two
     # official DINOv2-release head files (a list), the official DINOv3 file, or an official text encoder alone
     init_from: Any = None
@@ -176,11 +182,18 @@ class OptimConfig:
     warmup_steps: int = 2000
     max_steps: int = 50000
     min_lr_ratio: float = 0.0  # cosine decays to lr * min_lr_ratio
+    # peak learning rate of the unlocked backbone blocks (model.backbone.trainable_blocks), on the same warmup and
+    # cosine schedule; None = optim.lr
+    backbone_lr: Optional[float] = None
     grad_clip: Optional[float] = None
 
 
 @dataclass
 class LossConfig:
+    # infonce: the symmetric InfoNCE over the global batch (CLIP / LiT / dino.txt, the official trainer's loss);
+    # sigmoid: SigLIP's pairwise sigmoid loss with a learnable bias (model.init_logit_bias, default -10; SigLIP
+    # also starts the temperature at model.init_logit_scale=2.302585, ln 10, as recipes/siglip_demo.yaml does)
+    kind: str = choice("infonce", "infonce", "sigmoid")
     # None: the dense symmetric InfoNCE (a (B_device, B) logit matrix per direction); a number: the same loss
     # in tiles of block_size x block_size with a streaming log-sum-exp, memory O(B x block_size) (dinotxt/loss.py)
     block_size: Optional[int] = None
@@ -427,7 +440,30 @@ def load_train_config(recipe: Optional[str] = None, overrides: Optional[List[str
     cfg = merge_config(cfg, cli_cfg, "command line")
     if cfg.name is None:
         cfg.name = Path(recipe).stem if recipe else "run"
-    return finalize(cfg)
+    return check_train_config(finalize(cfg))
+
+
+SIGLIP_INIT_LOGIT_BIAS = -10.0  # Zhai et al. 2023: b' = -10 (with t' = ln 10)
+
+
+def check_train_config(cfg: DictConfig) -> DictConfig:
+    """Settings that only make sense together: the sigmoid loss and the logit bias, unlocked backbone
+    blocks and the feature cache. Fills SigLIP's bias when the sigmoid loss leaves it unset."""
+    m = cfg.model
+    if cfg.loss.kind == "sigmoid" and m.init_logit_bias is None:
+        m.init_logit_bias = SIGLIP_INIT_LOGIT_BIAS
+    elif cfg.loss.kind == "infonce" and m.init_logit_bias is not None:
+        raise ConfigError(f"model.init_logit_bias={m.init_logit_bias} is a parameter of the sigmoid loss (the InfoNCE "
+                          "does not depend on it): set loss.kind=sigmoid, or model.init_logit_bias=null")
+    k = m.backbone.trainable_blocks
+    if k < 0:
+        raise ConfigError(f"model.backbone.trainable_blocks={k}: use 0 (all frozen) or the number of last blocks to train")
+    if k and cfg.cache.path:
+        raise ConfigError(f"model.backbone.trainable_blocks={k} trains the backbone's last blocks, so its tokens change "
+                          "every step and cannot come from the feature cache: set cache.path=null")
+    if k and cfg.optim.backbone_lr is not None and cfg.optim.backbone_lr < 0:
+        raise ConfigError(f"optim.backbone_lr={cfg.optim.backbone_lr} must be >= 0")
+    return cfg
 
 
 def resolve_model_dims(cfg: DictConfig, embed_dim: int) -> None:
@@ -444,7 +480,7 @@ def to_yaml(cfg: Any) -> str:
 
 __all__ = [
     "BackboneConfig", "VisionHeadConfig", "TextConfig", "ModelConfig", "TrainConfig",
-    "ConfigError", "choice", "list_models", "model_config", "load_train_config", "load_config", "merge_config",
+    "ConfigError", "choice", "list_models", "model_config", "load_train_config", "check_train_config", "load_config", "merge_config",
     "read_yaml", "parse_overrides", "check_keys", "check_choices", "finalize", "find_recipe", "shipped_recipes",
     "resolve_model_dims", "to_yaml", "ListConfig",
 ]

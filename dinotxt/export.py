@@ -25,6 +25,7 @@ from typing import Dict, Optional, Union
 import torch
 
 from .checkpoint import BACKBONE_PREFIX, read_checkpoint, save_single_file
+from .models.dinotxt import UNLOCKED_PREFIX
 from .fileio import atomic_write_bytes, atomic_write_json
 from .models.official import RELEASES, official_state_dicts
 
@@ -70,6 +71,11 @@ def export_official(checkpoint: Union[str, Path], out: Optional[Union[str, Path]
     checkpoint = _local_name(checkpoint)
     mcfg = cfg.model
     layout = layout or ("dinov3" if "dinov3" in str(mcfg.backbone.name) else "dinov2")
+    state = dict(state)
+    # what the official release has no place for: unlocked backbone blocks get a file of their own, the
+    # sigmoid loss's bias is recorded in export.json
+    unlocked = {k[len(UNLOCKED_PREFIX + "encoder."):]: state.pop(k) for k in [k for k in state if k.startswith(UNLOCKED_PREFIX)]}
+    bias = state.pop("logit_bias", None)
     files = official_state_dicts(state, layout)
     out = Path(out) if out is not None else checkpoint.with_name(checkpoint.stem + "_official")
     release = next(r for r in RELEASES.values() if r.layout == layout)
@@ -82,6 +88,12 @@ def export_official(checkpoint: Union[str, Path], out: Optional[Union[str, Path]
         buf = io.BytesIO()
         torch.save({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, buf)
         path = out / (prefix + suffixes[role])
+        atomic_write_bytes(path, buf.getvalue())
+        written.append(path.name)
+    if unlocked:
+        buf = io.BytesIO()
+        torch.save({k: v.detach().cpu().contiguous() for k, v in unlocked.items()}, buf)
+        path = out / (prefix + "_backbone_unlocked.pth")
         atomic_write_bytes(path, buf.getvalue())
         written.append(path.name)
     tok_name = str(cfg.tokenizer.file)
@@ -102,6 +114,8 @@ def export_official(checkpoint: Union[str, Path], out: Optional[Union[str, Path]
         "tokenizer": {"kind": str(cfg.tokenizer.kind), "file": tok_name},
         "architecture": arch,
         "logit_scale": float(state["logit_scale"]) if "logit_scale" in state else None,
+        "logit_bias": None if bias is None else float(bias),
+        "unlocked_backbone_blocks": int(mcfg.backbone.get("trainable_blocks", 0) or 0),
         "loads_in_official_entry_point": bool(same_arch and cfg.tokenizer.kind == "clip_bpe"),
     }
     notes = []
@@ -112,6 +126,14 @@ def export_official(checkpoint: Union[str, Path], out: Optional[Union[str, Path]
                      "the official code uses: tokenize with it")
     if layout == "dinov2" and "logit_scale" in state:
         notes.append("the DINOv2 release layout has no logit_scale; its value is recorded here")
+    if bias is not None:
+        notes.append("trained with the sigmoid loss: add logit_bias (recorded here) to the logits for calibrated "
+                     "pair probabilities; rankings and zero-shot argmaxes do not depend on it")
+    if unlocked:
+        notes.append(f"the backbone's last {report['unlocked_backbone_blocks']} blocks (and the modules after them) were "
+                     f"trained: {prefix}_backbone_unlocked.pth holds them in timm's keys ({', '.join(sorted(unlocked)[:2])}, "
+                     "...; for DINOv2 ViT-S/B/L these equal the official backbone's keys); load it over the pretrained "
+                     "backbone with load_state_dict(..., strict=False)")
     report["notes"] = notes
     atomic_write_json(out / "export.json", report)
     report["out"] = str(out)

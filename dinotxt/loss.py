@@ -26,6 +26,16 @@ log-sum-exp (the online softmax of Milakov & Gimelshein 2018, as FlashAttention 
 and recomputes each tile in its own backward pass, so it keeps only the features and
 one log-sum-exp per row: peak memory O(B x block) instead of O(B^2), equal to the dense
 loss up to the order of its sums.
+
+The sigmoid loss of SigLIP (Zhai, Mustafa, Kolesnikov & Beyer, "Sigmoid Loss for Language Image
+Pre-Training", ICCV 2023; ``SigLipLoss``, ``loss.kind=sigmoid``) scores every image-text pair on its
+own: ``logits = logit_scale * norm(img) @ norm(txt).T + logit_bias`` with a learnable bias, and
+``loss = -sum_ij log sigmoid(z_ij logits_ij) / B`` with ``z = +1`` on the pairs and ``-1`` elsewhere.
+Under DDP each rank scores its own images against the gathered texts of all ranks (gathered with
+gradients) and divides by its own batch; DDP's average over ranks is then exactly the single-process
+loss on the global batch (``-sum over all B x B pairs / B``). The big_vision reference passes the
+texts round the ranks in chunks instead; gathering them gives the same sum. With ``block_size`` the
+same loss runs tile by tile (``_BlockedSigmoid``), memory O(B x block).
 """
 from __future__ import annotations
 
@@ -194,6 +204,64 @@ class _BlockedSymmetricInfoNCE(torch.autograd.Function):
         return g_img, g_txt, gs, None
 
 
+class _BlockedSigmoid(torch.autograd.Function):
+    """``sum_ij softplus(-z_ij (s q_i . k_j + b))`` over the rows of ``q`` (n, E) against all rows of
+    ``k`` (N, E), ``z = +1`` at (i, offset + i) and ``-1`` elsewhere, in (block x block) tiles.
+
+    The forward pass sums ``softplus(L)`` (every pair as a negative) tile by tile and then corrects the
+    n positives (``softplus(-L_ii) - softplus(L_ii)``); it saves only ``q``, ``k``, ``s`` and ``b``. With
+    ``G = sigmoid(L) - Z+`` (``Z+`` the positives' indicator), the derivative of the sum with respect to the
+    logits, the backward pass recomputes each tile: ``dq = s G k``, ``dk = s G^T q``,
+    ``ds = sum_i q_i . (G k)_i`` and ``db = sum G``.
+    """
+
+    @staticmethod
+    def forward(ctx, q: torch.Tensor, k: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor, offset: int,
+                block: int) -> torch.Tensor:
+        n, big = q.shape[0], k.shape[0]
+        total = q.new_zeros(())
+        for r0, r1 in _tiles(n, block):
+            qs = q[r0:r1] * scale
+            for c0, c1 in _tiles(big, block):
+                total = total + F.softplus(torch.addmm(bias.expand(r1 - r0, c1 - c0), qs, k[c0:c1].t())).sum()
+        positives = scale * (q * k[offset:offset + n]).sum(dim=1) + bias
+        total = total + (F.softplus(-positives) - F.softplus(positives)).sum()
+        ctx.save_for_backward(q, k, scale, bias)
+        ctx.offset, ctx.block = offset, block
+        return total
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        q, k, scale, bias = ctx.saved_tensors
+        offset, block = ctx.offset, ctx.block
+        n, big = q.shape[0], k.shape[0]
+        need_q, need_k, need_s, need_b = ctx.needs_input_grad[:4]
+        with torch.autocast(q.device.type, enabled=False):
+            gk_ = torch.zeros_like(k) if need_k else None
+            pk = torch.zeros_like(q)  # rows of G @ k (before the positives' correction)
+            psum = q.new_zeros(())
+            for r0, r1 in _tiles(n, block):
+                qb = q[r0:r1]
+                qs = qb * scale
+                for c0, c1 in _tiles(big, block):
+                    kb = k[c0:c1]
+                    probs = torch.addmm(bias.expand(r1 - r0, c1 - c0), qs, kb.t()).sigmoid_()
+                    pk[r0:r1] += probs @ kb
+                    if need_k:
+                        gk_[c0:c1] += probs.t() @ qb
+                    if need_b:
+                        psum = psum + probs.sum()
+            gk = k[offset:offset + n]
+            pk -= gk
+            gq = pk * (grad * scale) if need_q else None
+            gs = (q * pk).sum() * grad if need_s else None
+            gb = (psum - n) * grad if need_b else None
+            if need_k:
+                gk_[offset:offset + n] -= q
+                gk_ *= grad * scale
+        return gq, gk_, gs, gb, None, None
+
+
 def _normalized(image_features, text_features, all_image_features, all_text_features):
     """The local and gathered features, upcast to at least fp32 and L2-normalised (the gathered
     ones default to the local ones). Call inside the autocast-disabled region of a loss."""
@@ -247,6 +315,42 @@ def clip_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit_s
         return (F.cross_entropy(logits_per_image, labels) + F.cross_entropy(logits_per_text, labels)) / 2
 
 
+def sigmoid_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit_scale: torch.Tensor,
+                 logit_bias: torch.Tensor, rank: int = 0, all_text_features: Optional[torch.Tensor] = None,
+                 block_size: Optional[int] = None) -> torch.Tensor:
+    """This rank's share of the global SigLIP loss: ``-sum_{i local, j global} log sigmoid(z_ij L_ij)`` over
+    its own batch size, in fp32 (float64 for float64 inputs) whatever autocast is active.
+
+    Args:
+        image_features, text_features: this rank's (B, E) features, paired row by row (L2-normalised here).
+        logit_scale: the EXPONENTIATED temperature (``model.logit_scale.exp()``), as for ``clip_loss``.
+        logit_bias: the learnable bias ``b`` of the logits (``model.logit_bias``; SigLIP starts it at -10).
+        rank: index of this rank's block inside the gathered texts.
+        all_text_features: the gathered global texts (defaults to the local ones).
+        block_size: None for the dense (B_rank, B) logit matrix, or the tile side of the blocked computation.
+    """
+    if logit_bias is None:
+        raise ValueError("the sigmoid loss needs the model's logit_bias: build the model with model.init_logit_bias "
+                         "(SigLIP: -10)")
+    with torch.autocast(image_features.device.type, enabled=False):
+        img, _, _, all_txt = _normalized(image_features, text_features, None, all_text_features)
+        scale, bias = logit_scale.to(img.dtype), logit_bias.to(img.dtype)
+        n = img.shape[0]
+        offset = rank * n
+        if block_size:
+            return _BlockedSigmoid.apply(img, all_txt, scale, bias, offset, int(block_size)) / n
+        logits = scale * img @ all_txt.t() + bias
+        signs = -torch.ones_like(logits)
+        signs[torch.arange(n, device=img.device), torch.arange(n, device=img.device) + offset] = 1.0
+        return -F.logsigmoid(signs * logits).sum() / n
+
+
+def _check_block_size(block_size: Optional[int]) -> Optional[int]:
+    if block_size is not None and block_size < 0:
+        raise ValueError(f"loss block_size must be a positive number of rows (or 0/None for dense), not {block_size}")
+    return int(block_size) if block_size else None
+
+
 class ClipLoss(nn.Module):
     """Global-batch symmetric InfoNCE; works in one process or under torch.distributed.
 
@@ -261,14 +365,47 @@ class ClipLoss(nn.Module):
 
     def __init__(self, block_size: Optional[int] = None):
         super().__init__()
-        if block_size is not None and block_size < 0:
-            raise ValueError(f"loss block_size must be a positive number of rows (or 0/None for dense), not {block_size}")
-        self.block_size = int(block_size) if block_size else None
+        self.block_size = _check_block_size(block_size)
 
-    def forward(self, image_features: torch.Tensor, text_features: torch.Tensor, logit_scale: torch.Tensor) -> torch.Tensor:
+    def forward(self, image_features: torch.Tensor, text_features: torch.Tensor, logit_scale: torch.Tensor,
+                logit_bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+        # a bias shifts every logit of a softmax row alike: the InfoNCE does not depend on it (a model built
+        # with one, for the sigmoid loss, can still be scored with this loss)
         rank, world = distributed_world()
         loss = clip_loss if self.block_size is None else partial(blocked_clip_loss, block_size=self.block_size)
         if world == 1:
             return loss(image_features, text_features, logit_scale)
         all_img, all_txt = gather_features(image_features, text_features)
         return loss(image_features, text_features, logit_scale, rank, all_img, all_txt)
+
+
+class SigLipLoss(nn.Module):
+    """The global-batch sigmoid loss of SigLIP, in one process or under torch.distributed.
+
+    ``forward(image_features, text_features, logit_scale, logit_bias)`` takes the exponentiated scale and
+    the bias, as open_clip's ``SigLipLoss`` does, so ``SigLipLoss()(**model(images, ids))`` is the training
+    loss of a ``DinoTxt`` built with a bias (``model.init_logit_bias``).
+
+    Args:
+        block_size: None (or 0) for the dense loss; a tile side for the blocked computation.
+    """
+
+    def __init__(self, block_size: Optional[int] = None):
+        super().__init__()
+        self.block_size = _check_block_size(block_size)
+
+    def forward(self, image_features: torch.Tensor, text_features: torch.Tensor, logit_scale: torch.Tensor,
+                logit_bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+        rank, world = distributed_world()
+        all_txt = None if world == 1 else _AllGatherWithGrad.apply(text_features)
+        return sigmoid_loss(image_features, text_features, logit_scale, logit_bias, rank, all_txt, self.block_size)
+
+
+LOSSES = {"infonce": ClipLoss, "sigmoid": SigLipLoss}
+
+
+def build_loss(kind: str = "infonce", block_size: Optional[int] = None) -> nn.Module:
+    """The training loss ``loss.kind`` names: ``infonce`` (CLIP / LiT / dino.txt) or ``sigmoid`` (SigLIP)."""
+    if kind not in LOSSES:
+        raise ValueError(f"unknown loss kind '{kind}' (use {' or '.join(LOSSES)})")
+    return LOSSES[kind](block_size)

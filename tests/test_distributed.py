@@ -1,15 +1,13 @@
 """Exact multi-process training: under DDP (2 CPU processes, gloo) the global-batch loss and
 the model's gradients equal one process on the same global batch; shards split across
 ranks and dataloader workers without duplicates or gaps; strategies from the recipe."""
-import os
-import socket
-
 import pytest
 import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
 from conftest import TINY_BACKBONE, TINY_TEXT
+from multiproc import init_gloo, run_ranks
 from numerics import assert_float64_equal, assert_grads_float64_equal
 
 MODEL = dict(backbone=TINY_BACKBONE, text=TINY_TEXT, vision_head={"num_blocks": 2, "drop_path": 0.0})
@@ -49,19 +47,11 @@ def _global_batch():
     return images, ids
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _ddp_worker(rank, world, port, out):
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel as DDP
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    torch.set_num_threads(1)
+    init_gloo(rank, world, port)
     try:
         ddp = DDP(LossModule(_model()))
         images, ids = _global_batch()
@@ -79,31 +69,18 @@ def _ddp_worker(rank, world, port, out):
         dm = ImageTextDataModule.__new__(ImageTextDataModule)
         dm.positions, dm.batches, dm.skipped = {2 * rank: 10 + rank, 2 * rank + 1: 20 + rank}, 7, {}
         state = dm.state_dict()
-        if rank == 0:
-            out.put((total.item() / world, grads, state))  # plain lists: no shared-memory handles
+        out.put((rank, (total.item() / world, grads, state)))
     finally:
         dist.destroy_process_group()
 
 
 @pytest.mark.slow
 def test_ddp_loss_and_model_gradients_equal_single_process_global_batch():
-    import torch.multiprocessing as mp
-
     model = _model()
     images, ids = _global_batch()
     ref = LossModule(model)({"image": images, "text": ids})
     ref.backward()
-    ctx = mp.get_context("spawn")
-    q = ctx.Queue()
-    port = _free_port()
-    procs = [ctx.Process(target=_ddp_worker, args=(r, 2, port, q)) for r in range(2)]
-    for p in procs:
-        p.start()
-    try:
-        loss, grads, state = q.get(timeout=240)
-    finally:
-        for p in procs:
-            p.join(timeout=60)
+    loss, grads, state = run_ranks(_ddp_worker, 2, timeout=240)[0]
     assert_float64_equal(torch.tensor(loss, dtype=torch.float64), ref.detach(), "loss")
     own = {k: p.grad for k, p in model.named_parameters() if p.grad is not None}
     assert set(grads) == set(own) and "logit_scale" in own and any(k.startswith("vision_head.block_list.1") for k in own)

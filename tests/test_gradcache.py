@@ -5,7 +5,6 @@ with global_batch=64 from micro-batches of 16 ends with the weights of batch_siz
 inside an accumulation cycle resumes to the same weights."""
 import os
 import signal
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -15,6 +14,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from conftest import TINY_BACKBONE, TINY_TEXT
+from multiproc import run_ranks
 from numerics import assert_close, assert_float64_equal, assert_grads_float64_equal
 
 ROOT = Path(__file__).parents[1]
@@ -210,12 +210,6 @@ def _fit(system, batches, steps, **trainer):
     return capture
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _ddp_system_worker(rank, world, port, out):
     """One rank of a real Lightning DDP run of the system: 2 micro-batches of 3 per rank, dense and blocked."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), LOCAL_RANK=str(rank), NODE_RANK="0")
@@ -236,8 +230,6 @@ def _ddp_system_worker(rank, world, port, out):
 
 @pytest.mark.slow
 def test_system_under_ddp_two_ranks_of_micro_batches_equal_one_pass_over_the_global_batch():
-    import torch.multiprocessing as mp
-
     from dinotxt.loss import ClipLoss
     from dinotxt.train.step import contrastive_loss
 
@@ -246,17 +238,7 @@ def test_system_under_ddp_two_ranks_of_micro_batches_equal_one_pass_over_the_glo
     ref = contrastive_loss(model, ClipLoss(), {"image": images, "text": ids})
     ref.backward()
     expected = _grads(model)
-    ctx = mp.get_context("spawn")
-    q = ctx.Queue()
-    port = _free_port()
-    procs = [ctx.Process(target=_ddp_system_worker, args=(r, 2, port, q)) for r in range(2)]
-    for p in procs:
-        p.start()
-    try:
-        results = dict(q.get(timeout=400) for _ in procs)
-    finally:
-        for p in procs:
-            p.join(timeout=60)
+    results = run_ranks(_ddp_system_worker, 2, timeout=400)
     for block_size in ("None", "2"):
         # each rank's loss is its own rows of the global loss; their mean is the global loss (as DDP averages)
         losses = [results[r][block_size][0] for r in range(2)]

@@ -23,12 +23,20 @@ DINOv2-with-registers interpolation. The official DINOv2 models WITHOUT register
 interpolate slightly differently (a 0.1 offset on the scale factor, no antialias), so
 at inputs other than 518 px their tokens differ from ours by that resampling only.
 DINOv3 uses RoPE: nothing is resized.
+
+Unlocking (``trainable_blocks=K``, ``model.backbone.trainable_blocks``; the LiT paper's "unlocked"
+settings, Zhai et al. 2022): the last K entries of the encoder's ``blocks`` and every module registered
+after them (timm ViTs: the final ``norm``; EfficientNet: ``conv_head`` and ``bn2``) train. They follow the
+model's train / eval mode (BatchNorm layers excepted: their running statistics stay frozen, the usual
+fine-tuning choice), their weights go into checkpoints under ``unlocked_backbone.`` and
+``unlocked_state()`` returns them. Everything before them stays frozen and in eval mode, and autograd
+records nothing there: no input of those blocks requires a gradient.
 """
 from __future__ import annotations
 
 import contextlib
 from pathlib import Path
-from typing import Any, Dict, Optional, Union
+from typing import Any, Dict, Optional, Tuple, Union
 
 import torch
 from torch import nn
@@ -65,6 +73,7 @@ class FrozenBackbone(nn.Module):
         init_seed: seed of the random init when there are no weights, so a random-weight
             backbone is rebuilt identically (on load, in the feature cache, in curation).
         trust_code: allow ``name`` to be an import path (see ``dinotxt.plugins``).
+        trainable_blocks: unlock the last K blocks (0: everything frozen, the dino.txt / LiT recipe).
         **kwargs: extra constructor arguments (timm overrides such as ``depth``).
     """
 
@@ -76,6 +85,7 @@ class FrozenBackbone(nn.Module):
         module: Optional[nn.Module] = None,
         init_seed: int = 0,
         trust_code: bool = False,
+        trainable_blocks: int = 0,
         **kwargs: Any,
     ):
         super().__init__()
@@ -96,6 +106,7 @@ class FrozenBackbone(nn.Module):
             torch.manual_seed(self.init_seed)
             encoder, state, layout = self._build_encoder(name, weights, img_size, module, trust_code, kwargs)
         self._setup(encoder, name, weights, state, layout)
+        self._unlock(int(trainable_blocks))
 
     def _build_encoder(self, name, weights, img_size, module, trust_code, kwargs):
         state: Optional[StateDict] = None
@@ -158,6 +169,44 @@ class FrozenBackbone(nn.Module):
         self.requires_grad_(False)
         super().train(False)
 
+    def _unlock(self, k: int) -> None:
+        """Make the last ``k`` blocks, and the modules after them, trainable (see the module docstring)."""
+        self.trainable_blocks = k
+        self.unlocked_prefixes: Tuple[str, ...] = ()
+        # plain list, not registered: the unlocked modules are already submodules of the encoder
+        self.__dict__["_unlocked_modules"] = []
+        if k == 0:
+            return
+        if k < 0:
+            raise ValueError(f"model.backbone.trainable_blocks must be 0 or a positive number of blocks, not {k}")
+        found = [(name, m) for name, m in self.named_modules()
+                 if isinstance(getattr(m, "blocks", None), (nn.ModuleList, nn.Sequential))]
+        if not found:
+            raise ValueError(f"model.backbone.trainable_blocks={k}: backbone '{self.name}' has no 'blocks' list of "
+                             "blocks to unlock (timm ViTs and EfficientNets have one); set it to 0")
+        path, holder = found[0]
+        depth = len(holder.blocks)
+        if k > depth:
+            raise ValueError(f"model.backbone.trainable_blocks={k}, but backbone '{self.name}' has {depth} blocks")
+        children = [name for name, _ in holder.named_children()]
+        after = children[children.index("blocks") + 1:]
+        base = f"{path}." if path else ""
+        names = [f"{base}blocks.{i}" for i in range(depth - k, depth)] + [f"{base}{c}" for c in after]
+        modules = dict(self.named_modules())
+        self.__dict__["_unlocked_modules"] = [modules[n] for n in names]
+        self.unlocked_prefixes = tuple(n + "." for n in names)
+        for m in self._unlocked_modules:
+            m.requires_grad_(True)
+        self.train(self.training)
+
+    def unlocked_state(self) -> StateDict:
+        """Weights and buffers of the unlocked blocks (keys as in this module's state dict)."""
+        return {k: v for k, v in self.state_dict().items() if k.startswith(self.unlocked_prefixes)} if self.trainable_blocks else {}
+
+    def is_unlocked(self, key: str) -> bool:
+        """Whether ``key`` (of this module's state dict or parameters) belongs to an unlocked block."""
+        return bool(self.trainable_blocks) and key.startswith(self.unlocked_prefixes)
+
     @property
     def num_register_tokens(self) -> int:
         return self.num_prefix_tokens - 1
@@ -168,7 +217,7 @@ class FrozenBackbone(nn.Module):
             raise ValueError(f"backbone '{self.name}' cannot be described by a config because {self.rebuild_problem}; "
                              "build it by name (a timm architecture or an import path) with weights from a file")
         return {"name": self.name, "weights": self.weights_file, "img_size": int(self.img_size),
-                "init_seed": self.init_seed, "kwargs": dict(self.kwargs)}
+                "init_seed": self.init_seed, "trainable_blocks": int(self.trainable_blocks), "kwargs": dict(self.kwargs)}
 
     def _read_state(self, weights: Union[str, Path, StateDict]):
         """(state in this encoder's loading layout, layout name) of a file or state dict."""
@@ -212,15 +261,24 @@ class FrozenBackbone(nn.Module):
         return state
 
     def train(self, mode: bool = True) -> "FrozenBackbone":
-        # Pinned: the backbone never leaves eval mode (no dropout / drop-path, fixed norms).
-        return super().train(False)
+        # Pinned: the frozen blocks never leave eval mode (no dropout / drop-path, fixed norms); unlocked
+        # blocks follow ``mode``, but their BatchNorm statistics stay fixed
+        super().train(False)
+        if mode:
+            for m in self.__dict__.get("_unlocked_modules", []):
+                m.train(True)
+                for sub in m.modules():
+                    if isinstance(sub, nn.modules.batchnorm._BatchNorm):
+                        sub.train(False)
+        return self
 
-    @torch.no_grad()
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        if hasattr(self.encoder, "forward_features"):
-            tokens = self.encoder.forward_features(images)
-        else:
-            tokens = self.encoder(images)
+        # frozen: no autograd at all; unlocked blocks record their graph where gradients are enabled
+        with torch.no_grad() if not self.trainable_blocks else contextlib.nullcontext():
+            if hasattr(self.encoder, "forward_features"):
+                tokens = self.encoder.forward_features(images)
+            else:
+                tokens = self.encoder(images)
         if tokens.ndim != 3 or tokens.shape[-1] != self.embed_dim:
             raise ValueError(f"backbone returned {tuple(tokens.shape)}; expected (B, 1+R+N, {self.embed_dim}) tokens")
         return tokens
@@ -233,6 +291,7 @@ class FrozenBackbone(nn.Module):
 
 def frozen_tokens(backbone: torch.nn.Module, images: torch.Tensor, autocast: Optional[str] = None) -> torch.Tensor:
     """Output tokens of the frozen backbone, as an ordinary (at least fp32) tensor the head can train on.
+    A backbone with unlocked blocks (``trainable_blocks``) keeps its autograd graph (no inference mode).
 
     Args:
         backbone: the ``FrozenBackbone``.
@@ -241,6 +300,10 @@ def frozen_tokens(backbone: torch.nn.Module, images: torch.Tensor, autocast: Opt
     """
     dtype = backbone_autocast_dtype(autocast)
     cast = torch.autocast(images.device.type, dtype=dtype) if dtype else contextlib.nullcontext()
+    if getattr(backbone, "trainable_blocks", 0):
+        with cast:
+            tokens = backbone(images)
+        return tokens.to(torch.promote_types(tokens.dtype, torch.float32))
     try:
         with torch.inference_mode(), cast:
             tokens = backbone(images)

@@ -21,6 +21,9 @@ from .text_tower import TextTower
 from .vision_head import VisionHead
 
 
+UNLOCKED_PREFIX = "unlocked_backbone."  # checkpoint keys of the unlocked backbone blocks
+
+
 class DinoTxt(nn.Module):
     """Args:
         backbone: the frozen encoder.
@@ -28,10 +31,13 @@ class DinoTxt(nn.Module):
         text: text tower whose output width equals ``vision_head.output_dim``.
         init_logit_scale: initial log temperature (ln(1/0.07)).
         max_logit_scale: upper clamp of the log temperature (ln 100).
+        init_logit_bias: None (the InfoNCE's model: no bias), or the initial value of a learnable bias
+            ``logit_bias`` added to every logit (the sigmoid loss of SigLIP; it starts at -10).
     """
 
     def __init__(self, backbone: FrozenBackbone, vision_head: VisionHead, text: TextTower,
-                 init_logit_scale: float = math.log(1 / 0.07), max_logit_scale: float = math.log(100.0)):
+                 init_logit_scale: float = math.log(1 / 0.07), max_logit_scale: float = math.log(100.0),
+                 init_logit_bias: Optional[float] = None):
         super().__init__()
         if text.output_dim != vision_head.output_dim:
             raise ValueError(f"text output_dim {text.output_dim} != image embedding dim {vision_head.output_dim}")
@@ -41,6 +47,8 @@ class DinoTxt(nn.Module):
         self.logit_scale = nn.Parameter(torch.tensor(float(init_logit_scale)))
         self.init_logit_scale = float(init_logit_scale)
         self.max_logit_scale = float(max_logit_scale)
+        self.init_logit_bias = None if init_logit_bias is None else float(init_logit_bias)
+        self.logit_bias = None if init_logit_bias is None else nn.Parameter(torch.tensor(float(init_logit_bias)))
         self.arch = ""  # the registry entry it was built from (informational; set by create_model)
 
     @property
@@ -55,7 +63,7 @@ class DinoTxt(nn.Module):
         return OmegaConf.merge(OmegaConf.structured(ModelConfig), {
             "arch": self.arch, "backbone": self.backbone.config_dict(), "vision_head": self.vision_head.config_dict(),
             "text": self.text.config_dict(), "init_logit_scale": self.init_logit_scale,
-            "max_logit_scale": self.max_logit_scale})
+            "max_logit_scale": self.max_logit_scale, "init_logit_bias": self.init_logit_bias})
 
     @property
     def embed_dim(self) -> int:
@@ -101,10 +109,14 @@ class DinoTxt(nn.Module):
         img = self.encode_image(images, normalize=True)
         txt = self.encode_text(ids, normalize=True)
         logits = self.logit_scale.exp() * img @ txt.t()
+        if self.logit_bias is not None:
+            logits = logits + self.logit_bias
         return logits, logits.t()
 
     def forward(self, images: Optional[torch.Tensor] = None, ids: Optional[torch.Tensor] = None) -> Dict[str, torch.Tensor]:
         out = {"logit_scale": self.logit_scale.exp()}
+        if self.logit_bias is not None:
+            out["logit_bias"] = self.logit_bias
         if images is not None:
             out["image_features"] = self.encode_image(images, normalize=True)
         if ids is not None:
@@ -113,8 +125,16 @@ class DinoTxt(nn.Module):
 
     # ------------------------------------------------------------------ weights
     def trainable_state_dict(self) -> Dict[str, torch.Tensor]:
-        """Everything except the frozen backbone (what checkpoints hold)."""
-        return {k: v for k, v in self.state_dict().items() if not k.startswith("backbone.")}
+        """Everything except the frozen backbone (what checkpoints hold); unlocked backbone blocks
+        (``trainable_blocks``) under ``unlocked_backbone.`` (never ``backbone.``, the prefix of a whole
+        backbone carried in a single file)."""
+        out = {}
+        for k, v in self.state_dict().items():
+            if not k.startswith("backbone."):
+                out[k] = v
+            elif self.backbone.is_unlocked(k[len("backbone."):]):
+                out[UNLOCKED_PREFIX + k[len("backbone."):]] = v
+        return out
 
     def load_trainable_state_dict(self, state: Dict[str, torch.Tensor]) -> None:
         """Load what checkpoints hold (everything but the backbone) strictly; a mismatch names the keys."""
@@ -123,10 +143,14 @@ class DinoTxt(nn.Module):
         report = key_report(self.trainable_state_dict(), state)
         if report:
             raise ValueError(f"checkpoint does not fit this model config: {report}")
+        state = {("backbone." + k[len(UNLOCKED_PREFIX):] if k.startswith(UNLOCKED_PREFIX) else k): v
+                 for k, v in state.items()}
         self.load_state_dict({**self.backbone_state(), **state}, strict=True)
 
     def backbone_state(self) -> Dict[str, torch.Tensor]:
-        return {k: v for k, v in self.state_dict().items() if k.startswith("backbone.")}
+        """The frozen backbone's weights (unlocked blocks excluded), keys as in ``state_dict()``."""
+        return {k: v for k, v in self.state_dict().items()
+                if k.startswith("backbone.") and not self.backbone.is_unlocked(k[len("backbone."):])}
 
     def trainable_parameters(self) -> Iterator[Tuple[str, nn.Parameter]]:
         return ((n, p) for n, p in self.named_parameters() if p.requires_grad)

@@ -27,7 +27,7 @@ def create_model(arch: Union[str, DictConfig, dict], backbone_module: Optional[n
         cfg = model_config_from(arch)
         if overrides:
             cfg = OmegaConf.merge(cfg, overrides)
-    backbone = create_backbone(cfg.backbone, backbone_module, trust_code)
+    backbone = create_backbone(cfg.backbone, backbone_module, trust_code, cfg.backbone.trainable_blocks)
     resolve_model_dims(cfg, backbone.embed_dim)
     h = cfg.vision_head
     head = VisionHead(backbone.embed_dim, backbone.num_prefix_tokens, h.num_blocks, h.num_heads, h.mlp_ratio,
@@ -35,7 +35,7 @@ def create_model(arch: Union[str, DictConfig, dict], backbone_module: Optional[n
                       h.drop_path_mode)
     head.grad_checkpointing = bool(h.grad_checkpointing)
     text = create_text_tower(cfg.text)
-    model = DinoTxt(backbone, head, text, cfg.init_logit_scale, cfg.max_logit_scale)
+    model = DinoTxt(backbone, head, text, cfg.init_logit_scale, cfg.max_logit_scale, cfg.init_logit_bias)
     model.arch = str(cfg.arch)
     return model
 
@@ -60,10 +60,12 @@ def create_text_tower(t: DictConfig) -> nn.Module:
 
 
 def create_backbone(bcfg: DictConfig, backbone_module: Optional[nn.Module] = None,
-                    trust_code: bool = False) -> FrozenBackbone:
-    """The frozen backbone of a model config alone (the feature cache needs nothing else)."""
+                    trust_code: bool = False, trainable_blocks: int = 0) -> FrozenBackbone:
+    """The frozen backbone of a model config alone (the feature cache and curation need nothing else; they
+    embed with every block frozen, whatever ``bcfg.trainable_blocks`` says: ``create_model`` unlocks)."""
     return FrozenBackbone(bcfg.name, weights=bcfg.weights, img_size=bcfg.img_size, module=backbone_module,
-                          init_seed=bcfg.init_seed, trust_code=trust_code, **OmegaConf.to_container(bcfg.kwargs))
+                          init_seed=bcfg.init_seed, trust_code=trust_code, trainable_blocks=trainable_blocks,
+                          **OmegaConf.to_container(bcfg.kwargs))
 
 
 def model_config_from(cfg: Union[DictConfig, dict]) -> DictConfig:

@@ -8,7 +8,7 @@ micro-batch of every rank, ``data.global_batch``) with the activation memory of 
 
 1. pass 1 embeds every micro-batch without an autograd graph;
 2. the loss over all the (gathered) embeddings gives d loss / d embedding for each of them, and
-   d loss / d temperature;
+   d loss / d temperature (and d loss / d bias for the sigmoid loss);
 3. pass 2 embeds each micro-batch again, with a graph, and back-propagates its slice of those
    gradients (``sum(embedding * cached gradient)`` has exactly that gradient), accumulating into
    the parameters' ``.grad``; the temperature's gradient joins the last micro-batch.
@@ -73,17 +73,18 @@ def merge_micro_batches(micro_batches: List[Dict]) -> Dict:
 
 def frozen_inputs(model, micro_batch: Dict, backbone_autocast: Optional[str] = None) -> Dict:
     """The micro-batch with its images replaced by the frozen backbone's tokens (run once, kept for
-    both passes); cached tokens and pooled tokens pass through."""
+    both passes); cached tokens and pooled tokens pass through. A backbone with unlocked blocks trains,
+    so its images stay: it runs in both passes, like the head."""
     out = {k: micro_batch[k] for k in TENSOR_FIELDS if k in micro_batch}
-    if "image" in out:
+    if "image" in out and not model.backbone.trainable_blocks:
         out["tokens"] = frozen_tokens(model.backbone, out.pop("image"), backbone_autocast)
     return out
 
 
-def embed(model, inputs: Dict, seed: int) -> Tuple[torch.Tensor, torch.Tensor]:
+def embed(model, inputs: Dict, seed: int, backbone_autocast: Optional[str] = None) -> Tuple[torch.Tensor, torch.Tensor]:
     """(image, text) embeddings of one micro-batch, its random draws taken from ``seed``."""
     torch.manual_seed(seed)
-    return image_features(model, inputs), model.encode_text(inputs["text"])
+    return image_features(model, inputs, backbone_autocast), model.encode_text(inputs["text"])
 
 
 def gradcache_backward(model, loss_fn, micro_batches: Sequence[Dict], seeds: Sequence[int],
@@ -96,7 +97,7 @@ def gradcache_backward(model, loss_fn, micro_batches: Sequence[Dict], seeds: Seq
 
     Args:
         model: the ``DinoTxt``.
-        loss_fn: the global-batch loss (``ClipLoss``, dense or blocked); it gathers across ranks.
+        loss_fn: the global-batch loss (``ClipLoss`` or ``SigLipLoss``, dense or blocked); it gathers across ranks.
         micro_batches: dicts with ``text`` and ``image``, ``tokens`` or ``pooled``.
         seeds: one seed per micro-batch for its random draws (drop path), used in both passes.
         backward: ``backward(tensor, last)`` back-propagates one micro-batch's surrogate (default
@@ -109,19 +110,21 @@ def gradcache_backward(model, loss_fn, micro_batches: Sequence[Dict], seeds: Seq
     backward = backward or (lambda tensor, last: tensor.backward())
     inputs = [frozen_inputs(model, mb, backbone_autocast) for mb in micro_batches]
     with torch.no_grad():  # pass 1: embeddings only
-        embedded = [embed(model, x, seed) for x, seed in zip(inputs, seeds)]
+        embedded = [embed(model, x, seed, backbone_autocast) for x, seed in zip(inputs, seeds)]
     img = torch.cat([e[0] for e in embedded]).requires_grad_()
     txt = torch.cat([e[1] for e in embedded]).requires_grad_()
     del embedded
     scale = model.logit_scale.detach().exp().requires_grad_()
-    loss = loss_fn(img, txt, scale)
+    bias = None if getattr(model, "logit_bias", None) is None else model.logit_bias.detach().clone().requires_grad_()
+    loss = loss_fn(img, txt, scale, bias)
     if check_loss is not None:
         check_loss(loss.detach())
-    grad_img, grad_txt, grad_scale = torch.autograd.grad(loss, (img, txt, scale))
+    grads = torch.autograd.grad(loss, (img, txt, scale) + (() if bias is None else (bias,)))
+    grad_img, grad_txt, grad_scale = grads[:3]
     del img, txt
     start = 0
     for i, (x, seed) in enumerate(zip(inputs, seeds)):  # pass 2: one micro-batch's graph at a time
-        e_img, e_txt = embed(model, x, seed)
+        e_img, e_txt = embed(model, x, seed, backbone_autocast)
         rows = slice(start, start + e_img.shape[0])
         # the surrogate's value is meaningless, its gradient is the cached one (summed in at least fp32 so
         # that a fp16 value cannot overflow under a gradient scaler)
@@ -130,6 +133,8 @@ def gradcache_backward(model, loss_fn, micro_batches: Sequence[Dict], seeds: Seq
         last = i == len(inputs) - 1
         if last:
             surrogate = surrogate + model.logit_scale.exp() * grad_scale
+            if bias is not None:
+                surrogate = surrogate + model.logit_bias * grads[3]
         backward(surrogate, last)
         start = rows.stop
     return loss.detach()

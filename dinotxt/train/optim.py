@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import Iterable, List, Tuple
+from typing import Iterable, List, Optional, Tuple
 
 import torch
 from torch import nn
@@ -42,7 +42,21 @@ def warmup_cosine(warmup_steps: int, max_steps: int, min_ratio: float = 0.0):
 
 
 def build_optimizer(model: nn.Module, lr: float, weight_decay: float, betas, eps: float, warmup_steps: int,
-                    max_steps: int, min_lr_ratio: float = 0.0):
-    opt = torch.optim.AdamW(param_groups(model.named_parameters(), weight_decay), lr=lr, betas=tuple(betas), eps=eps)
+                    max_steps: int, min_lr_ratio: float = 0.0, backbone_lr: Optional[float] = None):
+    """AdamW over the trainable parameters, and its warmup-cosine schedule. Unlocked backbone blocks
+    (``backbone.*`` parameters that train) get groups of their own with peak lr ``backbone_lr`` (None:
+    ``lr``); every group follows the same schedule (LambdaLR scales each group's own peak)."""
+    named = list(model.named_parameters())
+    head = [(n, p) for n, p in named if not n.startswith("backbone.")]
+    unlocked = [(n, p) for n, p in named if n.startswith("backbone.") and p.requires_grad]
+    groups = param_groups(head, weight_decay)
+    if unlocked:
+        backbone_groups = param_groups(unlocked, weight_decay, verbose=False)
+        peak = lr if backbone_lr is None else float(backbone_lr)
+        for g in backbone_groups:
+            g["lr"] = peak
+        groups += [g for g in backbone_groups if g["params"]]
+        log.info(f"optimizer: {sum(p.numel() for _, p in unlocked):,} unlocked backbone params at peak lr {peak:g}")
+    opt = torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), eps=eps)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(warmup_steps, max_steps, min_lr_ratio))
     return opt, sched

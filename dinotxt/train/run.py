@@ -24,7 +24,8 @@ from lightning.pytorch.callbacks import Callback, TQDMProgressBar
 from omegaconf import DictConfig, OmegaConf
 
 from ..checkpoint import save_checkpoint
-from ..config import ConfigError, TrainConfig, finalize, load_train_config, merge_config, parse_overrides
+from ..config import (ConfigError, TrainConfig, check_train_config, finalize, load_train_config, merge_config,
+                      parse_overrides)
 from ..data.sources import expand_shards, is_manifest, iter_tar_samples, read_manifest
 from ..data.stream import extract_caption
 from ..data.world import ensure_world
@@ -225,7 +226,7 @@ def resolve_run(recipe: Optional[str], overrides: List[str], resume: bool) -> Di
         saved = merge_config(OmegaConf.structured(TrainConfig), OmegaConf.load(run_dir / "config.yaml"),
                              str(run_dir / "config.yaml"))
         # a resumed run keeps its saved config; only command-line overrides (e.g. a longer schedule) apply
-        cfg = finalize(merge_config(saved, parse_overrides(overrides), "command line"))
+        cfg = check_train_config(finalize(merge_config(saved, parse_overrides(overrides), "command line")))
     elif last.is_file():
         raise ConfigError(
             f"{run_dir} already holds a run; continue it with --resume, or pick a new folder with name=NEW_NAME"
@@ -277,7 +278,8 @@ def run_training(recipe: Optional[str], overrides: List[str] = (), resume: bool 
         model.text = torch.compile(model.text)
         model.vision_head = torch.compile(model.vision_head)
     system = DinoTxtSystem(model, cfg.optim, cfg.seed, cfg.trainer.backbone_autocast, zeroshot,
-                           loss_block_size=cfg.loss.block_size, grad_cache=bool(cfg.data.global_batch))
+                           loss_block_size=cfg.loss.block_size, grad_cache=bool(cfg.data.global_batch),
+                           loss_kind=cfg.loss.kind)
 
     t = cfg.trainer
     precision = t.precision

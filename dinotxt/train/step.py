@@ -2,7 +2,8 @@
 Lightning system, the feature cache writer and ``bench/train_throughput.py``, so the
 benchmark times exactly the code that trains.
 
-The frozen backbone runs under ``torch.inference_mode`` (no autograd bookkeeping at all)
+The frozen backbone runs under ``torch.inference_mode`` (no autograd bookkeeping at all; a backbone
+with unlocked blocks keeps the graph of those)
 and, optionally, under bf16 autocast (``trainer.backbone_autocast``: fast on CPUs with
 AMX / avx512_bf16 and on GPUs, but not bit-exact). A batch carries either images, or
 frozen tokens read from the feature cache (``tokens``: every output token; ``pooled``:
@@ -29,7 +30,7 @@ def image_features(model, batch: Dict[str, torch.Tensor], backbone_autocast: Opt
 
 
 def contrastive_loss(model, loss_fn, batch: Dict[str, torch.Tensor], backbone_autocast: Optional[str] = None) -> torch.Tensor:
-    """The global-batch symmetric InfoNCE of one batch (``loss_fn`` gathers across ranks; it takes the
-    exponentiated temperature, as ``DinoTxt.forward`` returns it)."""
+    """The global-batch contrastive loss of one batch (``loss_fn`` gathers across ranks; it takes the
+    exponentiated temperature, as ``DinoTxt.forward`` returns it, and the model's logit bias, if any)."""
     return loss_fn(image_features(model, batch, backbone_autocast), model.encode_text(batch["text"]),
-                   model.logit_scale.exp())
+                   model.logit_scale.exp(), getattr(model, "logit_bias", None))

@@ -6,7 +6,7 @@ datamodule: the data's positions and skip counts are kept by the ``StreamProgres
 (``datamodule.py``). Method order follows the style guide: init -> forward -> training ->
 validation -> optimizers -> checkpoint hooks. The frozen backbone pins its own eval mode, and
 its weights are stripped from every Lightning checkpoint (and put back from the live model on
-resume), so checkpoints hold only what trains.
+resume), so checkpoints hold only what trains (unlocked backbone blocks included).
 
 Exact resume: the data stream seeds every sample from ``(seed, reader, position)``, and
 the model's own random draws (drop path) are reseeded every step from ``(seed, step
@@ -32,7 +32,7 @@ from lightning.pytorch.strategies import ParallelStrategy
 
 from ..data.stream import mix_seed
 from ..evaluation.zeroshot import ZeroShotTask, zeroshot_metrics
-from ..loss import ClipLoss
+from ..loss import build_loss
 from ..models.dinotxt import DinoTxt
 from ..precision import backbone_autocast_dtype
 from .gradcache import gradcache_backward
@@ -48,17 +48,20 @@ class DinoTxtSystem(L.LightningModule):
         backbone_autocast: ``None`` or ``"bfloat16"`` for the frozen backbone's forward pass.
         zeroshot: classes, prompts and tokenizer of the zero-shot validation (optional).
         loss_block_size: None for the dense loss, or the tile side of the blocked loss (``loss.block_size``).
+        loss_kind: ``infonce`` (the default) or ``sigmoid`` (SigLIP; the model needs its ``logit_bias``).
         grad_cache: batches are lists of micro-batches of one step (``data.global_batch``): gradient caching.
     """
 
     def __init__(self, model: DinoTxt, optim, seed: int = 0, backbone_autocast: Optional[str] = None,
                  zeroshot: Optional[ZeroShotTask] = None, loss_block_size: Optional[int] = None,
-                 grad_cache: bool = False):
+                 grad_cache: bool = False, loss_kind: str = "infonce"):
         super().__init__()
         self.model = model
         self.optim = optim
         self.seed = int(seed)
-        self.loss_fn = ClipLoss(loss_block_size)
+        if loss_kind == "sigmoid" and model.logit_bias is None:
+            raise ValueError("loss.kind=sigmoid needs a model with a logit_bias (model.init_logit_bias, SigLIP: -10)")
+        self.loss_fn = build_loss(loss_kind, loss_block_size)
         self.automatic_optimization = not grad_cache  # gradient caching runs its own backward passes
         backbone_autocast_dtype(backbone_autocast)  # an unsupported value stops the run before it starts
         self.backbone_autocast = backbone_autocast
@@ -117,6 +120,8 @@ class DinoTxtSystem(L.LightningModule):
     def _log_step(self, loss: torch.Tensor, samples: int, lr: float) -> None:
         self.log("train/loss", loss, prog_bar=True, batch_size=samples)
         self.log("train/logit_scale", self.model.logit_scale.exp(), prog_bar=True, batch_size=samples)
+        if self.model.logit_bias is not None:
+            self.log("train/logit_bias", self.model.logit_bias, batch_size=samples)
         self.log("train/lr", lr, batch_size=samples)
 
     def on_before_optimizer_step(self, optimizer) -> None:
@@ -162,13 +167,14 @@ class DinoTxtSystem(L.LightningModule):
     def configure_optimizers(self):
         o = self.optim
         opt, sched = build_optimizer(self.model, o.lr, o.weight_decay, o.betas, o.eps, o.warmup_steps, o.max_steps,
-                                     o.min_lr_ratio)
+                                     o.min_lr_ratio, backbone_lr=o.get("backbone_lr"))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step", "frequency": 1}}
 
     # ------------------------------------------------------------------ checkpoints
     def on_save_checkpoint(self, checkpoint: Dict[str, Any]) -> None:
         sd = checkpoint["state_dict"]
-        for k in [k for k in sd if k.startswith("model.backbone.")]:
+        backbone = self.model.backbone
+        for k in [k for k in sd if k.startswith("model.backbone.") and not backbone.is_unlocked(k[len("model.backbone."):])]:
             del sd[k]
         checkpoint["dinotxt"] = {"micro_batches": self.micro_batches}
 
