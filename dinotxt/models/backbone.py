@@ -114,7 +114,11 @@ class FrozenBackbone(nn.Module):
         if module is not None:
             encoder = module
         elif is_cnn_name(name):  # a timm CNN as a token source (dinotxt/models/cnn.py)
-            encoder = CnnTokens(name[len("cnn:"):], **kwargs)
+            try:
+                encoder = CnnTokens(name[len("cnn:"):], **kwargs)
+            except TypeError as e:
+                raise ValueError(f"backbone '{name}' does not take model.backbone.kwargs {dict(kwargs)} ({e}); a CNN "
+                                 "token source takes only 'stage'") from None
             if weights is not None:
                 state, layout = cnn_state(weights, encoder), "cnn"
         elif ":" in name:
@@ -189,7 +193,10 @@ class FrozenBackbone(nn.Module):
         if k > depth:
             raise ValueError(f"model.backbone.trainable_blocks={k}, but backbone '{self.name}' has {depth} blocks")
         children = [name for name, _ in holder.named_children()]
-        after = children[children.index("blocks") + 1:]
+        # the modules after the blocks that hold weights (a final norm, a head convolution); parameter-free ones
+        # (identity heads, pooling, dropout) stay as they are
+        after = [c for c in children[children.index("blocks") + 1:]
+                 if any(True for _ in getattr(holder, c).parameters()) or any(True for _ in getattr(holder, c).buffers())]
         base = f"{path}." if path else ""
         names = [f"{base}blocks.{i}" for i in range(depth - k, depth)] + [f"{base}{c}" for c in after]
         modules = dict(self.named_modules())
