@@ -38,6 +38,7 @@ import numpy as np
 import torch
 from omegaconf import OmegaConf
 
+from .data.sources import member_key
 from .data.stream import decode_image
 from .data.units import DataUnit, data_units, iter_unit
 from .fileio import atomic_output, atomic_write_json
@@ -67,14 +68,9 @@ def _count_samples(unit: DataUnit) -> int:
     try:
         with tarfile.open(unit.path, "r:*") as tar:
             for member in tar:
-                if not member.isfile():
-                    continue
-                dirname, _, base = member.name.rpartition("/")
-                if base.startswith("."):
-                    continue
-                key = f"{dirname}/{base.partition('.')[0]}" if dirname else base.partition(".")[0]
-                if key != last:
-                    count, last = count + 1, key
+                named = member_key(member)
+                if named is not None and named[0] != last:
+                    count, last = count + 1, named[0]
     except (tarfile.TarError, OSError, EOFError):
         pass  # a damaged shard: iter_unit yields what it can read and counts the damage
     return count

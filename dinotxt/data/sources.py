@@ -389,6 +389,19 @@ class _Source:
                 self.proc.wait()
 
 
+def member_key(member: tarfile.TarInfo) -> Optional[Tuple[str, str]]:
+    """``(sample key, extension)`` of a tar member (webdataset's rule: the key is the path up to the first dot
+    of the file name), or None for what is not a sample file (folders, links, hidden files such as
+    ``._x.jpg`` from macOS tar)."""
+    if not member.isfile():
+        return None
+    dirname, _, base = member.name.rpartition("/")
+    if base.startswith("."):
+        return None
+    stem, _, ext = base.partition(".")
+    return (f"{dirname}/{stem}" if dirname else stem), ext
+
+
 def iter_tar_samples(path: str, errors: Dict[str, int]) -> Iterator[Dict[str, bytes]]:
     """Group consecutive tar members by key (the part of the name before the first dot).
 
@@ -402,13 +415,10 @@ def iter_tar_samples(path: str, errors: Dict[str, int]) -> Iterator[Dict[str, by
         source = _Source(path)
         with tarfile.open(fileobj=source, mode="r|*") as tar:
             for member in tar:
-                if not member.isfile():
+                named = member_key(member)
+                if named is None:
                     continue
-                dirname, _, base = member.name.rpartition("/")
-                if base.startswith("."):
-                    continue
-                stem, _, ext = base.partition(".")
-                key = f"{dirname}/{stem}" if dirname else stem
+                key, ext = named
                 if current and current["__key__"] != key:
                     yield current  # complete before the next member is read, so damage there cannot drop it
                     current = {}
