@@ -345,13 +345,17 @@ def sigmoid_loss(image_features: torch.Tensor, text_features: torch.Tensor, logi
         return -F.logsigmoid(signs * logits).sum() / n
 
 
-def _check_block_size(block_size: Optional[int]) -> Optional[int]:
-    if block_size is not None and block_size < 0:
-        raise ValueError(f"loss block_size must be a positive number of rows (or 0/None for dense), not {block_size}")
-    return int(block_size) if block_size else None
+class _GlobalBatchLoss(nn.Module):
+    """A loss over the global batch, dense or in tiles of ``block_size`` (None or 0: dense)."""
+
+    def __init__(self, block_size: Optional[int] = None):
+        super().__init__()
+        if block_size is not None and block_size < 0:
+            raise ValueError(f"loss block_size must be a positive number of rows (or 0/None for dense), not {block_size}")
+        self.block_size = int(block_size) if block_size else None
 
 
-class ClipLoss(nn.Module):
+class ClipLoss(_GlobalBatchLoss):
     """Global-batch symmetric InfoNCE; works in one process or under torch.distributed.
 
     ``forward(image_features, text_features, logit_scale)`` takes the exponentiated scale,
@@ -362,10 +366,6 @@ class ClipLoss(nn.Module):
         block_size: None (or 0) for the dense loss; a tile side for ``blocked_clip_loss`` (the
             same loss in O(B x block_size) memory).
     """
-
-    def __init__(self, block_size: Optional[int] = None):
-        super().__init__()
-        self.block_size = _check_block_size(block_size)
 
     def forward(self, image_features: torch.Tensor, text_features: torch.Tensor, logit_scale: torch.Tensor,
                 logit_bias: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -379,7 +379,7 @@ class ClipLoss(nn.Module):
         return loss(image_features, text_features, logit_scale, rank, all_img, all_txt)
 
 
-class SigLipLoss(nn.Module):
+class SigLipLoss(_GlobalBatchLoss):
     """The global-batch sigmoid loss of SigLIP, in one process or under torch.distributed.
 
     ``forward(image_features, text_features, logit_scale, logit_bias)`` takes the exponentiated scale and
@@ -389,10 +389,6 @@ class SigLipLoss(nn.Module):
     Args:
         block_size: None (or 0) for the dense loss; a tile side for the blocked computation.
     """
-
-    def __init__(self, block_size: Optional[int] = None):
-        super().__init__()
-        self.block_size = _check_block_size(block_size)
 
     def forward(self, image_features: torch.Tensor, text_features: torch.Tensor, logit_scale: torch.Tensor,
                 logit_bias: Optional[torch.Tensor] = None) -> torch.Tensor:
