@@ -353,3 +353,35 @@ def test_init_from_a_text_encoder_alone_and_refuses_a_mismatch(dinov2_release, t
                                        f"model.init_from={paths['text_encoder']}"])
     with pytest.raises(ValueError, match=r"text encoder file .* does not fit .*shape mismatches"):
         apply_init(dinotxt.create_model(wide.model), read_init_source(wide.model.init_from))
+
+
+def test_variants_start_from_the_release_with_their_own_weights_at_init(dinov2_release):
+    """SigLIP's bias and unlocked backbone blocks are not in the release: model.init_from the official files
+    leaves the bias at its init and the unlocked blocks at the backbone's pretrained weights, so step 0 is
+    still the official model; a plain checkpoint starts a variant the same way."""
+    from dinotxt.config import load_train_config
+    from dinotxt.train.init_from import InitSource, apply_init, read_init_source
+
+    sds, paths = dinov2_release
+    cfg = load_train_config(None, [
+        "model.arch=dinotxt_vitl14_reg4", "model.backbone.name=vit_small_patch14_reg4_dinov2",
+        "model.backbone.img_size=56", "model.backbone.kwargs={depth: 2}", f"model.backbone.weights={paths['backbone']}",
+        "model.text={width: 64, depth: 2, heads: 2}", f"model.init_from=[{paths['vision_head']},{paths['text_encoder']}]",
+        "loss.kind=sigmoid", "model.backbone.trainable_blocks=1"])
+    model = dinotxt.create_model(cfg.model)
+    assert {"logit_bias", "unlocked_backbone.encoder.blocks.1.mlp.fc1.weight"} <= model.variant_keys()
+    apply_init(model, read_init_source(cfg.model.init_from))
+    official, _, tok = _load_v2(paths)
+    model.eval()
+    x = torch.randn(2, 3, 56, 56)
+    with torch.no_grad():
+        assert torch.equal(model.encode_image(x), official.encode_image(x))
+        assert torch.equal(model.encode_text(tok(CAPTIONS)), official.encode_text(tok(CAPTIONS)))
+    assert model.logit_bias.item() == -10.0
+    plain = official.trainable_state_dict()
+    variant = dinotxt.create_model(cfg.model)
+    apply_init(variant, InitSource("checkpoint", [], "clip_bpe", b"", state=plain))
+    with torch.no_grad():
+        assert torch.equal(variant.eval().encode_image(x), official.encode_image(x))
+    with pytest.raises(ValueError, match="missing"):  # a missing key that is not a variant's is still an error
+        variant.load_trainable_state_dict({k: v for k, v in plain.items() if k != "logit_scale"}, keep_variants=True)

@@ -9,7 +9,7 @@ second half ``text[:, D:]`` of the text embedding (dino.txt, section 4 of METHOD
 from __future__ import annotations
 
 import math
-from typing import Dict, Iterator, Optional, Tuple
+from typing import Dict, Iterator, Optional, Set, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -136,10 +136,22 @@ class DinoTxt(nn.Module):
                 out[UNLOCKED_PREFIX + k[len("backbone."):]] = v
         return out
 
-    def load_trainable_state_dict(self, state: Dict[str, torch.Tensor]) -> None:
-        """Load what checkpoints hold (everything but the backbone) strictly; a mismatch names the keys."""
+    def variant_keys(self) -> Set[str]:
+        """The keys of ``trainable_state_dict()`` that only a training variant has: the sigmoid loss's
+        ``logit_bias`` and the unlocked backbone blocks. A checkpoint of the plain recipe (ours or the
+        official release) lacks them."""
+        return {k for k in self.trainable_state_dict() if k == "logit_bias" or k.startswith(UNLOCKED_PREFIX)}
+
+    def load_trainable_state_dict(self, state: Dict[str, torch.Tensor], keep_variants: bool = False) -> None:
+        """Load what checkpoints hold (everything but the backbone) strictly; a mismatch names the keys.
+        ``keep_variants``: the ``variant_keys()`` that ``state`` lacks keep this model's own values (a
+        variant started from a plain checkpoint: the bias at its init, unlocked blocks at the backbone's
+        pretrained weights); any other missing key is still an error."""
         # checkpoints written before the head attribute was named after its config section call it "visual"
         state = {("vision_head." + k[len("visual."):] if k.startswith("visual.") else k): v for k, v in state.items()}
+        if keep_variants:
+            own = self.trainable_state_dict()
+            state = {**{k: own[k] for k in self.variant_keys() if k not in state}, **state}
         report = key_report(self.trainable_state_dict(), state)
         if report:
             raise ValueError(f"checkpoint does not fit this model config: {report}")

@@ -157,7 +157,10 @@ def official_trainable_state(model, release: "Release", files: Dict[str, StateDi
     """The official files of ``release`` (role -> state dict) as ``model``'s trainable weights, each
     file checked strictly against the model's own weights in the official layout. ``roles`` limits
     it to some files (a text encoder alone); without the DINOv3 file's logit scale it is ln 100."""
-    expected = official_state_dicts(model.trainable_state_dict(), release.layout)
+    # a variant's own weights (the sigmoid loss's bias, unlocked backbone blocks) are not in the release
+    variants = model.variant_keys()
+    expected = official_state_dicts({k: v for k, v in model.trainable_state_dict().items() if k not in variants},
+                                    release.layout)
     state: StateDict = {}
     for role in roles or list(KEY_MAPS[release.layout]):
         file_state = files[role]

@@ -81,11 +81,12 @@ def read_init_source(spec) -> Optional[InitSource]:
 
 
 def apply_init(model, source: Optional[InitSource]) -> None:
-    """Load ``source`` into ``model``'s trainable weights, strictly (the parts it holds)."""
+    """Load ``source`` into ``model``'s trainable weights, strictly (the parts it holds); a variant's own
+    weights that the source lacks (a logit bias, unlocked backbone blocks) keep their init."""
     if source is None:
         return
     if source.kind == "checkpoint":
-        model.load_trainable_state_dict(source.state)
+        model.load_trainable_state_dict(source.state, keep_variants=True)
     else:
         from ..models.official import KEY_MAPS, official_trainable_state
 
@@ -94,7 +95,7 @@ def apply_init(model, source: Optional[InitSource]) -> None:
         state = official_trainable_state(model, source.release, source.official, dict(zip(roles, source.paths)),
                                          roles=None if complete else roles)
         if complete:
-            model.load_trainable_state_dict(state)
+            model.load_trainable_state_dict(state, keep_variants=True)
         else:  # a text encoder alone: its part, checked above; the rest keeps its init
             own = model.trainable_state_dict()
             with torch.no_grad():
