@@ -1,7 +1,8 @@
 """Multi-process strategies for ``trainer.strategy`` (Lightning), set up for a frozen tower.
 
 - ``ddp``: one full replica per process; only trainable parameters (head, text tower,
-  logit scale) are registered for gradient all-reduce, the frozen backbone never is.
+  logit scale, unlocked backbone blocks) are registered for gradient all-reduce, the frozen
+  backbone never is.
   The contrastive loss gathers features with gradients over all ranks (``dinotxt.loss``),
   so DDP's gradient averaging gives exactly the single-process gradient of the global batch.
 - ``fsdp``: parameters sharded across processes (under bf16: bf16 parameters, gradients reduced
