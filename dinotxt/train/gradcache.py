@@ -11,7 +11,8 @@ micro-batch of every rank, ``data.global_batch``) with the activation memory of 
    d loss / d temperature (and d loss / d bias for the sigmoid loss);
 3. pass 2 embeds each micro-batch again, with a graph, and back-propagates its slice of those
    gradients (``sum(embedding * cached gradient)`` has exactly that gradient), accumulating into
-   the parameters' ``.grad``; the temperature's gradient joins the last micro-batch.
+   the parameters' ``.grad``; the temperature's gradient joins the last micro-batch. The last
+   micro-batch is not embedded twice: pass 1 keeps its graph (K - 1 recomputations per step, not K).
 
 The parameter gradients equal those of one pass over the whole global batch (the loss is a
 function of the embeddings only). The frozen backbone runs once per image: its tokens are kept
@@ -109,8 +110,12 @@ def gradcache_backward(model, loss_fn, micro_batches: Sequence[Dict], seeds: Seq
         raise ValueError(f"gradcache_backward needs one seed per micro-batch ({len(seeds)} for {len(micro_batches)})")
     backward = backward or (lambda tensor, last: tensor.backward())
     inputs = [frozen_inputs(model, mb, backbone_autocast) for mb in micro_batches]
-    with torch.no_grad():  # pass 1: embeddings only
-        embedded = [embed(model, x, seed, backbone_autocast) for x, seed in zip(inputs, seeds)]
+    with torch.no_grad():  # pass 1: embeddings only ...
+        embedded = [embed(model, x, seed, backbone_autocast) for x, seed in zip(inputs[:-1], seeds[:-1])]
+    # ... except the last micro-batch, which keeps its graph: pass 2 does not embed it again (1/K of the
+    # recomputation saved; with K = 1 nothing is recomputed). Its activations live through the loss.
+    kept_img, kept_txt = embed(model, inputs[-1], seeds[-1], backbone_autocast)
+    embedded.append((kept_img.detach(), kept_txt.detach()))
     img = torch.cat([e[0] for e in embedded]).requires_grad_()
     txt = torch.cat([e[1] for e in embedded]).requires_grad_()
     del embedded
@@ -122,19 +127,22 @@ def gradcache_backward(model, loss_fn, micro_batches: Sequence[Dict], seeds: Seq
     grads = torch.autograd.grad(loss, (img, txt, scale) + (() if bias is None else (bias,)))
     grad_img, grad_txt, grad_scale = grads[:3]
     del img, txt
+
+    def surrogate(e_img: torch.Tensor, e_txt: torch.Tensor, rows: slice) -> torch.Tensor:
+        # its value is meaningless, its gradient is the cached one (summed in at least fp32 so that a fp16
+        # value cannot overflow under a gradient scaler)
+        return ((at_least_fp32(e_img) * at_least_fp32(grad_img[rows])).sum()
+                + (at_least_fp32(e_txt) * at_least_fp32(grad_txt[rows])).sum())
+
     start = 0
-    for i, (x, seed) in enumerate(zip(inputs, seeds)):  # pass 2: one micro-batch's graph at a time
+    for x, seed in zip(inputs[:-1], seeds[:-1]):  # pass 2: one micro-batch's graph at a time
         e_img, e_txt = embed(model, x, seed, backbone_autocast)
         rows = slice(start, start + e_img.shape[0])
-        # the surrogate's value is meaningless, its gradient is the cached one (summed in at least fp32 so
-        # that a fp16 value cannot overflow under a gradient scaler)
-        surrogate = ((at_least_fp32(e_img) * at_least_fp32(grad_img[rows])).sum()
-                     + (at_least_fp32(e_txt) * at_least_fp32(grad_txt[rows])).sum())
-        last = i == len(inputs) - 1
-        if last:
-            surrogate = surrogate + model.logit_scale.exp() * grad_scale
-            if bias is not None:
-                surrogate = surrogate + model.logit_bias * grads[3]
-        backward(surrogate, last)
+        backward(surrogate(e_img, e_txt, rows), False)
         start = rows.stop
+    last = surrogate(kept_img, kept_txt, slice(start, start + kept_img.shape[0]))
+    last = last + model.logit_scale.exp() * grad_scale  # the temperature's (and bias's) gradient joins the last call
+    if bias is not None:
+        last = last + model.logit_bias * grads[3]
+    backward(last, True)
     return loss.detach()
