@@ -329,7 +329,9 @@ def run_training(recipe: Optional[str], overrides: List[str] = (), resume: bool 
                                     zeroshot.classnames, zeroshot.templates, cfg.eval.batch_size, num_workers=0)
         metrics["zeroshot"] = {**res, "templates": cfg.eval.templates}
     if trainer.is_global_zero:
-        plot_loss_curve(run_dir, cfg.data.global_batch or cfg.data.batch_size * trainer.world_size)  # the contrastive batch
+        # the contrastive batch sets the InfoNCE's chance level; the sigmoid loss has no such line (it depends on the bias)
+        batch = cfg.data.global_batch or cfg.data.batch_size * trainer.world_size
+        plot_loss_curve(run_dir, batch if cfg.loss.kind == "infonce" else None)
         atomic_write_bytes(run_dir / "metrics.json", json.dumps(metrics, indent=2).encode())
     metrics["run_dir"] = str(run_dir)
     return metrics
