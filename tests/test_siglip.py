@@ -210,6 +210,7 @@ def test_config_fills_siglips_bias_and_refuses_a_bias_the_infonce_would_ignore()
         load_train_config("debug", ["loss.kind=softmax"])
     siglip = load_train_config("siglip_demo")
     assert siglip.loss.kind == "sigmoid" and math.isclose(siglip.model.init_logit_scale, math.log(10), rel_tol=1e-6)
+    assert math.isclose(siglip.model.init_logit_bias, -math.log(siglip.data.batch_size - 1), rel_tol=1e-4)
 
 
 def test_the_bias_survives_checkpoint_single_file_and_official_export(tmp_path):
