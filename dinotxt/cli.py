@@ -122,6 +122,23 @@ def _device(name: Optional[str]) -> str:
     return name or ("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def _image_and_out(args):
+    """The RGB image of ``args.image``, after checking that ``args.out`` names a picture file (both before
+    any model loads)."""
+    from pathlib import Path
+
+    from PIL import Image
+
+    if not args.out.lower().endswith((".png", ".jpg", ".jpeg", ".webp")):
+        raise ValueError(f"--out {args.out} must end in .png, .jpg or .webp")
+    if not Path(args.image).is_file():
+        raise FileNotFoundError(f"image not found: {args.image}")
+    try:
+        return Image.open(args.image).convert("RGB")
+    except Exception as e:
+        raise ValueError(f"cannot read image {args.image}: {e}") from None
+
+
 def _parse_labels(args) -> List[str]:
     from .inference.classifier import load_classnames
 
@@ -146,21 +163,14 @@ def _dense_settings(args):
 def _cmd_segment(args) -> int:
     from pathlib import Path
 
+    from PIL import Image
+
     from .checkpoint import load
     from .inference.dense import prepare_image, segment
     from .inference.visualize import heatmap_sheet, overlay_segmentation, save_image
 
     names = _parse_labels(args)
-    if not args.out.lower().endswith((".png", ".jpg", ".jpeg", ".webp")):
-        raise ValueError(f"--out {args.out} must end in .png, .jpg or .webp")
-    from PIL import Image
-
-    if not Path(args.image).is_file():
-        raise FileNotFoundError(f"image not found: {args.image}")
-    try:
-        image = Image.open(args.image).convert("RGB")
-    except Exception as e:
-        raise ValueError(f"cannot read image {args.image}: {e}") from None
+    image = _image_and_out(args)
     prepare_image(image, args.short_side)  # size checks before the model loads
     model, _, tokenizer = load(args.checkpoint, device=_device(args.device), backbone_weights=args.backbone_weights,
                                trust_code=args.trust_code)
@@ -298,22 +308,13 @@ def _segments(value: str):
 
 
 def _cmd_group(args) -> int:
-    from pathlib import Path
-
     from PIL import Image
 
     from .checkpoint import load
     from .inference.grouping import group_image
     from .inference.visualize import overlay_segmentation, save_image
 
-    if not args.out.lower().endswith((".png", ".jpg", ".jpeg", ".webp")):
-        raise ValueError(f"--out {args.out} must end in .png, .jpg or .webp")
-    if not Path(args.image).is_file():
-        raise FileNotFoundError(f"image not found: {args.image}")
-    try:
-        image = Image.open(args.image).convert("RGB")
-    except Exception as e:
-        raise ValueError(f"cannot read image {args.image}: {e}") from None
+    image = _image_and_out(args)
     segments = _segments(args.segments)
     model, _, _ = load(args.checkpoint, device=_device(args.device), backbone_weights=args.backbone_weights,
                        trust_code=args.trust_code)

@@ -1,4 +1,5 @@
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -27,6 +28,15 @@ def tiny_backbone(arch: str, img_size: int = 56) -> dict:
 
 
 TINY_TEXT = {"width": 64, "depth": 2, "heads": 2, "vocab_size": 100, "context_length": 16}
+
+
+def tiny_run_overrides(work, *extra: str, num_train: int = 64, num_eval: int = 24, steps: int = 4):
+    """Overrides of the debug recipe for a run of a few steps in ``work`` on its own small world (one block
+    of 96 wide, 32 samples per shard, no loader workers), in-process; ``extra`` adds or replaces settings."""
+    return [f"output_dir={work}", f"data.world.root={Path(work) / 'world'}", f"data.world.num_train={num_train}",
+            f"data.world.num_eval={num_eval}", "data.world.samples_per_shard=32", "data.num_workers=0",
+            "model.backbone.kwargs={depth: 1, embed_dim: 96, num_heads: 2}", f"optim.max_steps={steps}",
+            "optim.warmup_steps=1", "tokenizer.vocab_size=128", *extra]
 
 
 @pytest.fixture

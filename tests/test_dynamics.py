@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import tiny_run_overrides
 from numerics import EXACT_F64, FP32_U, assert_close
 
 from dinotxt.evaluation.dynamics import DIAGNOSTICS, dynamics_metrics, patch_areas
@@ -123,12 +124,9 @@ def diagnostics_run(tmp_path_factory):
     from dinotxt.train.run import run_training
 
     work = tmp_path_factory.mktemp("dynamics")
-    overrides = [f"output_dir={work}", f"data.world.root={work / 'world'}", "data.world.num_train=64",
-                 "data.world.num_eval=24", "data.world.samples_per_shard=32", "data.num_workers=0",
-                 "model.backbone.kwargs={depth: 1, embed_dim: 96, num_heads: 2}", "optim.max_steps=4",
-                 "optim.warmup_steps=1", "trainer.val_every_n_steps=2", "trainer.log_every_n_steps=1",
-                 "trainer.checkpoint_every_n_steps=100", "eval.diagnostics_size=12", "eval.diagnostics_save=true",
-                 "tokenizer.vocab_size=128"]
+    overrides = tiny_run_overrides(work, "trainer.val_every_n_steps=2", "trainer.log_every_n_steps=1",
+                                   "trainer.checkpoint_every_n_steps=100", "eval.diagnostics_size=12",
+                                   "eval.diagnostics_save=true")
     metrics = run_training(RECIPE, overrides)
     return Path(metrics["run_dir"]), overrides
 

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import tiny_run_overrides
 from dinotxt.data.spurious import ATTRIBUTES, TINTS, spurious_plan, write_spurious_world
 from dinotxt.data.world import SHAPES, render_sample
 
@@ -86,11 +87,8 @@ def spurious_run(tmp_path_factory):
     from dinotxt.train.run import run_training
 
     work = tmp_path_factory.mktemp("spurious")
-    overrides = [f"output_dir={work}", f"data.world.root={work / 'world'}", "data.world.spurious.enabled=true",
-                 "data.world.num_train=64", "data.world.num_eval=32", "data.world.samples_per_shard=32",
-                 "data.num_workers=0", "model.backbone.kwargs={depth: 1, embed_dim: 96, num_heads: 2}",
-                 "optim.max_steps=4", "optim.warmup_steps=1", "trainer.val_every_n_steps=0",
-                 "tokenizer.vocab_size=128"]
+    overrides = tiny_run_overrides(work, "data.world.spurious.enabled=true", "trainer.val_every_n_steps=0",
+                                   num_eval=32)
     run_training(RECIPE, overrides)
     return work
 
