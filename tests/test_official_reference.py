@@ -11,7 +11,7 @@ state dicts through dinotxt and compare against these functions.
 from __future__ import annotations
 
 import math
-from typing import Dict, Optional
+from typing import Dict
 
 import torch
 import torch.nn.functional as F

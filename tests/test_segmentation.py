@@ -7,7 +7,7 @@ from PIL import Image
 
 from dinotxt.data.world import class_names, render_sample
 from dinotxt.inference.dense import (dense_classifier, dense_probabilities, forwards_per_image, predict_labels, prepare_image,
-                                  resized_short_side, segment, window_grid, window_probabilities)
+                                  resized_short_side, segment, window_grid)
 from dinotxt.inference.settings import DenseSettings
 from dinotxt.inference.visualize import heatmap_sheet, label_palette, overlay_segmentation, save_image
 from numerics import assert_float64_equal

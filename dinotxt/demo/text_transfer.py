@@ -11,7 +11,6 @@ seen those words; a pretrained one knows what they mean.
 """
 from __future__ import annotations
 
-import json
 import logging
 import time
 from pathlib import Path
@@ -84,7 +83,7 @@ def run_text_transfer(overrides: List[str] = (), fresh: bool = False) -> Dict:
             row["chance"] = res["chance_top1"]
         results[arm] = row
     chance = results["scratch"]["chance"]
-    lines = [f"| text tower | top-1, caption words | top-1, synonyms | synonyms / chance |", "|---|---|---|---|"]
+    lines = ["| text tower | top-1, caption words | top-1, synonyms | synonyms / chance |", "|---|---|---|---|"]
     for arm, row in results.items():
         lines.append(f"| {row['about']} | {100 * row['caption_words']:.1f}% | {100 * row['synonyms']:.1f}% "
                      f"| {row['synonyms'] / chance:.1f}x |")
