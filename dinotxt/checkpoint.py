@@ -256,7 +256,8 @@ def _assemble(mcfg: DictConfig, state: Dict[str, torch.Tensor], tokenizer, devic
     if backbone_state is not None and backbone_weights is None:
         b = mcfg.backbone
         model.backbone = FrozenBackbone(b.name, weights=backbone_state, img_size=b.img_size, init_seed=b.init_seed,
-                                        trust_code=trust_code, **OmegaConf.to_container(b.kwargs))
+                                        trust_code=trust_code, trainable_blocks=b.get("trainable_blocks", 0),
+                                        **OmegaConf.to_container(b.kwargs))
         # the weights travel in the file; a config written from this model records the original file
         model.backbone.weights_file, model.backbone.rebuild_problem = recorded, None
     model.load_trainable_state_dict(state)

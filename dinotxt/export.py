@@ -116,7 +116,8 @@ def export_official(checkpoint: Union[str, Path], out: Optional[Union[str, Path]
         "logit_scale": float(state["logit_scale"]) if "logit_scale" in state else None,
         "logit_bias": None if bias is None else float(bias),
         "unlocked_backbone_blocks": int(mcfg.backbone.get("trainable_blocks", 0) or 0),
-        "loads_in_official_entry_point": bool(same_arch and cfg.tokenizer.kind == "clip_bpe"),
+        # unlocked blocks: the entry point would build the pretrained backbone without them (other embeddings)
+        "loads_in_official_entry_point": bool(same_arch and cfg.tokenizer.kind == "clip_bpe" and not unlocked),
     }
     notes = []
     if not same_arch:
@@ -131,9 +132,10 @@ def export_official(checkpoint: Union[str, Path], out: Optional[Union[str, Path]
                      "pair probabilities; rankings and zero-shot argmaxes do not depend on it")
     if unlocked:
         notes.append(f"the backbone's last {report['unlocked_backbone_blocks']} blocks (and the modules after them) were "
-                     f"trained: {prefix}_backbone_unlocked.pth holds them in timm's keys ({', '.join(sorted(unlocked)[:2])}, "
-                     "...; for DINOv2 ViT-S/B/L these equal the official backbone's keys); load it over the pretrained "
-                     "backbone with load_state_dict(..., strict=False)")
+                     f"trained: {prefix}_backbone_unlocked.pth holds them in the keys of the encoder dinotxt builds "
+                     f"({', '.join(sorted(unlocked)[:2])}, ...; timm's, which for DINOv2 ViT-S/B/L equal the official "
+                     "backbone's); load it over the pretrained backbone with load_state_dict(..., strict=False), or use "
+                     "the model through dinotxt")
     report["notes"] = notes
     atomic_write_json(out / "export.json", report)
     report["out"] = str(out)

@@ -4,7 +4,7 @@ What is uploaded (the folder ``stage_hub_folder`` writes, which ``--dry-run DIR`
 
     README.md              the model card (YAML front matter: library, license, tags, metrics)
     config.yaml            the checkpoint's config (model, tokenizer, and the run's training config)
-    model.safetensors      the trainable weights: vision head, text tower, logit_scale
+    model.safetensors      the trainable weights: vision head, text tower, logit_scale (logit_bias, unlocked blocks)
     tokenizer file         tokenizer.model / bpe_simple_vocab_16e6.txt.gz / tokenizer.json
     metrics.json           the run's measured metrics, when the run has them
     backbone.safetensors   only with --include-backbone: the frozen backbone's weights
@@ -227,9 +227,13 @@ def model_card(repo_id: str, cfg: DictConfig, state, files: Dict[str, int], metr
     bring = not include_backbone and backbone["kind"] == "file"
 
     out = [_front_matter(repo_id, license_fields, metrics, demo_data), f"# {repo_id.split('/')[-1]}", ""]
+    unlocked = int(b.get("trainable_blocks", 0) or 0)
+    encoder = f"a **frozen** vision encoder (`{b.name}`)" if not unlocked else \
+        f"a vision encoder (`{b.name}`) frozen but for its last {unlocked} block(s), trained with the rest"
+    loss = "SigLIP's sigmoid loss (with a learned logit bias)" if "logit_bias" in state else "a contrastive loss"
     out.append(f"An image-text model in the dino.txt recipe (Jose et al., CVPR 2025; LiT, Zhai et al., CVPR 2022), "
-               f"trained with dinotxt: a **frozen** vision encoder (`{b.name}`), a trainable "
-               f"vision head over its tokens and a text tower trained from scratch, aligned with a contrastive loss. "
+               f"trained with dinotxt: {encoder}, a trainable "
+               f"vision head over its tokens and a text tower trained from scratch, aligned with {loss}. "
                f"It gives {embed_dim}-dimensional image and text embeddings for zero-shot classification and "
                f"retrieval, and patch embeddings for open-vocabulary segmentation.")
     out += ["", "## Model", "", "| part | configuration |", "|---|---|",
@@ -280,11 +284,12 @@ def model_card(repo_id: str, cfg: DictConfig, state, files: Dict[str, int], metr
             f"model, preprocess_train, preprocess = dinotxt.create_model_and_transforms(\"{hub}\""
             + (", backbone_weights=\"/path/to/" + backbone["name"] + "\")" if bring else ")"),
             f"tokenizer = dinotxt.get_tokenizer(\"{hub}\")", "```", "",
-            "`model.encode_image(preprocess(image)[None], normalize=True)` and "
-            "`model.encode_text(tokenizer([\"a photo of a cat\"]), normalize=True)` give the embeddings; "
-            "`model.logit_scale` is the log temperature, as in open_clip. "
-            f"`dinotxt.load(\"{hub}\")` returns `(model, preprocess, tokenizer)`, and every command line option "
-            f"`--checkpoint` takes `{hub}`, e.g.", "",
+            ("`model.encode_image(preprocess(image)[None], normalize=True)` and "
+             "`model.encode_text(tokenizer([\"a photo of a cat\"]), normalize=True)` give the embeddings; "
+             "`model.logit_scale` is the log temperature, as in open_clip"
+             + ("; `model.logit_bias` the sigmoid loss's bias (`get_logits` adds it). " if "logit_bias" in state else ". ")
+             + f"`dinotxt.load(\"{hub}\")` returns `(model, preprocess, tokenizer)`, and every command line option "
+             f"`--checkpoint` takes `{hub}`, e.g."), "",
             "```bash", f"dinotxt eval zeroshot --checkpoint {hub} --data IMAGE_FOLDER"
             + (f" --backbone-weights /path/to/{backbone['name']}" if bring else ""), "```", ""]
     out += ["## Files", "", "| file | size |", "|---|---|"]

@@ -197,6 +197,17 @@ def test_gradient_caching_with_the_sigmoid_loss_equals_one_pass():
                                    {k: p.grad for k, p in one.named_parameters() if p.grad is not None})
 
 
+def test_gradient_caching_of_the_infonce_on_a_model_with_a_bias_leaves_the_bias_alone():
+    """The InfoNCE does not depend on a bias: a biased model trains with it, the bias gets no gradient."""
+    from dinotxt.train.gradcache import gradcache_backward
+
+    images, ids = _batch(8)
+    model = _model()
+    gradcache_backward(model, ClipLoss(), [{"image": images[:4], "text": ids[:4]}, {"image": images[4:], "text": ids[4:]}],
+                       seeds=[0, 1])
+    assert model.logit_bias.grad is None and model.logit_scale.grad is not None
+
+
 def test_config_fills_siglips_bias_and_refuses_a_bias_the_infonce_would_ignore():
     from dinotxt.config import ConfigError, load_train_config
 
@@ -234,3 +245,10 @@ def test_the_bias_survives_checkpoint_single_file_and_official_export(tmp_path):
     assert report["logit_bias"] == -6.25
     assert any("sigmoid loss" in note for note in report["notes"])
     assert json.loads((tmp_path / "official" / "export.json").read_text())["logit_bias"] == -6.25
+    from dinotxt.checkpoint import read_checkpoint
+    from dinotxt.push_to_hub import backbone_provenance, model_card
+
+    cfg, state, _ = read_checkpoint(ckpt)
+    card = model_card("me/siglip", cfg, state, {}, {}, None, backbone_provenance(cfg.model.backbone), False,
+                      {"license": "apache-2.0"})
+    assert "SigLIP's sigmoid loss" in card and "`model.logit_bias`" in card

@@ -102,7 +102,8 @@ def test_unlocked_blocks_are_checkpointed_exported_and_loaded_back(tmp_path):
     assert not any(k.startswith(("backbone.", "unlocked_backbone.encoder.blocks.1.", "unlocked_backbone.encoder.patch"))
                    for k in keys)
     x = torch.randn(2, 3, 56, 56)
-    for source in (ckpt, export_safetensors(ckpt)["out"]):
+    carried = export_safetensors(ckpt, tmp_path / "with_backbone.safetensors", include_backbone=True)["out"]
+    for source in (ckpt, export_safetensors(ckpt)["out"], carried):
         loaded = dinotxt.load(source)[0]
         assert loaded.backbone.trainable_blocks == 1
         assert torch.equal(loaded.backbone.encoder.norm.bias, torch.full((96,), 0.25))
@@ -110,13 +111,22 @@ def test_unlocked_blocks_are_checkpointed_exported_and_loaded_back(tmp_path):
             assert torch.equal(loaded.encode_image(x), model.eval().encode_image(x))
     report = export_official(ckpt, tmp_path / "official")
     assert report["unlocked_backbone_blocks"] == 1 and "dinotxt_demo_backbone_unlocked.pth" in report["files"]
+    assert report["loads_in_official_entry_point"] is False  # it would build the backbone without them
     blocks = torch.load(tmp_path / "official" / "dinotxt_demo_backbone_unlocked.pth", weights_only=True)
     assert torch.equal(blocks["norm.bias"], torch.full((96,), 0.25)) and "blocks.2.mlp.fc1.weight" in blocks
     assert not any(k.startswith("blocks.1.") for k in blocks)
+    # the Hub model card says what trained
+    from dinotxt.checkpoint import read_checkpoint
+    from dinotxt.push_to_hub import backbone_provenance, model_card
+
+    cfg, state, _ = read_checkpoint(ckpt)
+    card = model_card("me/unlocked", cfg, state, {}, {}, None, backbone_provenance(cfg.model.backbone), False,
+                      {"license": "apache-2.0"})
+    assert "frozen but for its last 1 block(s)" in card and "**frozen** vision encoder" not in card
     # a checkpoint without the unlocked blocks does not fit a model that has them
     frozen = dinotxt.save_checkpoint(tmp_path / "frozen", _model(0), tok)
     state = load_file(str(frozen / "model.safetensors"))
-    with pytest.raises(ValueError, match="missing.*unlocked_backbone.encoder"):
+    with pytest.raises(ValueError, match="missing.*unlocked_backbone.encoder.*trainable_blocks must match"):
         model.load_trainable_state_dict(state)
 
 
@@ -135,6 +145,21 @@ def test_gradient_caching_with_unlocked_blocks_equals_one_pass():
     grads = {k: p.grad for k, p in cached.named_parameters() if p.grad is not None}
     assert any(k.startswith("backbone.encoder.blocks.2.") for k in grads)
     assert_grads_float64_equal(grads, {k: p.grad for k, p in one.named_parameters() if p.grad is not None})
+
+
+def test_a_cnn_tapped_at_an_inner_stage_unlocks_the_blocks_on_its_path():
+    """Tapped at stage 2 (timm features_only keeps every block, but blocks 3-6 never run): unlocking 1 block
+    unlocks blocks.2, the tapped one, and every unlocked parameter gets a gradient."""
+    model = dinotxt.create_model("dinotxt_demo_effnet", backbone={"weights": None, "img_size": 64, "trainable_blocks": 1,
+                                                                  "kwargs": {"stage": 2}}, text=TINY_TEXT,
+                                 vision_head={"num_blocks": 1}).train()
+    assert model.backbone.unlocked_prefixes == ("encoder.net.blocks.2.",)
+    model.encode_image(torch.randn(2, 3, 64, 64)).sum().backward()
+    unlocked = [(n, p) for n, p in model.backbone.named_parameters() if p.requires_grad]
+    assert unlocked and all(p.grad is not None for _, p in unlocked)
+    with pytest.raises(ValueError, match="trainable_blocks=4, but .* has 3 blocks up to its tapped feature stage"):
+        dinotxt.create_model("dinotxt_demo_effnet", backbone={"weights": None, "img_size": 64, "trainable_blocks": 4,
+                                                              "kwargs": {"stage": 2}}, text=TINY_TEXT)
 
 
 @pytest.mark.parametrize("name, after", [("cnn:tf_efficientnet_lite0", ("conv_head", "bn2")), (None, ())])
@@ -169,6 +194,8 @@ def test_settings_that_cannot_unlock_are_one_line_errors():
         load_train_config("demo", ["model.backbone.trainable_blocks=1"])
     with pytest.raises(ConfigError, match="trainable_blocks=-1"):
         load_train_config("debug", ["model.backbone.trainable_blocks=-1"])
+    with pytest.raises(ConfigError, match="optim.backbone_lr=0.0001 .* but model.backbone.trainable_blocks=0"):
+        load_train_config("debug", ["optim.backbone_lr=1e-4"])
 
 
 @pytest.mark.slow

@@ -190,13 +190,22 @@ class FrozenBackbone(nn.Module):
                              "blocks to unlock (timm ViTs and EfficientNets have one); set it to 0")
         path, holder = found[0]
         depth = len(holder.blocks)
-        if k > depth:
-            raise ValueError(f"model.backbone.trainable_blocks={k}, but backbone '{self.name}' has {depth} blocks")
         children = [name for name, _ in holder.named_children()]
         # the modules after the blocks that hold weights (a final norm, a head convolution); parameter-free ones
         # (identity heads, pooling, dropout) stay as they are
         after = [c for c in children[children.index("blocks") + 1:]
                  if any(True for _ in getattr(holder, c).parameters()) or any(True for _ in getattr(holder, c).buffers())]
+        if isinstance(self.encoder, CnnTokens) and self.encoder.stage is not None:
+            # a CNN tapped at a feature stage (timm features_only) keeps every block, but only those up to the
+            # tapped one are on the forward path: the last K of THOSE unlock, nothing after them
+            tapped = self.encoder.net.feature_info.module_name()[-1]
+            if not tapped.startswith("blocks.") or not tapped[len("blocks."):].isdigit():
+                raise ValueError(f"model.backbone.trainable_blocks={k}: backbone '{self.name}' is tapped at {tapped}, "
+                                 "not at one of its blocks; set it to 0")
+            depth, after = int(tapped[len("blocks."):]) + 1, []
+        if k > depth:
+            raise ValueError(f"model.backbone.trainable_blocks={k}, but backbone '{self.name}' has {depth} blocks"
+                             + (" up to its tapped feature stage" if len(holder.blocks) != depth else ""))
         base = f"{path}." if path else ""
         names = [f"{base}blocks.{i}" for i in range(depth - k, depth)] + [f"{base}{c}" for c in after]
         modules = dict(self.named_modules())
@@ -307,12 +316,11 @@ def frozen_tokens(backbone: torch.nn.Module, images: torch.Tensor, autocast: Opt
     """
     dtype = backbone_autocast_dtype(autocast)
     cast = torch.autocast(images.device.type, dtype=dtype) if dtype else contextlib.nullcontext()
-    if getattr(backbone, "trainable_blocks", 0):
-        with cast:
-            tokens = backbone(images)
-        return tokens.to(torch.promote_types(tokens.dtype, torch.float32))
+    unlocked = bool(getattr(backbone, "trainable_blocks", 0))
+    # frozen: no autograd bookkeeping at all; unlocked blocks need their graph
+    mode = contextlib.nullcontext if unlocked else torch.inference_mode
     try:
-        with torch.inference_mode(), cast:
+        with mode(), cast:
             tokens = backbone(images)
     except RuntimeError as e:
         # torch's bf16 flash-attention CPU kernel picks its AMX packing from the hardware but refuses
@@ -322,8 +330,10 @@ def frozen_tokens(backbone: torch.nn.Module, images: torch.Tensor, autocast: Opt
             raise
         from torch.nn.attention import SDPBackend, sdpa_kernel
 
-        with torch.inference_mode(), cast, sdpa_kernel([SDPBackend.MATH]):
+        with mode(), cast, sdpa_kernel([SDPBackend.MATH]):
             tokens = backbone(images)
+    if unlocked:
+        return tokens.to(torch.promote_types(tokens.dtype, torch.float32))
     # inference tensors cannot be saved for backward: copy outside inference mode (bf16 autocast
     # output becomes fp32; a float64 model, as the exactness tests run, stays float64)
     return tokens.to(torch.promote_types(tokens.dtype, torch.float32), copy=True)

@@ -154,7 +154,11 @@ class DinoTxt(nn.Module):
             state = {**{k: own[k] for k in self.variant_keys() if k not in state}, **state}
         report = key_report(self.trainable_state_dict(), state)
         if report:
-            raise ValueError(f"checkpoint does not fit this model config: {report}")
+            hint = ""
+            if UNLOCKED_PREFIX in report:
+                hint = (f"; the model unlocks {self.backbone.trainable_blocks} backbone block(s): "
+                        "model.backbone.trainable_blocks must match the checkpoint's")
+            raise ValueError(f"checkpoint does not fit this model config: {report}{hint}")
         state = {("backbone." + k[len(UNLOCKED_PREFIX):] if k.startswith(UNLOCKED_PREFIX) else k): v
                  for k, v in state.items()}
         self.load_state_dict({**self.backbone_state(), **state}, strict=True)

@@ -4,9 +4,10 @@
 The InfoNCE of a global batch couples every pair of samples, so plain gradient accumulation
 (Lightning's ``accumulate_grad_batches``) is not the same training: each micro-batch would only
 see its own negatives. Gradient caching computes the loss of the whole global batch (every
-micro-batch of every rank, ``data.global_batch``) with the activation memory of one micro-batch:
+micro-batch of every rank, ``data.global_batch``) with the activation memory of two micro-batches
+(at most: the one pass 1 keeps, then one in pass 2), whatever the global batch:
 
-1. pass 1 embeds every micro-batch without an autograd graph;
+1. pass 1 embeds every micro-batch without an autograd graph (but the last);
 2. the loss over all the (gathered) embeddings gives d loss / d embedding for each of them, and
    d loss / d temperature (and d loss / d bias for the sigmoid loss);
 3. pass 2 embeds each micro-batch again, with a graph, and back-propagates its slice of those
@@ -16,7 +17,8 @@ micro-batch of every rank, ``data.global_batch``) with the activation memory of 
 
 The parameter gradients equal those of one pass over the whole global batch (the loss is a
 function of the embeddings only). The frozen backbone runs once per image: its tokens are kept
-between the passes (or come from the feature cache, where the image side costs nothing). The
+between the passes (or come from the feature cache, where the image side costs nothing); with
+unlocked blocks (``model.backbone.trainable_blocks``) the whole backbone runs in both passes. The
 random draws of the head (drop path) are replayed: each micro-batch reseeds torch's RNG from
 its own seed before it is embedded, in both passes. Under DDP every rank runs the same passes;
 the loss gathers the embeddings of all ranks with gradients, and only the last backward pass of
@@ -124,7 +126,8 @@ def gradcache_backward(model, loss_fn, micro_batches: Sequence[Dict], seeds: Seq
     loss = loss_fn(img, txt, scale, bias)
     if check_loss is not None:
         check_loss(loss.detach())
-    grads = torch.autograd.grad(loss, (img, txt, scale) + (() if bias is None else (bias,)))
+    # allow_unused: the InfoNCE does not depend on a bias (a model built with one may still train with it)
+    grads = torch.autograd.grad(loss, (img, txt, scale) + (() if bias is None else (bias,)), allow_unused=True)
     grad_img, grad_txt, grad_scale = grads[:3]
     del img, txt
 
@@ -142,7 +145,7 @@ def gradcache_backward(model, loss_fn, micro_batches: Sequence[Dict], seeds: Seq
         start = rows.stop
     last = surrogate(kept_img, kept_txt, slice(start, start + kept_img.shape[0]))
     last = last + model.logit_scale.exp() * grad_scale  # the temperature's (and bias's) gradient joins the last call
-    if bias is not None:
+    if bias is not None and grads[3] is not None:
         last = last + model.logit_bias * grads[3]
     backward(last, True)
     return loss.detach()
