@@ -55,7 +55,8 @@ class PeriodicCheckpoint(Callback):
     def save(self, trainer: L.Trainer, module: DinoTxtSystem) -> None:
         path = self.run_dir / "checkpoints" / "last.ckpt"
         tmp = path.with_name(f".last.ckpt.tmp{os.getpid()}")
-        trainer.save_checkpoint(tmp)
+        # the full training state (optimizer, loops, callbacks): what an exact --resume needs
+        trainer.save_checkpoint(tmp, weights_only=False)
         if trainer.is_global_zero:
             os.replace(tmp, path)
             save_checkpoint(self.run_dir / "checkpoint", module.model, self.tokenizer, self.cfg)
