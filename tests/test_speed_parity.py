@@ -122,15 +122,15 @@ def test_activation_checkpointing_gives_the_same_gradients():
     assert_grads_float64_equal(grads[0], grads[1])
 
 
-@pytest.mark.parametrize("cached", [False, True])
-def test_flop_count_matches_torch_flop_counter(cached):
+@pytest.mark.parametrize("cached, unlocked", [(False, 0), (True, 0), (False, 1)])
+def test_flop_count_matches_torch_flop_counter(cached, unlocked):
     from torch.utils.flop_counter import FlopCounterMode
 
     from dinotxt.train.flops import attention_flops, train_step_flops
 
     torch.manual_seed(0)
-    model = dinotxt.create_model("dinotxt_demo", backbone=TINY_BACKBONE, text=TINY_TEXT,
-                                 vision_head={"num_blocks": 2, "drop_path": 0.3})
+    model = dinotxt.create_model("dinotxt_demo", backbone={**TINY_BACKBONE, "trainable_blocks": unlocked},
+                                 text=TINY_TEXT, vision_head={"num_blocks": 2, "drop_path": 0.3}).train()
     images, ids = torch.randn(4, 3, 56, 56), _ids(4, 16)
     tokens = frozen_tokens(model.backbone, images)
     batch = {"tokens": tokens, "text": ids} if cached else {"image": images, "text": ids}
@@ -142,12 +142,15 @@ def test_flop_count_matches_torch_flop_counter(cached):
     # branches run on floor(0.7 * 4) = 2 rows (batch-subset stochastic depth at the default 0.3)
     head_rows = 2
     assert model.vision_head.drop_path == 0.3 and model.vision_head.training
+    depth = TINY_BACKBONE["kwargs"]["depth"]
     trained = (head_rows * len(model.vision_head.block_list) * attention_flops(tokens.shape[1], 96)
-               + 4 * len(model.text.backbone.blocks) * attention_flops(text_len, 64))
-    frozen = 0 if cached else 4 * TINY_BACKBONE["kwargs"]["depth"] * attention_flops(tokens.shape[1], 96)
+               + 4 * len(model.text.backbone.blocks) * attention_flops(text_len, 64)
+               + 4 * unlocked * attention_flops(tokens.shape[1], 96))
+    frozen = 0 if cached else 4 * (depth - unlocked) * attention_flops(tokens.shape[1], 96)
     counts = counter.get_flop_counts()["Global"]
     sdpa = sum(v for op, v in counts.items() if "scaled_dot_product" in str(op))
-    # every matmul outside attention, exactly
+    # every matmul outside attention, exactly (unlocked blocks: 3x, as their first op, a LayerNorm with
+    # trained weights, makes every matmul after it need its input gradient)
     assert counter.get_total_flops() - sdpa == ours["total"] - 3 * trained - frozen
     if sdpa:  # torch versions that count the CPU SDPA kernel: its backward is 2.5x the forward
         # (it recomputes the scores) where model FLOPs count 2x

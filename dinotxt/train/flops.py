@@ -4,7 +4,9 @@ MFU follows the PaLM convention (Chowdhery et al. 2022, appendix B): the matmul 
 (2 per multiply-add) the model needs per step, divided by step time and the hardware's
 dense peak. For dino.txt / LiT that is the frozen backbone's forward pass only (it never
 runs backward), and forward + backward (= 3x forward) of the trainable head and text
-tower, plus the loss logits. With batch-subset stochastic depth in the head (the official form),
+tower, plus the loss logits; unlocked backbone blocks (``trainable_blocks``) count 3x too (a
+ViT block starts with a LayerNorm whose weights train, so every matmul after it needs its input
+gradient: 3x is exact). With batch-subset stochastic depth in the head (the official form),
 its branches run on floor((1-p)B) rows and are counted so. Recompute for activation checkpointing is not model work
 and is not counted. Attention is counted over the full score matrix (also when causal),
 as ``torch.utils.flop_counter`` does; the text tower is counted at the length it really
@@ -84,8 +86,14 @@ def train_step_flops(model, batch_size: int, num_tokens: int, text_len: int, glo
         text_fwd += linear_flops(text.head, 1)  # projection of the EOT token only
     embed = model.embed_dim
     loss_fwd = 2 * 2 * batch_size * global_batch * embed  # image->text and text->image logits
+    backbone = 0 if cached else batch_size * backbone_forward_flops(model.backbone, num_tokens)
+    unlocked = int(getattr(model.backbone, "trainable_blocks", 0) or 0)
+    blocks = getattr(model.backbone.encoder, "blocks", None)
+    if unlocked and blocks is not None and not cached:  # unlocked blocks also run backward (2x their forward)
+        backbone += 2 * batch_size * sum(block_forward_flops(b, num_tokens, model.backbone.embed_dim)
+                                         for b in list(blocks)[-unlocked:])
     out = {
-        "backbone": 0 if cached else batch_size * backbone_forward_flops(model.backbone, num_tokens),
+        "backbone": backbone,
         "head": 3 * head_rows * head_fwd,
         "text": 3 * batch_size * text_fwd,
         "loss": 3 * loss_fwd,
