@@ -30,6 +30,17 @@ def tiny_backbone(arch: str, img_size: int = 56) -> dict:
 TINY_TEXT = {"width": 64, "depth": 2, "heads": 2, "vocab_size": 100, "context_length": 16}
 
 
+class Batches(torch.utils.data.IterableDataset):
+    """Ready training batches, in order, as a dataset (``DataLoader(Batches(batches), batch_size=None)``):
+    feeds a Lightning fit exactly the batches a test built."""
+
+    def __init__(self, batches):
+        self.batches = batches
+
+    def __iter__(self):
+        return iter(self.batches)
+
+
 def tiny_run_overrides(work, *extra: str, num_train: int = 64, num_eval: int = 24, steps: int = 4):
     """Overrides of the debug recipe for a run of a few steps in ``work`` on its own small world (one block
     of 96 wide, 32 samples per shard, no loader workers), in-process; ``extra`` adds or replaces settings."""

@@ -12,6 +12,8 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
+from conftest import Batches
+
 ROOT = Path(__file__).parents[1]
 RECIPE = str(ROOT / "recipes" / "debug.yaml")
 # 192 pairs at batch 16 = 12 steps per pass: 30 steps cross two epoch boundaries; two loader
@@ -71,14 +73,6 @@ def test_sigkill_mid_epoch_then_resume_equals_uninterrupted_run(tmp_path):
         assert torch.equal(a[k], b[k]), k
 
 
-class _Batches(torch.utils.data.IterableDataset):
-    def __init__(self, batches):
-        self.batches = batches
-
-    def __iter__(self):
-        return iter(self.batches)
-
-
 def _system(tiny_cfg):
     import dinotxt
     from dinotxt.train.system import DinoTxtSystem
@@ -125,7 +119,7 @@ def _fit(system, batches, steps):
 
     trainer = L.Trainer(max_steps=steps, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0)
-    trainer.fit(system, train_dataloaders=DataLoader(_Batches(batches), batch_size=None))
+    trainer.fit(system, train_dataloaders=DataLoader(Batches(batches), batch_size=None))
 
 
 @pytest.mark.parametrize("poison", ["loss", "gradient"])

@@ -13,7 +13,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from conftest import TINY_BACKBONE, TINY_TEXT
+from conftest import TINY_BACKBONE, TINY_TEXT, Batches
 from multiproc import run_ranks
 from numerics import assert_close, assert_float64_equal, assert_grads_float64_equal
 
@@ -159,14 +159,6 @@ def test_step_batches_group_micro_batches_and_record_every_loader_batch():
 # ------------------------------------------------------------------ the Lightning system
 
 
-class _Batches(torch.utils.data.IterableDataset):
-    def __init__(self, batches):
-        self.batches = batches
-
-    def __iter__(self):
-        return iter(self.batches)
-
-
 def _step_batch(micro_batches):
     from dinotxt.train.gradcache import merge_micro_batches
 
@@ -209,7 +201,7 @@ def _fit(system, batches, steps, **trainer):
     t = L.Trainer(max_steps=steps, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
                   enable_model_summary=False, num_sanity_val_steps=0, precision="64-true", callbacks=[capture],
                   **{"devices": 1, **trainer})
-    t.fit(system, train_dataloaders=DataLoader(_Batches(batches), batch_size=None))
+    t.fit(system, train_dataloaders=DataLoader(Batches(batches), batch_size=None))
     return capture
 
 
