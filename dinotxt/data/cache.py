@@ -30,7 +30,7 @@ import json
 import random
 from collections import Counter
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, Optional, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -53,6 +53,17 @@ _TRAIN_MAY_DIFFER = ("view_seed", "backbone_autocast")
 
 
 # --------------------------------------------------------------------------- what a cache depends on
+
+
+def missing_shards(root: Path, meta: Dict[str, Any]) -> List[str]:
+    """The shards a cache's metadata lists whose index is not written yet (an unfinished ``dinotxt cache``)."""
+    return [s["name"] for s in meta.get("shards", []) if not (root / f"{s['name']}.json").is_file()]
+
+
+def cache_complete(path) -> bool:
+    """A feature cache folder whose metadata and every listed shard are written."""
+    meta = Path(path) / META_NAME
+    return meta.is_file() and not missing_shards(Path(path), json.loads(meta.read_text()))
 
 
 def view_seed(seed: int, key: str, view: int) -> int:
@@ -170,7 +181,7 @@ class FeatureCache:
                              f"format {FORMAT_VERSION}: rebuild it with `dinotxt cache RECIPE`")
         self.spec = self.meta["spec"]
         self.names = [s["name"] for s in self.meta["shards"]]
-        missing = [n for n in self.names if not (self.root / f"{n}.json").is_file()]
+        missing = missing_shards(self.root, self.meta)
         if missing:
             raise ValueError(f"feature cache {self.root} is incomplete ({len(missing)} of {len(self.names)} shards "
                              f"missing, e.g. {missing[0]}); finish it with `dinotxt cache RECIPE` (it resumes)")

@@ -26,6 +26,7 @@ from omegaconf import DictConfig, OmegaConf
 from ..checkpoint import save_checkpoint
 from ..config import (ConfigError, TrainConfig, check_train_config, finalize, load_train_config, merge_config,
                       parse_overrides)
+from ..data.cache import cache_complete
 from ..data.sources import expand_shards, is_manifest, iter_tar_samples, read_manifest
 from ..data.stream import extract_caption
 from ..data.world import ensure_world
@@ -204,17 +205,6 @@ def _pretrained_text_tokenizer(cfg: DictConfig, run_dir: Path, init=None):
     log.info(f"tokenizer: the own tokenizer of {t.pretrained} ({tok.vocab_size:,} ids, pad id {tok.pad_id})")
     t.vocab_size, t.pad_id = tok.vocab_size, tok.pad_id
     return tok
-
-
-def cache_complete(path) -> bool:
-    """A feature cache folder whose metadata and every listed shard are written."""
-    from ..data.cache import META_NAME
-
-    meta = Path(path) / META_NAME
-    if not meta.is_file():
-        return False
-    shards = json.loads(meta.read_text()).get("shards", [])
-    return all((Path(path) / f"{s['name']}.json").is_file() for s in shards)
 
 
 def resolve_run(recipe: Optional[str], overrides: List[str], resume: bool) -> DictConfig:
