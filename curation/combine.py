@@ -15,14 +15,13 @@ one atomically, so a rerun writes only the missing ones.
 """
 from __future__ import annotations
 
-import io
 import tarfile
 from pathlib import Path
 from typing import Dict, List, Optional
 
 import numpy as np
 
-from dinotxt.fileio import atomic_output
+from dinotxt.fileio import add_tar_member, atomic_output
 
 from dinotxt.data.units import DataUnit, iter_unit
 from .store import save_npy, save_table
@@ -46,13 +45,6 @@ def uid_key(uid: int) -> str:
     return f"{int(uid) & 0xFFFFFFFFFFFFFFFF:016x}"
 
 
-def _tar_add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
-    info = tarfile.TarInfo(name)
-    info.size = len(data)
-    info.mtime = 0  # identical bytes on every rerun
-    tar.addfile(info, io.BytesIO(data))
-
-
 def _write_shard(path: Path, wanted: Dict[int, int], units: List[DataUnit], pool_cfg) -> int:
     """Write the samples whose uid is in ``wanted`` (uid -> position in the shard) from ``units``."""
     found: Dict[int, Dict] = {}
@@ -70,12 +62,12 @@ def _write_shard(path: Path, wanted: Dict[int, int], units: List[DataUnit], pool
                 raw, key = found[uid], uid_key(uid)
                 if "__path__" in raw:  # manifest pool: the image file and the caption
                     with open(raw["__path__"], "rb") as f:
-                        _tar_add(tar, f"{key}{Path(raw['__path__']).suffix.lower() or '.jpg'}", f.read())
-                    _tar_add(tar, f"{key}.txt", str(raw["__caption__"]).encode("utf-8"))
+                        add_tar_member(tar, f"{key}{Path(raw['__path__']).suffix.lower() or '.jpg'}", f.read())
+                    add_tar_member(tar, f"{key}.txt", str(raw["__caption__"]).encode("utf-8"))
                     continue
                 for ext, data in raw.items():
                     if not ext.startswith("__"):
-                        _tar_add(tar, f"{key}.{ext}", data)
+                        add_tar_member(tar, f"{key}.{ext}", data)
     return len(wanted)
 
 

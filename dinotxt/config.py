@@ -464,7 +464,7 @@ def check_train_config(cfg: DictConfig) -> DictConfig:
     if cfg.optim.backbone_lr is not None and not k:
         raise ConfigError(f"optim.backbone_lr={cfg.optim.backbone_lr} is the learning rate of unlocked backbone blocks, "
                           "but model.backbone.trainable_blocks=0: set trainable_blocks, or optim.backbone_lr=null")
-    if k and cfg.optim.backbone_lr is not None and cfg.optim.backbone_lr < 0:
+    if cfg.optim.backbone_lr is not None and cfg.optim.backbone_lr < 0:
         raise ConfigError(f"optim.backbone_lr={cfg.optim.backbone_lr} must be >= 0")
     return cfg
 

@@ -51,3 +51,14 @@ def atomic_write_text(path: PathLike, text: str) -> None:
 
 def atomic_write_json(path: PathLike, obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2) + "\n")
+
+
+def add_tar_member(tar, name: str, data: bytes) -> None:
+    """Add ``data`` to the open ``tarfile`` as the member ``name``, with mtime 0 (the same bytes on every rerun)."""
+    import io
+    import tarfile
+
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    info.mtime = 0
+    tar.addfile(info, io.BytesIO(data))

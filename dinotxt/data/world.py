@@ -28,7 +28,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
-from ..fileio import atomic_write_text
+from ..fileio import add_tar_member, atomic_write_text
 from .folder import GROUPS_FILE
 
 log = logging.getLogger(__name__)
@@ -197,13 +197,6 @@ def render_sample(seed: int, size: int = 128, max_objects: int = 2,
     return WorldSample(image, np.asarray(labels, dtype=np.uint8).copy(), _caption(rng, objects, background), objects)
 
 
-def _tar_add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
-    info = tarfile.TarInfo(name)
-    info.size = len(data)
-    info.mtime = 0
-    tar.addfile(info, io.BytesIO(data))
-
-
 def _encode(img: Image.Image, fmt: str) -> bytes:
     buf = io.BytesIO()
     img.save(buf, format=fmt, **({"quality": 92} if fmt == "JPEG" else {}))
@@ -236,14 +229,14 @@ def write_split(out_dir: Path, num_samples: int, seed: int, size: int = 128, sam
                 sample = render_sample(seed * 10_000_019 + i, size, max_objects, **(plan[i]["render"] if plan else {}))
                 key = key_of(i)
                 jpg = _encode(sample.image, "JPEG")
-                _tar_add(tar, f"{key}.jpg", jpg)
-                _tar_add(tar, f"{key}.txt", sample.caption.encode())
+                add_tar_member(tar, f"{key}.jpg", jpg)
+                add_tar_member(tar, f"{key}.txt", sample.caption.encode())
                 meta = {"caption": sample.caption, "objects": sample.objects,
                         "label": 1 + class_index(sample.objects[0]["color"], sample.objects[0]["shape"])}
                 if plan:
                     meta["group"] = plan[i]["group"]
-                _tar_add(tar, f"{key}.json", json.dumps(meta).encode())
-                _tar_add(tar, f"{key}.seg.png", _encode(Image.fromarray(sample.labels), "PNG"))
+                add_tar_member(tar, f"{key}.json", json.dumps(meta).encode())
+                add_tar_member(tar, f"{key}.seg.png", _encode(Image.fromarray(sample.labels), "PNG"))
                 if image_folder:
                     cls = out_dir / "classes" / (plan[i]["class"] if plan else names[meta["label"] - 1])
                     cls.mkdir(parents=True, exist_ok=True)

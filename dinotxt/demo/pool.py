@@ -30,8 +30,8 @@ from typing import Dict, List
 
 from PIL import Image
 
-from ..fileio import atomic_output, atomic_write_json
-from ..data.world import COLORS, SHAPES, _encode, _tar_add, render_sample, write_split
+from ..fileio import add_tar_member, atomic_output, atomic_write_json
+from ..data.world import COLORS, SHAPES, _encode, render_sample, write_split
 
 
 @dataclass
@@ -144,9 +144,9 @@ def write_pool(root: str, spec: PoolSpec = PoolSpec()) -> Dict:
                 meta = {"caption": caption, "concept": _concept_of(sample), "noisy": donor is not None,
                         "copy_of": f"popular{what:03d}" if kind == "copy" else None, "objects": sample.objects}
                 key = f"{shard:06d}{i:07d}"
-                _tar_add(tar, f"{key}.jpg", jpg)
-                _tar_add(tar, f"{key}.txt", caption.encode())
-                _tar_add(tar, f"{key}.json", json.dumps(meta).encode())
+                add_tar_member(tar, f"{key}.jpg", jpg)
+                add_tar_member(tar, f"{key}.txt", caption.encode())
+                add_tar_member(tar, f"{key}.json", json.dumps(meta).encode())
     write_split(root / "eval", spec.num_eval, spec.seed * 2 + 1, spec.image_size, spec.samples_per_shard, 1,
                 image_folder=True)
     info = {"spec": asdict(spec), "truth": truth}

@@ -32,7 +32,6 @@ unchanged, so both tools score the very same images::
 """
 from __future__ import annotations
 
-import io
 import sys
 import tarfile
 from pathlib import Path
@@ -40,7 +39,7 @@ from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
 
-from ..fileio import atomic_output, atomic_write_text
+from ..fileio import add_tar_member, atomic_output, atomic_write_text
 
 MODEL_TYPE = "dinotxt"
 SAMPLES_PER_TAR = 10_000  # CLIP_benchmark's own converter default (max_count)
@@ -130,9 +129,7 @@ def _write_tars(out: Path, split: str, samples: Sequence[Tuple[bytes, str, str, 
             with tarfile.open(tmp, "w") as tar:
                 for i, (image, ext, label_ext, label) in enumerate(samples[start:start + SAMPLES_PER_TAR], start=start):
                     for suffix, data in ((ext, image), (label_ext, label)):
-                        info = tarfile.TarInfo(f"s{i:07d}.{suffix}")
-                        info.size, info.mtime = len(data), 0
-                        tar.addfile(info, io.BytesIO(data))
+                        add_tar_member(tar, f"s{i:07d}.{suffix}", data)
     atomic_write_text(folder / "nshards.txt", f"{count}\n")
     return count
 
