@@ -32,6 +32,8 @@ import os
 import sys
 from typing import List, Optional
 
+from .log import error_line
+
 
 # the extras (pyproject.toml) a command needs beyond the core, and the modules that tell they are there
 EXTRAS = {"train": ("lightning", "tensorboard", "matplotlib"), "curate": ("lightning", "faiss", "pyarrow", "matplotlib"),
@@ -39,15 +41,9 @@ EXTRAS = {"train": ("lightning", "tensorboard", "matplotlib"), "curate": ("light
 
 
 def _require(extra: str, command: str) -> None:
-    import importlib.util
+    from .plugins import module_installed
 
-    def absent(module: str) -> bool:
-        try:
-            return importlib.util.find_spec(module) is None
-        except ImportError:  # a broken or blocked install
-            return True
-
-    missing = [m for m in EXTRAS[extra] if absent(m)]
+    missing = [m for m in EXTRAS[extra] if not module_installed(m)]
     if missing:
         raise ImportError(f"dinotxt {command} needs the [{extra}] extra (missing: {', '.join(missing)}): "
                           f"pip install 'dinotxt[{extra}]'")
@@ -646,18 +642,6 @@ def build_parser() -> argparse.ArgumentParser:
     rc = sub.add_parser("recipes", help="list the recipes shipped with dinotxt (usable by name: dinotxt train demo)")
     rc.set_defaults(func=_cmd_recipes)
     return p
-
-
-def error_line(e: BaseException) -> str:
-    """The one line the command line prints for an error: its first line, or for an error raised in a
-    DataLoader worker (which torch re-raises as "Caught X in DataLoader worker ... Original Traceback
-    ...") the original message, the traceback's last line."""
-    lines = str(e).strip().splitlines()
-    if not lines:
-        return type(e).__name__
-    if lines[0].startswith("Caught ") and len(lines) > 1 and "Original Traceback" in lines[1]:
-        return lines[-1].split(": ", 1)[-1]
-    return lines[0]
 
 
 def main(argv: Optional[List[str]] = None) -> int:

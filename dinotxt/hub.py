@@ -15,6 +15,8 @@ import re
 from pathlib import Path
 from typing import Optional, Sequence, Tuple, Union
 
+from .log import error_line
+
 HUB_PREFIX = "hf-hub:"
 LIBRARY_NAME = "dinotxt"
 _REPO_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]*/[A-Za-z0-9][A-Za-z0-9_.\-]*")
@@ -70,7 +72,7 @@ def hub_snapshot(name: str, cache_dir: Optional[Union[str, Path]] = None, skip: 
         raise FileNotFoundError(f"{name}: no model repository {repo_id} on the Hub (a private one needs a token: "
                                 "`hf auth login` or HF_TOKEN)") from None
     except LocalEntryNotFoundError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        first = error_line(e)
         raise FileNotFoundError(f"{name} is not in the local Hugging Face cache and the Hub cannot be reached "
                                 f"(HF_HUB_OFFLINE=1, or no network): {first}") from None
     return Path(folder)

@@ -40,3 +40,15 @@ def setup_console(level: int = logging.INFO) -> None:
             handler.setFormatter(_Format())
             logger.addHandler(handler)
         logger.propagate = False
+
+
+def error_line(e: BaseException) -> str:
+    """The one line the command line prints for an error: its first line, or for an error raised in a
+    DataLoader worker (which torch re-raises as "Caught X in DataLoader worker ... Original Traceback
+    ...") the original message, the traceback's last line."""
+    lines = str(e).strip().splitlines()
+    if not lines:
+        return type(e).__name__
+    if lines[0].startswith("Caught ") and len(lines) > 1 and "Original Traceback" in lines[1]:
+        return lines[-1].split(": ", 1)[-1]
+    return lines[0]

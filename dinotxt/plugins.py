@@ -18,6 +18,16 @@ class UntrustedCodeError(ValueError):
     """A setting names code to import and the caller did not opt in."""
 
 
+def module_installed(module: str) -> bool:
+    """Whether ``module`` can be imported, without importing it (a broken or blocked install: False)."""
+    import importlib.util
+
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):
+        return False
+
+
 def is_import_path(spec: Any) -> bool:
     """``package.module:attribute`` (a colon with text on both sides)."""
     if not isinstance(spec, str):

@@ -30,6 +30,7 @@ from omegaconf import DictConfig, OmegaConf
 from .checkpoint import BACKBONE_NAME, BACKBONE_PREFIX, CONFIG_NAME, WEIGHTS_NAME, read_checkpoint, read_single_file
 from .fileio import atomic_output, atomic_write_bytes, atomic_write_json, atomic_write_text
 from .hub import HUB_PREFIX, check_repo_id
+from .log import error_line
 
 PathLike = Union[str, Path]
 CARD_NAME = "README.md"
@@ -409,7 +410,7 @@ def push_to_hub(source: PathLike, repo_id: str, include_backbone: bool = False, 
                                      revision=revision,
                                      commit_message=commit_message or f"dinotxt push-to-hub from {Path(source).name}")
         except Exception as e:  # the Hub's and the network's errors, in one line (login, permissions, offline)
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            first = error_line(e)
             raise ValueError(f"upload to {repo_id} failed ({type(e).__name__}: {first}); log in with `hf auth login` "
                              "or set HF_TOKEN, or stage with --dry-run DIR") from e
     report.update({"uploaded": True, "url": str(url), "commit": getattr(info, "oid", None), "folder": None})

@@ -15,6 +15,8 @@ import re
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
+from .dynamics import DIAGNOSTICS
+
 Series = Dict[str, List[Tuple[int, float]]]  # metric -> [(step, value)] in step order
 
 # (panel title, [(logged metric, line label or None, line style)])
@@ -33,11 +35,8 @@ PANELS: List[Tuple[str, List[Tuple[str, Optional[str], str]]]] = [
                                                   ("diagnostics/localization_uniform", "uniform mass", ":")]),
 ]
 # the table's rows: every diagnostic, what it cost, and the zero-shot accuracy they accompany
-TABLE = ["diagnostics/temperature", "diagnostics/alignment", "diagnostics/uniformity_image",
-         "diagnostics/uniformity_text", "diagnostics/modality_gap", "diagnostics/gap_variance_share",
-         "diagnostics/effective_rank_image", "diagnostics/effective_rank_text", "diagnostics/localization",
-         "diagnostics/localization_uniform", "diagnostics/seconds", "diagnostics/cost_fraction", "zeroshot/top1",
-         "train/loss"]
+TABLE = ([f"diagnostics/{name}" for name in DIAGNOSTICS]
+         + ["diagnostics/seconds", "diagnostics/cost_fraction", "zeroshot/top1", "train/loss"])
 
 
 def _version(path: Path) -> int:

@@ -14,7 +14,6 @@ W&B and MLflow also get the resolved config as hyperparameters (the local logger
 """
 from __future__ import annotations
 
-import importlib.util
 import logging
 import os
 from pathlib import Path
@@ -24,6 +23,7 @@ from lightning.pytorch.loggers import WandbLogger
 from omegaconf import DictConfig, OmegaConf
 
 from ..config import ConfigError
+from ..plugins import module_installed as _installed  # one name tests can patch
 
 log = logging.getLogger(__name__)
 
@@ -48,13 +48,6 @@ def logger_names(value: Any) -> List[str]:
     """``trainer.logger`` as a list of names, in order, without repeats."""
     names = [value] if isinstance(value, str) else list(value or [])
     return list(dict.fromkeys(str(n) for n in names))
-
-
-def _installed(module: str) -> bool:
-    try:
-        return importlib.util.find_spec(module) is not None
-    except (ImportError, ValueError):
-        return False
 
 
 def check_loggers(trainer_cfg: DictConfig) -> List[str]:
