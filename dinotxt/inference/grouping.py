@@ -134,6 +134,7 @@ def cluster_patches(features: torch.Tensor, segments: Union[int, str] = 4, metho
     x = F.normalize(features.detach().double().cpu(), dim=-1)
     n = x.shape[0]
     values, vectors = laplacian_eigen(x) if method == "spectral" else (None, None)
+    labels = None
     if segments == "auto":
         top = min(max_segments, n - 1)
         if top < 2:
@@ -141,15 +142,18 @@ def cluster_patches(features: torch.Tensor, segments: Union[int, str] = 4, metho
         if method == "spectral":
             k = int(torch.argmax(values[2:top + 1] - values[1:top])) + 2  # lambda_(K+1) - lambda_K, 1-indexed
         else:
-            scores = {kk: silhouette(x, kmeans(x, kk, seed)[0]) for kk in range(2, top + 1)}
+            # k-means depends only on its seed: the partition scored for the chosen K is the answer
+            parts = {kk: kmeans(x, kk, seed)[0] for kk in range(2, top + 1)}
+            scores = {kk: silhouette(x, part) for kk, part in parts.items()}
             k = max(scores, key=lambda kk: (scores[kk], -kk))
+            labels = parts[k]
     else:
         k = int(segments)
         if not 1 <= k <= n:
             raise ValueError(f"--segments {k}: the image has {n} patches at this size; choose 1 <= K <= {n}")
     if method == "spectral":
         labels, _ = kmeans(F.normalize(vectors[:, :k], dim=-1), k, seed)
-    else:
+    elif labels is None:
         labels, _ = kmeans(x, k, seed)
     return labels, k
 
