@@ -46,7 +46,9 @@ class EmbedConfig:
     batch_size: int = 64
     num_workers: int = 2  # dataloader workers decoding images
     accelerator: str = "auto"  # Lightning accelerator; GPUs are used when present
-    devices: Any = "auto"  # several GPUs split the input shards between them (Lightning predict, DDP)
+    devices: Any = "auto"  # several GPUs split the input shards between them (Lightning predict, DDP); auto under
+    # torchrun / srun: one per process on each node
+    num_nodes: Any = "auto"  # machines of a multi-node launch (auto: from the launcher's world size)
     precision: str = choice("auto", "auto", "32-true", "bf16-mixed", "16-mixed")  # auto = bf16-mixed on GPU, 32-true on CPU
     # caption encoder: "tfidf" (hashed word n-gram TF-IDF, no download) or "package.module:factory"
     # returning an object with encode(list_of_captions) -> (n, dim) array (any sentence encoder you have)
@@ -70,7 +72,10 @@ class DedupConfig:
     flat_max: int = 200_000
     nlist: Optional[int] = None  # IVF lists; default 4 * sqrt(N)
     nprobe: int = 16
-    chunk_size: int = 16384
+    chunk_size: int = 16384  # query rows per faiss search call
+    # the index (and the queries) in fixed shards of this many pool rows: a work item is one (index shard, query
+    # shard) pair, so (N / shard_rows)^2 items for processes to share; each pair reads its query shard once
+    shard_rows: int = 4_194_304
 
 
 @dataclass
@@ -84,7 +89,9 @@ class ClusterConfig:
     init_sample_per_centroid: int = 64  # k-means++ seeds on at most this many points per centroid (a random subset)
     device: str = choice("auto", "auto", "cpu", "cuda")  # faiss device for k-means and de-duplication: auto = GPU when faiss sees one
     gpu_index: str = choice("replicate", "replicate", "shard")  # several GPUs: replicate the centroids (split the queries) | shard them
-    chunk_size: int = 65536  # rows per assignment chunk: bounds memory, the pool stays memory-mapped
+    # rows of the de-duplicated pool per grid chunk: one faiss search and one work item of k-means, balancing
+    # and combine, whatever the number of processes (bounds memory; the pool stays memory-mapped)
+    chunk_size: int = 65536
 
 
 @dataclass
@@ -104,6 +111,7 @@ class TextBalanceConfig:
     mine_min_count: int = 5  # ... occurring in at least this many captions
     mine_max_entries: int = 100_000
     mine_stopwords: bool = False  # keep n-grams made only of stop words ("of the") as entries
+    mine_buckets: int = 64  # mining sums n-gram counts in this many hash buckets, one process per bucket
 
 
 @dataclass
@@ -119,6 +127,12 @@ class ReportConfig:
 
 
 @dataclass
+class ProcessesConfig:
+    # several processes (torchrun, srun): a process that stops answering makes the others stop after this long
+    timeout_s: int = 1800
+
+
+@dataclass
 class CurationConfig:
     name: Optional[str] = None  # default: the recipe file's stem
     output_dir: str = "runs/curation"  # outputs go to <output_dir>/<name>/
@@ -131,6 +145,7 @@ class CurationConfig:
     text_balance: TextBalanceConfig = field(default_factory=TextBalanceConfig)
     combine: CombineConfig = field(default_factory=CombineConfig)
     report: ReportConfig = field(default_factory=ReportConfig)
+    processes: ProcessesConfig = field(default_factory=ProcessesConfig)
 
 
 def per_level(value: Any, levels: int, key: str) -> List[Any]:
@@ -161,6 +176,10 @@ def validate(cfg: DictConfig) -> None:
             raise ConfigError("cluster.sample_size must be >= 1 (or null for half the mean cluster size)")
     if cfg.cluster.iters < 1:
         raise ConfigError("cluster.iters must be >= 1")
+    for key, value in (("cluster.chunk_size", cfg.cluster.chunk_size), ("dedup.shard_rows", cfg.dedup.shard_rows),
+                       ("dedup.chunk_size", cfg.dedup.chunk_size), ("text_balance.mine_buckets", cfg.text_balance.mine_buckets)):
+        if int(value) < 1:
+            raise ConfigError(f"{key} must be >= 1 (got {value})")
     ts = cfg.image_balance.target_size
     if not isinstance(ts, (int, float)) or ts <= 0:
         raise ConfigError(f"image_balance.target_size must be a positive int or a fraction in (0, 1] (got {ts!r})")
@@ -187,4 +206,4 @@ def load_curation_config(recipe: Optional[str] = None, overrides: Optional[List[
 
 
 __all__ = ["CurationConfig", "PoolConfig", "BackboneOverrides", "EmbedConfig", "DedupConfig", "ClusterConfig", "ImageBalanceConfig",
-           "TextBalanceConfig", "CombineConfig", "ReportConfig", "load_curation_config", "per_level", "validate"]
+           "TextBalanceConfig", "CombineConfig", "ReportConfig", "ProcessesConfig", "load_curation_config", "per_level", "validate"]

@@ -13,10 +13,15 @@ Layout, one file per pool unit (shard, or slice of manifest rows)::
     embed_text/idf.npy          hashed TF-IDF weights fitted on the pool's captions
     embed_text/000000.npy       (n, text_dim) float16
 
+    embed/uids/000000.npy       the unit's sample ids, sorted (the pool-wide uniqueness check reads them)
+    embed/rows.npy              samples per unit: where each unit's rows start in the pool (``PoolIndex``)
+
 The image pass is a job of dinotxt's one feature-extraction stage (``dinotxt.features.extract``,
-the stage that also writes the feature cache): Lightning's predict loop, where on several GPUs
-(``embed.devices``) each rank takes its own units and writes their files, so nothing is
-gathered. A rerun embeds only the units without a ``.parquet``.
+the stage that also writes the feature cache): Lightning's predict loop, where on several processes
+(``torchrun`` / ``srun``, or ``embed.devices`` GPUs) each rank takes its own units and writes their
+files, so nothing is gathered. A rerun embeds only the units without a ``.parquet``. The caption
+pass is split by units too: the TF-IDF document frequencies are per-unit integer counts, summed over
+the processes exactly.
 """
 from __future__ import annotations
 
@@ -24,7 +29,7 @@ import json
 import logging
 from collections import Counter
 from pathlib import Path
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 import numpy as np
 import torch
@@ -39,8 +44,9 @@ from dinotxt.fileio import atomic_write_json
 from dinotxt.models.backbone import FrozenBackbone
 from dinotxt.models.factory import create_backbone
 
-from .store import load_table, save_npy, save_table, shard_paths
-from .text_encoders import HashedTfidfEncoder, encode_checked, load_text_encoder
+from .ranks import Ranks
+from .store import load_table, save_npy, save_npz, save_table, shard_paths, uid_bucket, uid_bucket_count
+from .text_encoders import FEATURE_BITS, HashedTfidfEncoder, encode_checked, load_text_encoder
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +79,7 @@ class EmbeddingJob(ExtractionJob):
 
     def __init__(self, out_dir: Path, transform, dim: int):
         self.out_dir, self.transform, self.dim = out_dir, transform, dim
+        self.written = 0  # units this process wrote
 
     def views(self, image, sample) -> torch.Tensor:
         return self.transform(image)[None]
@@ -84,6 +91,7 @@ class EmbeddingJob(ExtractionJob):
         emb = outputs.float().numpy() if outputs is not None else np.zeros((0, self.dim), np.float32)
         rows = {c: [s[c] for s in samples] for c in ("uid", "key", "caption", "source")}
         write_unit(self.out_dir, unit.index, emb, rows, skipped)  # looked up here, so a test can wrap it
+        self.written += 1
 
     def done(self, unit: DataUnit) -> bool:
         return (self.out_dir / "meta" / f"{unit.index:06d}.parquet").is_file()
@@ -117,9 +125,9 @@ def pooled_cache_for(embed_cfg, units: List[DataUnit]):
     return cache
 
 
-def embed_from_cache(cfg, units: List[DataUnit], out_dir: Path) -> None:
+def embed_from_cache(cfg, units: List[DataUnit], out_dir: Path, ranks: Ranks) -> int:
     """The embed stage's files from a pooled feature cache: ``normalize([CLS] ‖ mean)`` of the cached tokens,
-    sample ids and captions as the image pass would give them (``dinotxt.data.units``)."""
+    sample ids and captions as the image pass would give them (``dinotxt.data.units``), each rank its units."""
     import random
 
     from dinotxt.data.stream import extract_caption
@@ -127,7 +135,8 @@ def embed_from_cache(cfg, units: List[DataUnit], out_dir: Path) -> None:
 
     cache = pooled_cache_for(cfg.embed, units)
     job = EmbeddingJob(out_dir, None, 2 * cache.dim)
-    for unit, name in zip(units, cache.names):
+    for i in ranks.share(len(units), count=False):
+        unit, name = units[i], cache.names[i]
         if job.done(unit):
             continue
         index = cache.index(name)
@@ -137,71 +146,178 @@ def embed_from_cache(cfg, units: List[DataUnit], out_dir: Path) -> None:
         captions = [extract_caption({"__caption__": c}, rng=random.Random(u)) for c, u in zip(index["captions"], uids)]
         write_unit(out_dir, unit.index, emb, {"uid": uids, "key": index["keys"], "caption": captions,
                                               "source": [unit.path] * len(uids)}, index.get("skipped", {}))
+        job.written += 1
+    return job.written
 
 
-def embed_images(cfg, units: List[DataUnit], out_dir: Path, trust_code: bool = False) -> bool:
+def launch_devices(e, ranks: Ranks):
+    """Lightning's ``devices`` and ``num_nodes`` for the embed pass: under a launcher with several processes,
+    one device per local process on each node (``embed.devices`` / ``embed.num_nodes`` = auto), which is what
+    Lightning checks the launcher's world size against."""
+    devices, nodes = e.devices, e.num_nodes
+    if ranks.world > 1:
+        devices = ranks.local_world if devices == "auto" else devices
+        nodes = max(1, ranks.world // ranks.local_world) if nodes == "auto" else nodes
+    return devices, 1 if nodes == "auto" else int(nodes)
+
+
+def embed_images(cfg, units: List[DataUnit], out_dir: Path, trust_code: bool = False,
+                 ranks: Optional[Ranks] = None) -> int:
     """Embed every unit without a finished metadata table, through the feature-extraction stage
     (``dinotxt.features.extract``), or read them from a pooled feature cache (``embed.from_cache``).
-    Returns False on a non-zero rank of a multi-GPU run."""
+    Every rank returns the number of units it embedded."""
     from dinotxt.transforms import eval_transform
 
+    ranks = ranks or Ranks()
     e = cfg.embed
     if e.from_cache:
-        embed_from_cache(cfg, units, out_dir)
-        return True
+        return embed_from_cache(cfg, units, out_dir, ranks)
     bcfg = backbone_config(e)
     backbone = create_backbone(bcfg, trust_code=trust_code)  # seeded like create_model: curation and training see one encoder
     precision = e.precision
     if precision == "auto":
         precision = "bf16-mixed" if torch.cuda.is_available() and e.accelerator in ("auto", "gpu", "cuda") else "32-true"
     job = EmbeddingJob(out_dir, eval_transform(bcfg.img_size), 2 * backbone.embed_dim)
-    return run_extraction(job, backbone, units, cfg.pool, e.batch_size, e.num_workers, e.accelerator, e.devices,
-                          precision, log=lambda m: log.info(f"embed: {m}"), verb="embed")
+    devices, num_nodes = launch_devices(e, ranks)
+    run_extraction(job, backbone, units, cfg.pool, e.batch_size, e.num_workers, e.accelerator, devices,
+                   precision, log=lambda m: log.info(f"embed: {m}"), verb="embed", num_nodes=num_nodes)
+    return job.written
 
 
-def embed_texts(cfg, units: List[DataUnit], embed_dir: Path, text_dir: Path, trust_code: bool = False) -> Dict:
-    """Caption embeddings per unit from the captions in the metadata tables (no image is read again)."""
+def index_units(embed_dir: Path, units: List[DataUnit], ranks: Ranks) -> Dict:
+    """After the image pass: every unit's sorted ids (``uids/``, by the ranks, per unit), the samples per unit
+    (``rows.npy``, rank 0), and the check that no two samples of the pool share an id (by id buckets, so no
+    process holds the pool's ids). Returns the pool's sample count."""
+    for u in ranks.share(len(units), count=False):
+        path = embed_dir / "uids" / f"{u:06d}.npy"
+        if not path.is_file():
+            save_npy(path, np.sort(load_table(embed_dir / "meta" / f"{u:06d}.parquet", ["uid"])["uid"].astype(np.int64)))
+
+    def rows() -> np.ndarray:
+        counts = np.array([json.loads((embed_dir / "meta" / f"{u.index:06d}.json").read_text())["rows"] for u in units],
+                          dtype=np.int64)
+        save_npy(embed_dir / "rows.npy", counts)
+        return counts
+    ranks.barrier()  # every unit's ids are on disk
+    counts = ranks.on_zero(rows)
+    parts = [embed_dir / "uids" / f"{u:06d}.npy" for u in range(len(units))]
+    buckets = uid_bucket_count(int(counts.sum()))
+    error = None
+    for b in ranks.share(buckets, count=False):
+        ids = uid_bucket(parts, b, buckets)
+        same = np.flatnonzero(ids[1:] == ids[:-1])
+        if len(same) and error is None:
+            error = ValueError(_shared_id_message(int(ids[same[0]]), embed_dir, units, parts))
+    ranks.raise_together(error)
+    return {"samples": int(counts.sum())}
+
+
+def _shared_id_message(uid: int, embed_dir: Path, units: List[DataUnit], parts: List[Path]) -> str:
+    where = []
+    for u, path in enumerate(parts):
+        ids = np.load(path, mmap_mode="r")
+        i = int(np.searchsorted(ids, uid))
+        if i < len(ids) and ids[i] == uid:
+            table = load_table(embed_dir / "meta" / f"{u:06d}.parquet", ["uid", "key", "source"])
+            where += [f"{s}:{k}" for k, s, x in zip(table["key"], table["source"], table["uid"]) if x == uid]
+    return (f"two samples share the id {uid} ({' and '.join(where[:2])}); give every sample of a shard a unique key "
+            "and every shard a unique file name")
+
+
+def embed_texts(cfg, units: List[DataUnit], embed_dir: Path, text_dir: Path, trust_code: bool = False,
+                ranks: Optional[Ranks] = None) -> Dict:
+    """Caption embeddings per unit from the captions in the metadata tables (no image is read again), each
+    rank its share of the units. The hashed TF-IDF's document frequencies are counted per unit
+    (``df/``), summed over the processes as integers, and turned into ``idf.npy`` once."""
+    ranks = ranks or Ranks()
     e = cfg.embed
-    meta = [embed_dir / "meta" / f"{u.index:06d}.parquet" for u in units]
+
+    def captions(u: int) -> List[str]:
+        return load_table(embed_dir / "meta" / f"{u:06d}.parquet", ["caption"])["caption"]
+
     encoder = load_text_encoder(e.text_encoder, e.text_dim, e.text_ngrams, e.text_kwargs, trust_code)
     if isinstance(encoder, HashedTfidfEncoder):
         idf_path = text_dir / "idf.npy"
-        if idf_path.is_file():
-            encoder.idf = np.load(idf_path)
-        else:  # IDF over the whole pool first, so every unit is encoded with the same weights
-            encoder.fit(c for path in meta for c in load_table(path, ["caption"])["caption"])
-            save_npy(idf_path, encoder.idf)
+        if not ranks.on_zero(idf_path.is_file):  # IDF over the whole pool first: every unit gets the same weights
+            df, n = np.zeros(1 << FEATURE_BITS, dtype=np.int64), 0
+            for u in ranks.share(len(units), count=False):
+                path = text_dir / "df" / f"{u:06d}.npz"
+                if not path.is_file():
+                    ids, counts, rows = encoder.document_frequency(captions(u))
+                    save_npz(path, {"ids": ids, "counts": counts, "rows": np.array([rows], np.int64)})
+                with np.load(path) as part:
+                    df[part["ids"]] += part["counts"]
+                    n += int(part["rows"][0])
+            df = ranks.all_reduce(df)
+            n = int(ranks.all_reduce(np.array([n], np.int64))[0])
+            encoder.set_document_frequency(df, n)
+            ranks.on_zero(save_npy, idf_path, encoder.idf)
+        encoder.idf = np.load(idf_path)
     width = encode_checked(encoder, ["a photo"], e.text_encoder).shape[1]  # every shard must have this width
-    for path, out in zip(meta, shard_paths(text_dir, len(units))):
-        if out.is_file():
+    outs = shard_paths(text_dir, len(units))
+    for u in ranks.share(len(units)):
+        if outs[u].is_file():
             continue
-        captions = load_table(path, ["caption"])["caption"]
-        chunks = [encode_checked(encoder, captions[i:i + e.text_batch_size], e.text_encoder, width)
-                  for i in range(0, len(captions), e.text_batch_size)]
+        texts = captions(u)
+        chunks = [encode_checked(encoder, texts[i:i + e.text_batch_size], e.text_encoder, width)
+                  for i in range(0, len(texts), e.text_batch_size)]
         emb = np.concatenate(chunks) if chunks else np.zeros((0, width), np.float32)
-        save_npy(out, emb.astype(np.float16))
+        save_npy(outs[u], emb.astype(np.float16))
     return {"encoder": e.text_encoder, "dim": int(width)}
 
 
-def load_pool_index(embed_dir: Path, units: List[DataUnit]) -> Dict:
-    """The embedded pool as one table in pool order (row i = row i of the concatenated embedding shards):
-    ``uid``, ``unit`` (arrays), ``key``, ``caption``, ``source`` (lists). Sample ids must be unique."""
-    columns: Dict[str, list] = {"uid": [], "unit": [], "key": [], "caption": [], "source": []}
-    for u in units:
-        table = load_table(embed_dir / "meta" / f"{u.index:06d}.parquet")
-        for name in columns:
-            columns[name].append(table[name])
-    pool = {name: np.concatenate(parts) if name in ("uid", "unit") else [x for p in parts for x in p]
-            for name, parts in columns.items()}
-    pool["uid"] = pool["uid"].astype(np.int64)
-    pool["unit"] = pool["unit"].astype(np.int64)
-    values, counts = np.unique(pool["uid"], return_counts=True)
-    if (counts > 1).any():
-        dup = int(values[counts > 1][0])
-        where = [f"{pool['source'][i]}:{pool['key'][i]}" for i in np.flatnonzero(pool["uid"] == dup)[:2]]
-        raise ValueError(f"two samples share the id {dup} ({' and '.join(where)}); give every sample of a shard a "
-                         "unique key and every shard a unique file name")
-    return pool
+class PoolIndex:
+    """The embedded pool's metadata, read where it lies: one parquet table per unit (``embed/meta``), rows in
+    pool order (row i of the pool = row i of the concatenated embedding shards). Nothing pool-wide is held but
+    the samples-per-unit offsets; ``columns(rows, names)`` reads the units those rows live in.
+
+    Args:
+        embed_dir: the embed stage's folder.
+        units: the pool units.
+    """
+
+    def __init__(self, embed_dir: Path, units: List[DataUnit]):
+        self.embed_dir, self.units = Path(embed_dir), units
+        if (self.embed_dir / "rows.npy").is_file():
+            counts = np.load(self.embed_dir / "rows.npy")
+        else:  # embedded by an earlier version, which wrote no rows.npy
+            counts = np.array([json.loads((self.embed_dir / "meta" / f"{u.index:06d}.json").read_text())["rows"]
+                               for u in units], dtype=np.int64)
+        self.offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+        self.n = int(self.offsets[-1])
+        self._cached: Dict[int, Dict] = {}
+
+    def __len__(self) -> int:
+        return self.n
+
+    def table(self, unit: int) -> Dict:
+        """The unit's whole metadata table (the last few are kept)."""
+        if unit not in self._cached:
+            if len(self._cached) >= 4:
+                self._cached.pop(next(iter(self._cached)))
+            self._cached[unit] = load_table(self.embed_dir / "meta" / f"{unit:06d}.parquet")
+        return self._cached[unit]
+
+    def columns(self, rows: np.ndarray, names=("uid", "key", "caption", "source")) -> Dict:
+        """The columns ``names`` of the pool ``rows`` (sorted): int64 arrays for uid/unit, lists for the text."""
+        rows = np.asarray(rows, dtype=np.int64)
+        unit_of = np.searchsorted(self.offsets, rows, side="right") - 1
+        out: Dict[str, list] = {name: [] for name in names}
+        bounds = np.flatnonzero(np.diff(unit_of)) + 1
+        for piece in np.split(np.arange(len(rows)), bounds):
+            if not len(piece):
+                continue
+            u = int(unit_of[piece[0]])
+            table = self.table(u)
+            local = rows[piece] - self.offsets[u]
+            for name in names:
+                column = table[name]
+                out[name].append(column[local] if isinstance(column, np.ndarray) else [column[i] for i in local])
+        return {name: (np.concatenate(parts).astype(np.int64) if parts else np.zeros(0, np.int64))
+                if name in ("uid", "unit") else [x for p in parts for x in p] for name, parts in out.items()}
+
+    def uids(self, rows: np.ndarray) -> np.ndarray:
+        return self.columns(rows, ("uid",))["uid"]
 
 
 def read_skipped(embed_dir: Path, units: List[DataUnit]) -> Dict[str, int]:

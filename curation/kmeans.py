@@ -1,4 +1,4 @@
-"""Hierarchical k-means with resampling on faiss.
+"""Hierarchical k-means with resampling on faiss, on one process or many.
 
 Vo et al., "Automatic Data Curation for Self-Supervised Learning: A Clustering-Based
 Approach" (TMLR 2024), as used by dino.txt's image-based curation (METHOD.md section 7):
@@ -6,33 +6,43 @@ Approach" (TMLR 2024), as used by dino.txt's image-based curation (METHOD.md sec
 - Level 1 clusters the data; level l clusters the centroids of level l-1.
 - Every k-means run: k-means++ seeding (on a random subset of at most
   ``init_sample_per_centroid * k`` points, so seeding stays cheap at scale), Lloyd
-  iterations with centroids accumulated in float64, and empty clusters keeping their
-  centroid (no splitting: a cluster never silently changes meaning).
+  iterations with exact centroid sums, and empty clusters keeping their centroid (no
+  splitting: a cluster never silently changes meaning).
 - Then R resampling steps: take the s points of each cluster closest to its centroid,
   refit k-means (fresh k-means++) on that balanced sample, and reassign ALL points.
   Resampling spreads the centroids uniformly over the support of the data instead of
   piling them onto its dense modes.
 
-faiss does the expensive part, the exact nearest-centroid search (``IndexFlatL2``; on GPU,
-``index_cpu_to_all_gpus`` replicates the centroids and splits the queries, or shards the
-centroids when they do not fit one GPU). The data is read in float32 chunks from a
-memory-mapped ``EmbeddingStore``, so the pool is never loaded as a whole. Every phase of
-every level (initial fit, each resampling step) is saved atomically and a rerun continues
-from the last finished phase with identical results (all randomness derives from
-``(seed, level, phase)``). ``kmeans_reference.py`` is the plain pure-torch version of the
-same algorithm used as the benchmark baseline and the parity reference in tests.
+faiss does the expensive part, the exact nearest-centroid search (``IndexFlatL2``; on GPU, the
+process's own GPU, or with one process all GPUs: ``index_cpu_to_all_gpus`` replicates the centroids
+and splits the queries, or shards the centroids when they do not fit one GPU). The data is read in
+float32 chunks from a memory-mapped ``EmbeddingStore``, so the pool is never loaded as a whole.
+
+Several processes (``ranks.Ranks``; facebookresearch/ssl-data-curation's distributed k-means is the
+model): the items are cut into a fixed grid of ``chunk_size`` chunks, each rank assigns its share of
+the chunks, and only centroid sums and counts cross between processes, as integers. float16
+embeddings are multiples of 2**-24, so their sums are carried exactly in int64 fixed point: the same
+in any order, so the centroids are the same bits for 1 or N processes. Seeding runs on rank 0 over a
+sample rank 0 draws; the resampling step's "s closest per cluster" is a distributed selection
+(``selection.py``). Every phase of every level (initial fit, each resampling step) saves its
+centroids atomically and a rerun, with any number of processes, continues from the last finished
+phase with identical results (all randomness derives from ``(seed, level, phase)``).
+``kmeans_reference.py`` is the plain pure-torch version of the same algorithm used as the benchmark
+baseline and the parity reference in tests.
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
 
-from .store import ArrayView
+from .ranks import Ranks
+from .selection import distance_keys, smallest_per_cluster
+from .store import ArrayView, Grid
 
 
 @dataclass
@@ -43,8 +53,8 @@ class KMeansOptions:
         iters: Lloyd iterations (stops early once no point changes cluster: the result is the same).
         init: ``kmeans++`` or ``random`` (k distinct random points).
         init_sample_per_centroid: k-means++ seeds on at most this many points per centroid.
-        chunk_size: rows assigned at a time (memory bound).
-        gpus: faiss GPUs to use (0 = CPU).
+        chunk_size: rows per grid chunk: one faiss search, one work item (memory bound).
+        gpus: faiss GPUs to use: a count (0 = CPU: every visible GPU up to it) or a list of GPU ids.
         gpu_shard: with several GPUs, shard the centroids instead of replicating them.
     """
 
@@ -52,7 +62,7 @@ class KMeansOptions:
     init: str = "kmeans++"
     init_sample_per_centroid: int = 64
     chunk_size: int = 65536
-    gpus: int = 0
+    gpus: Union[int, List[int]] = 0
     gpu_shard: bool = False
 
 
@@ -79,26 +89,38 @@ def faiss_gpus(device: str) -> int:
     return count
 
 
+def to_gpus(index, gpus: Union[int, List[int]], shard: bool = False, float16: bool = False):
+    """A faiss index on GPUs: ``gpus`` is a count (every visible GPU) or a list of ids (a process's own GPU
+    when several processes share a machine); 0 or [] leaves it on the CPU."""
+    if not gpus:
+        return index
+    import faiss
+
+    options = faiss.GpuMultipleClonerOptions()
+    options.shard = shard
+    options.useFloat16 = float16
+    if isinstance(gpus, int):
+        return faiss.index_cpu_to_all_gpus(index, co=options)
+    resources = [faiss.StandardGpuResources() for _ in gpus]
+    return faiss.index_cpu_to_gpu_multiple_py(resources, index, co=options, gpus=list(gpus))
+
+
 class NearestCentroid:
     """Exact squared-L2 nearest-centroid search with faiss (CPU, or all GPUs).
 
     Args:
         centroids: (k, d) float32.
-        gpus: 0 for CPU; otherwise the index is cloned to all GPUs.
+        gpus: 0 for CPU; a count: the index is cloned to all GPUs; a list: to those GPU ids.
         shard: split the centroids across GPUs (for k * d too large for one) instead of replicating them.
     """
 
-    def __init__(self, centroids: np.ndarray, gpus: int = 0, shard: bool = False):
+    def __init__(self, centroids: np.ndarray, gpus: Union[int, List[int]] = 0, shard: bool = False):
         import faiss
 
         centroids = np.ascontiguousarray(centroids, dtype=np.float32)
         index = faiss.IndexFlatL2(centroids.shape[1])
         index.add(centroids)
-        if gpus > 0:
-            options = faiss.GpuMultipleClonerOptions()
-            options.shard = shard
-            index = faiss.index_cpu_to_all_gpus(index, co=options)
-        self.index = index
+        self.index = to_gpus(index, gpus, shard=shard)
 
     def search(self, x: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
         """(squared distance, centroid index) of every row of ``x``."""
@@ -129,62 +151,191 @@ def kmeans_plusplus(x: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarr
     return centers
 
 
-def assign(data, centroids: np.ndarray, opts: KMeansOptions) -> Tuple[np.ndarray, np.ndarray]:
-    """Nearest centroid and squared distance for every row of ``data`` (an EmbeddingStore or ArrayView)."""
-    search = NearestCentroid(centroids, opts.gpus, opts.gpu_shard)
-    assignment = np.empty(len(data), dtype=np.int64)
-    dist2 = np.empty(len(data), dtype=np.float32)
-    for start, x in data.chunks(opts.chunk_size):
-        d, a = search.search(x)
-        assignment[start:start + len(x)], dist2[start:start + len(x)] = a, d
-    return assignment, dist2
+# ---------------------------------------------------------------------------- chunks
+# A chunk is the fixed set of items one faiss call searches: a (start, stop) range of the data, or an array of
+# positions (a resampling refit: the items of one grid chunk that were resampled). faiss's distances change in
+# their last bits with the set of rows in one call, so the chunks never depend on the number of processes.
+Chunk = Union[Tuple[int, int], np.ndarray]
 
 
+def grid_chunks(n: int, opts: KMeansOptions, ranks: Optional[Ranks] = None) -> Dict[int, Chunk]:
+    """This rank's chunks of the fixed grid of ``opts.chunk_size`` items over ``n`` items (all of them for one process)."""
+    grid = Grid(n, opts.chunk_size)
+    return {j: grid.bounds(j) for j in (ranks or Ranks()).share(len(grid), count=False)}
+
+
+def chunk_positions(chunk: Chunk) -> np.ndarray:
+    return np.arange(*chunk, dtype=np.int64) if isinstance(chunk, tuple) else np.asarray(chunk, dtype=np.int64)
+
+
+def read_chunk(data, chunk: Chunk) -> np.ndarray:
+    return data.read(*chunk) if isinstance(chunk, tuple) else data.take(chunk)
+
+
+def chunk_len(chunk: Chunk) -> int:
+    return chunk[1] - chunk[0] if isinstance(chunk, tuple) else len(chunk)
+
+
+@dataclass
+class LevelResult:
+    """k-means centroids and, for this rank's chunks, every item's cluster and squared distance to it.
+
+    ``assignment`` / ``dist2`` concatenate the chunks (all of them in a one-process run: a ``KMeansLevel``)."""
+
+    centroids: np.ndarray
+    chunks: Dict[int, Chunk]
+    assigned: Dict[int, Tuple[np.ndarray, np.ndarray]]  # chunk -> (assignment int64, dist2 float32)
+
+    def _cat(self, i: int, dtype) -> np.ndarray:
+        parts = [self.assigned[j][i] for j in sorted(self.assigned)]
+        return np.concatenate(parts) if parts else np.zeros(0, dtype=dtype)
+
+    @property
+    def assignment(self) -> np.ndarray:
+        return self._cat(0, np.int64)
+
+    @property
+    def dist2(self) -> np.ndarray:
+        return self._cat(1, np.float32)
+
+    def level(self) -> KMeansLevel:
+        return KMeansLevel(self.centroids, self.assignment, self.dist2)
+
+
+# ---------------------------------------------------------------------------- exact sums
 _SUM_ROWS = 4096
+_FIXED = float(1 << 24)  # float16 values are multiples of 2**-24 (its smallest subnormal)
 
 
-def lloyd(data, centroids: np.ndarray, opts: KMeansOptions, assign_all: bool = True) -> KMeansLevel:
-    """Lloyd iterations from ``centroids``; float64 sums; an empty cluster keeps its centroid.
-    ``assign_all=False`` skips the final assignment pass (callers that only need the centroids)."""
+def _accumulate(sums: torch.Tensor, a: np.ndarray, x: np.ndarray, fixed: bool) -> None:
+    """Add the rows ``x`` into ``sums[a]``: int64 fixed point (x * 2**24, exact for float16 data, so the sum
+    is the same in any order, over any split into chunks and processes), else float64 (one process)."""
+    a_t = torch.from_numpy(a)
+    for i in range(0, len(x), _SUM_ROWS):  # a few rows at a time, not a second copy of the chunk
+        rows = x[i:i + _SUM_ROWS]
+        if fixed:
+            if len(rows) and float(np.abs(rows).max()) > 1.0:
+                raise ValueError("k-means on float16 embeddings expects L2-normalised rows (|x| <= 1); these are "
+                                 "not: re-run the embed stage")
+            sums.index_add_(0, a_t[i:i + _SUM_ROWS], torch.from_numpy(rows * _FIXED).to(torch.int64))
+        else:
+            sums.index_add_(0, a_t[i:i + _SUM_ROWS], torch.from_numpy(rows).double())
+
+
+def _means(sums: torch.Tensor, counts: np.ndarray, centroids: np.ndarray, fixed: bool) -> np.ndarray:
+    """The new centroids (float32); an empty cluster keeps its centroid."""
+    out = centroids.copy()
+    filled = counts > 0
+    total = sums.numpy()[filled].astype(np.float64)
+    if fixed:
+        total /= _FIXED
+    out[filled] = (total / counts[filled, None]).astype(np.float32)
+    return out
+
+
+def _check_single(data, ranks: Ranks) -> None:
+    if ranks.world > 1 and not data.fixed_point:
+        raise ValueError("k-means over several processes needs float16 data (exact int64 sums); this level's items "
+                         "are float32: run it on one process")
+
+
+# ---------------------------------------------------------------------------- k-means
+def assign(data, centroids: np.ndarray, opts: KMeansOptions, ranks: Optional[Ranks] = None,
+           chunks: Optional[Dict[int, Chunk]] = None) -> LevelResult:
+    """Nearest centroid and squared distance of every item of this rank's chunks (default: the grid)."""
+    chunks = grid_chunks(len(data), opts, ranks) if chunks is None else chunks
+    search = NearestCentroid(centroids, opts.gpus, opts.gpu_shard)
+    assigned = {}
+    for j, chunk in chunks.items():
+        d, a = search.search(read_chunk(data, chunk))
+        assigned[j] = (a, d)
+    return LevelResult(np.asarray(centroids, dtype=np.float32), chunks, assigned)
+
+
+def lloyd(data, centroids: np.ndarray, opts: KMeansOptions, assign_all: bool = True, ranks: Optional[Ranks] = None,
+          chunks: Optional[Dict[int, Chunk]] = None) -> LevelResult:
+    """Lloyd iterations from ``centroids`` over this rank's chunks (default: the grid of ``opts.chunk_size``):
+    centroid sums and counts all-reduced as integers, an empty cluster keeps its centroid, stop when no item
+    changed cluster (an all-reduced count). ``assign_all=False`` skips the final assignment pass."""
+    ranks = ranks or Ranks()
+    _check_single(data, ranks)
+    chunks = grid_chunks(len(data), opts, ranks) if chunks is None else chunks
     k, d = centroids.shape
     centroids = np.array(centroids, dtype=np.float32)
+    fixed = bool(data.fixed_point)
     previous = None
     for _ in range(opts.iters):
         search = NearestCentroid(centroids, opts.gpus, opts.gpu_shard)
-        sums = torch.zeros(k, d, dtype=torch.float64)
+        sums = torch.zeros(k, d, dtype=torch.int64 if fixed else torch.float64)
         counts = np.zeros(k, dtype=np.int64)
-        assignment = np.empty(len(data), dtype=np.int64)
-        dist2 = np.empty(len(data), dtype=np.float32)
-        for start, x in data.chunks(opts.chunk_size):
+        assigned = {}
+        for j, chunk in chunks.items():
+            x = read_chunk(data, chunk)
             dd, a = search.search(x)
-            assignment[start:start + len(x)], dist2[start:start + len(x)] = a, dd
-            a_t, x_t = torch.from_numpy(a), torch.from_numpy(x)
-            for i in range(0, len(x), _SUM_ROWS):  # float64 copies of a few rows at a time, not of the chunk
-                sums.index_add_(0, a_t[i:i + _SUM_ROWS], x_t[i:i + _SUM_ROWS].double())
+            assigned[j] = (a, dd)
+            _accumulate(sums, a, x, fixed)
             counts += np.bincount(a, minlength=k)
-        if previous is not None and np.array_equal(previous, assignment):
-            # converged: the update would reproduce the centroids this assignment was made with
-            return KMeansLevel(centroids, assignment, dist2)
-        filled = counts > 0
-        centroids[filled] = (sums.numpy()[filled] / counts[filled, None]).astype(np.float32)
-        previous = assignment
+        if previous is not None:
+            changed = sum(int((previous[j][0] != assigned[j][0]).sum()) for j in chunks)
+            if int(ranks.all_reduce(np.array([changed], np.int64))[0]) == 0:
+                # converged: the update would reproduce the centroids this assignment was made with
+                return LevelResult(centroids, chunks, assigned)
+        if ranks.world > 1:
+            sums = torch.from_numpy(ranks.all_reduce(sums.numpy()))
+            counts = ranks.all_reduce(counts)
+        centroids = _means(sums, counts, centroids, fixed)
+        previous = assigned
     if not assign_all:
-        return KMeansLevel(centroids, np.empty(0, dtype=np.int64), np.empty(0, dtype=np.float32))
-    assignment, dist2 = assign(data, centroids, opts)
-    return KMeansLevel(centroids, assignment, dist2)
+        return LevelResult(centroids, chunks, {})
+    return assign(data, centroids, opts, ranks, chunks)
 
 
-def kmeans(data, k: int, opts: KMeansOptions, rng: np.random.Generator, assign_all: bool = True) -> KMeansLevel:
-    """One k-means run: seeding on a random subset, then Lloyd over all of ``data``."""
-    n = len(data)
+def _resolve(ranks: Ranks, chunks: Dict[int, Chunk], lengths: np.ndarray, virtual: np.ndarray) -> np.ndarray:
+    """Data positions of the items at ``virtual`` positions of the concatenated chunks (chunk 0's items
+    first); each rank fills in those of its own chunks and an integer all-reduce joins them."""
+    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+    chunk_of = np.searchsorted(offsets, virtual, side="right") - 1
+    out = np.zeros(len(virtual), dtype=np.int64)
+    for j, chunk in chunks.items():
+        mine = np.flatnonzero(chunk_of == j)
+        if len(mine):
+            out[mine] = chunk_positions(chunk)[virtual[mine] - offsets[j]]
+    return ranks.all_reduce(out)
+
+
+def kmeans(data, k: int, opts: KMeansOptions, rng: np.random.Generator, assign_all: bool = True,
+           ranks: Optional[Ranks] = None, chunks: Optional[Dict[int, Chunk]] = None,
+           num_chunks: Optional[int] = None) -> LevelResult:
+    """One k-means run over the items of the chunks (default: all of ``data`` on the grid): k-means++
+    seeding on rank 0 over a random subset drawn by rank 0 (``rng`` is only used there), the seeds
+    broadcast, then distributed Lloyd.
+
+    Args:
+        chunks: this rank's chunks of the items to cluster; ``num_chunks``: how many the run has in all.
+    """
+    ranks = ranks or Ranks()
+    if chunks is None:
+        chunks, num_chunks = grid_chunks(len(data), opts, ranks), len(Grid(len(data), opts.chunk_size))
+    lengths = np.zeros(num_chunks if num_chunks is not None else len(chunks), dtype=np.int64)
+    for j, chunk in chunks.items():
+        lengths[j] = chunk_len(chunk)
+    lengths = ranks.all_reduce(lengths)
+    n = int(lengths.sum())
     sample = min(n, max(k, opts.init_sample_per_centroid * k))
-    rows = np.sort(rng.choice(n, size=sample, replace=False)) if sample < n else np.arange(n)
-    points = data.take(rows)
-    if opts.init == "kmeans++":
-        init = kmeans_plusplus(points, k, rng)
-    else:
-        init = points[rng.choice(len(points), size=k, replace=len(points) < k)]
-    return lloyd(data, init, opts, assign_all)
+
+    def draw() -> np.ndarray:
+        return np.sort(rng.choice(n, size=sample, replace=False)) if sample < n else np.arange(n)
+
+    positions = _resolve(ranks, chunks, lengths, ranks.on_zero(draw))
+
+    def seed() -> np.ndarray:
+        points = data.take(positions)
+        if opts.init == "kmeans++":
+            return kmeans_plusplus(points, k, rng)
+        return points[rng.choice(len(points), size=k, replace=len(points) < k)]
+
+    init = ranks.on_zero(seed)  # rank 0 seeds; the seeds (or its error) reach every rank
+    return lloyd(data, init, opts, assign_all, ranks, chunks)
 
 
 def rank_within_clusters(assignment: np.ndarray, key: np.ndarray) -> np.ndarray:
@@ -198,7 +349,8 @@ def rank_within_clusters(assignment: np.ndarray, key: np.ndarray) -> np.ndarray:
 
 
 def closest_per_cluster(assignment: np.ndarray, dist2: np.ndarray, s: int) -> np.ndarray:
-    """Sorted positions of the (at most) ``s`` items of every cluster closest to its centroid."""
+    """Sorted positions of the (at most) ``s`` items of every cluster closest to its centroid (one process;
+    ``selection.smallest_per_cluster`` is the same choice over several)."""
     return np.flatnonzero(rank_within_clusters(assignment, dist2) < s)
 
 
@@ -211,30 +363,32 @@ def _phase_path(folder: Optional[Path], phase: int) -> Optional[Path]:
     return None if folder is None else Path(folder) / f"phase_{phase:03d}.npz"
 
 
-def _save_phase(path: Optional[Path], level: KMeansLevel) -> None:
+def _save_phase(path: Optional[Path], centroids: np.ndarray, items: int) -> None:
+    """A finished phase: its centroids and the number of items they cluster (the assignment is one pass
+    away: ``assign`` on the same chunks)."""
     if path is None:
         return
-    from dinotxt.fileio import atomic_output
+    from .store import save_npz
 
-    with atomic_output(path) as tmp:
-        with open(tmp, "wb") as f:
-            np.savez(f, centroids=level.centroids, assignment=level.assignment, dist2=level.dist2)
+    save_npz(path, {"centroids": centroids, "items": np.array([items], np.int64)})
 
 
-def _load_phase(path: Optional[Path], n: int, dim: int) -> Optional[KMeansLevel]:
+def _load_phase(path: Optional[Path], k: int, n: int, dim: int) -> Optional[np.ndarray]:
     if path is None or not path.is_file():
         return None
     with np.load(path) as z:
-        level = KMeansLevel(z["centroids"], z["assignment"], z["dist2"])
-    if level.centroids.shape[1] != dim or len(level.assignment) != n:
-        raise ValueError(f"{path} was computed on {len(level.assignment)} items of width {level.centroids.shape[1]}, "
-                         f"not {n} of width {dim}; delete the cluster folder to recompute")
-    return level
+        centroids, items = z["centroids"], int(z["items"][0])
+    if centroids.shape != (k, dim) or items != n:
+        raise ValueError(f"{path} holds {centroids.shape[0]} centroids of width {centroids.shape[1]} for {items} items, "
+                         f"not {k} of width {dim} for {n}; delete the cluster folder to recompute")
+    return centroids
 
 
 def kmeans_level(data, k: int, opts: KMeansOptions, resampling_steps: int, sample_size: Optional[int],
-                 seed: int, level: int, checkpoint: Optional[Path] = None, log=print) -> KMeansLevel:
-    """One level: k-means, then ``resampling_steps`` resample-refit-reassign steps.
+                 seed: int, level: int, checkpoint: Optional[Path] = None, log=print,
+                 ranks: Optional[Ranks] = None) -> LevelResult:
+    """One level: k-means, then ``resampling_steps`` resample-refit-reassign steps, over the fixed grid of
+    ``opts.chunk_size`` items (each rank runs its share of the chunks).
 
     Args:
         data: the items of this level (EmbeddingStore view or ArrayView).
@@ -242,45 +396,60 @@ def kmeans_level(data, k: int, opts: KMeansOptions, resampling_steps: int, sampl
         opts: k-means options.
         resampling_steps: R.
         sample_size: s points per cluster per resampling step (None: half the mean cluster size).
-        seed, level: every random choice of phase p derives from ``(seed, level, p)``.
-        checkpoint: folder for ``phase_NNN.npz`` files; finished phases are loaded, not recomputed.
+        seed, level: every random choice of phase p derives from ``(seed, level, p)`` (drawn on rank 0).
+        checkpoint: folder for the ``phase_NNN.npz`` centroids (written by rank 0); finished phases are loaded,
+            not recomputed.
+        ranks: the processes sharing the work (one when None).
+    Returns this rank's chunks' assignment (all of it for one process) and the centroids.
     """
+    ranks = ranks or Ranks()
     n = len(data)
     if k > n:
         raise ValueError(f"level {level} asks for {k} clusters of only {n} items; lower cluster.levels")
     s = int(sample_size) if sample_size else default_sample_size(n, k)
-    current = None
+    grid = Grid(n, opts.chunk_size)
+    chunks = grid_chunks(n, opts, ranks)
+    ranks.items += len(chunks)
+    centroids: Optional[np.ndarray] = None
+    current: Optional[LevelResult] = None  # the assignment to ``centroids``, computed when needed
     for phase in range(resampling_steps + 1):
         path = _phase_path(checkpoint, phase)
-        loaded = _load_phase(path, n, data.dim)
+        loaded = ranks.on_zero(_load_phase, path, k, n, data.dim)
         if loaded is not None:
-            current = loaded
+            centroids, current = loaded, None
             continue
         rng = np.random.default_rng([seed, level, phase])
         if phase == 0:
             log(f"level {level}: k-means, {k} clusters of {n:,} items")
-            current = kmeans(data, k, opts, rng)
+            current = kmeans(data, k, opts, rng, ranks=ranks, chunks=chunks, num_chunks=len(grid))
         else:
-            rows = closest_per_cluster(current.assignment, current.dist2, s)
-            log(f"level {level}: resampling step {phase}/{resampling_steps}: refit on {len(rows):,} items "
+            current = current or assign(data, centroids, opts, ranks, chunks)
+            keys = {j: (a, distance_keys(d), chunk_positions(chunks[j])) for j, (a, d) in current.assigned.items()}
+            picked = smallest_per_cluster(ranks, keys, np.full(k, s, dtype=np.int64))
+            refit_chunks = {j: chunk_positions(chunks[j])[m] for j, m in picked.items()}
+            resampled = int(ranks.all_reduce(np.array([sum(int(m.sum()) for m in picked.values())], np.int64))[0])
+            log(f"level {level}: resampling step {phase}/{resampling_steps}: refit on {resampled:,} items "
                 f"(<= {s} per cluster), reassign all {n:,}")
-            # a view of the pool, not a copy: the refit set can be half the pool
-            refit = kmeans(data.subset(rows), k, opts, rng, assign_all=False)  # all items are assigned next
-            assignment, dist2 = assign(data, refit.centroids, opts)
-            current = KMeansLevel(refit.centroids, assignment, dist2)
-        _save_phase(path, current)
-    return current
+            # the refit set is the resampled items of every grid chunk: the same chunks for any process count
+            refit = kmeans(data, k, opts, rng, assign_all=False, ranks=ranks, chunks=refit_chunks,
+                           num_chunks=len(grid))
+            current = assign(data, refit.centroids, opts, ranks, chunks)
+        centroids = current.centroids
+        if ranks.is_zero:
+            _save_phase(path, centroids, n)
+    return current or assign(data, centroids, opts, ranks, chunks)
 
 
 def hierarchical_kmeans(data, levels: Sequence[int], opts: KMeansOptions, resampling_steps: Sequence[int],
                         sample_sizes: Sequence[Optional[int]], seed: int = 0, checkpoint_dir: Optional[Path] = None,
                         log=print) -> List[KMeansLevel]:
-    """All levels, bottom first; level l runs on the centroids of level l-1."""
+    """All levels, bottom first, in one process; level l runs on the centroids of level l-1."""
     out: List[KMeansLevel] = []
     for i, k in enumerate(levels):
         items = data if i == 0 else ArrayView(out[-1].centroids)
         folder = None if checkpoint_dir is None else Path(checkpoint_dir) / f"level{i + 1}"
-        out.append(kmeans_level(items, k, opts, resampling_steps[i], sample_sizes[i], seed, i + 1, folder, log))
+        out.append(kmeans_level(items, k, opts, resampling_steps[i], sample_sizes[i], seed, i + 1, folder,
+                                log).level())
     return out
 
 

@@ -1,21 +1,26 @@
-"""``dinotxt curate RECIPE``: the whole curation as a chain of resumable stages.
+"""``dinotxt curate RECIPE``: the whole curation as a chain of resumable stages, on one process
+or on N (``torchrun`` / ``srun``; ``curation.ranks``).
 
     <output_dir>/<name>/
       config.yaml                resolved recipe
       embed/                     image embeddings + metadata per pool unit   (embed)
       embed_text/                caption embeddings per pool unit            (embed_text)
-      dedup/                     kept.npy: pool rows left after near-duplicate removal
-      cluster/level{l}/          centroids, assignment, dist2 (+ phase checkpoints)  (cluster_level{l})
-      image_balance/             rows.npy: balanced hierarchical sample
-      text_balance/              entries.txt, matches, rows.npy: MetaCLIP-style balancing
-      curated/                   uids.npy, manifest.parquet, shards/          (combine)
+      dedup/                     removed.npy: pool rows removed as near duplicates (+ hits/, edges/ per shard)
+      cluster/level{l}/          centroids.npy, assignment/ and dist2/ per grid chunk (+ phase centroids)
+      image_balance/rows/        the balanced hierarchical sample, per grid chunk
+      text_balance/              entries.txt, counts.npy, matches/ and rows/ per grid chunk (MetaCLIP-style)
+      curated/                   uids.npy, manifest.parquet, shards/ (+ their per-chunk parts)   (combine)
       report/                    report.json + PNG plots
 
 Row indices saved by the stages are POOL rows (positions in the concatenated embedding
-shards), so every selection can be mapped back to sample ids. Each stage is skipped when
-done, resumed when interrupted, and recomputed when a setting it depends on changed
-(``curation.stages``). ``--stage NAME`` runs one stage (its inputs must exist), e.g. each
-k-means level as its own job; ``--until NAME`` stops after a stage.
+shards), so every selection can be mapped back to sample ids. After de-duplication the pool's
+rows are cut into a fixed grid of ``cluster.chunk_size`` rows: the work items of k-means,
+balancing and combine, written as one part per chunk by the process that ran it. The number of
+processes only decides who runs which chunk, so every output is byte-identical for 1 or N
+processes, and for a resume with another N. Each stage is skipped when done, resumed when
+interrupted, and recomputed when a setting it depends on changed (``curation.stages``).
+``--stage NAME`` runs one stage (its inputs must exist), e.g. each k-means level as its own job;
+``--until NAME`` stops after a stage.
 """
 from __future__ import annotations
 
@@ -30,12 +35,13 @@ import numpy as np
 from omegaconf import OmegaConf
 
 from dinotxt.config import ConfigError
+from dinotxt.data.units import data_units
 from dinotxt.fileio import atomic_write_text
 
 from .config import load_curation_config, per_level
-from dinotxt.data.units import data_units
+from .ranks import Ranks
 from .stages import Stage, fingerprint, run_stage
-from .store import EmbeddingStore, save_npy, shard_paths
+from .store import EmbeddingStore, Grid, KeptRows, part_path, read_parts, save_npy, shard_paths
 
 log = logging.getLogger(__name__)
 
@@ -47,29 +53,32 @@ class Curation:
         cfg: resolved CurationConfig (``load_curation_config``).
         trust_code: allow the recipe to name code by import path (a backbone factory, a caption
             encoder; ``dinotxt.plugins``).
+        ranks: the processes running it (one by default; ``run_curation`` reads the launcher's).
     """
 
-    def __init__(self, cfg, trust_code: bool = False):
+    def __init__(self, cfg, trust_code: bool = False, ranks: Optional[Ranks] = None):
         self.cfg = cfg
         self.trust_code = trust_code
+        self.ranks = ranks or Ranks()
         self.out = Path(cfg.output_dir) / cfg.name
         self.units = data_units(cfg.pool.data, cfg.pool, cfg.pool.manifest_rows_per_unit, key="pool.data")
         if not self.units:
             raise ValueError(f"the pool {cfg.pool.data} has no samples")
-        self._pool: Optional[Dict] = None
-        self.stages: Dict[str, Tuple[Stage, Callable[[bool], Dict], List[str]]] = {}
+        self._pool = None
+        self.stages: Dict[str, Tuple[Stage, Callable[[bool], Dict], List[str], Callable[[], List[Path]]]] = {}
         self._define()
 
     # ---------------------------------------------------------------- wiring
     def _add(self, name: str, folder: str, fp: str, work: Callable[[bool], Dict], needs: List[str],
-             expensive: bool = False) -> str:
-        self.stages[name] = (Stage(name, self.out / folder, fp, expensive), work, needs)
+             outputs: Callable[[], List[Path]], expensive: bool = False) -> str:
+        self.stages[name] = (Stage(name, self.out / folder, fp, expensive), work, needs, outputs)
         return fp
 
     def _define(self) -> None:
         from .embed import backbone_config
 
         c = self.cfg
+        units = len(self.units)
         pool_keys = {k: c.pool[k] for k in ("image_keys", "caption_key", "caption_json_field",
                                              "manifest_image_column", "manifest_caption_column")}
         # read from a pooled feature cache, the embeddings are the same up to the cache's fp16 tokens: its
@@ -82,11 +91,15 @@ class Curation:
         fp_embed = self._add("embed", "embed", fingerprint(
             "embed", [u.name for u in self.units], [(u.start, u.stop) for u in self.units], pool_keys,
             backbone_config(c.embed), *([("from_cache", from_cache)] if from_cache else [])), self._embed, [],
+            lambda: shard_paths(self.out / "embed" / "meta", units, ".parquet") + [self.out / "embed" / "rows.npy"],
             expensive=True)
         e = c.embed
         fp_text = self._add("embed_text", "embed_text", fingerprint(
-            "embed_text", fp_embed, e.text_encoder, e.text_dim, e.text_ngrams, e.text_kwargs), self._embed_text, ["embed"])
-        fp_dedup = self._add("dedup", "dedup", fingerprint("dedup", fp_embed, c.dedup, c.seed), self._dedup, ["embed"])
+            "embed_text", fp_embed, e.text_encoder, e.text_dim, e.text_ngrams, e.text_kwargs), self._embed_text,
+            ["embed"], lambda: shard_paths(self.out / "embed_text", units))
+        fp_dedup = self._add("dedup", "dedup", fingerprint("dedup", fp_embed, c.dedup, c.seed), self._dedup, ["embed"],
+                             lambda: [self.out / "dedup" / "removed.npy"])
+        grid = c.cluster.chunk_size  # the grid of the de-duplicated pool: the work items from here on
         fp_image = None
         if c.image_balance.enabled:
             upstream = [fp_dedup] + ([fp_text] if c.cluster.embeddings == "text" else [])
@@ -98,83 +111,111 @@ class Curation:
             for i, k in enumerate(levels):
                 name = f"cluster_level{i + 1}"
                 upstream = [fingerprint(name, *upstream, common, k, steps[i], sizes[i], c.seed)]
-                self._add(name, f"cluster/level{i + 1}", upstream[0], self._cluster_level(i), needs)
+                self._add(name, f"cluster/level{i + 1}", upstream[0], self._cluster_level(i), needs,
+                          self._level_outputs(i))
                 needs = [name]
             fp_image = self._add("image_balance", "image_balance", fingerprint(
-                "image_balance", upstream[0], c.image_balance, c.seed), self._image_balance, needs)
+                "image_balance", upstream[0], c.image_balance, c.seed), self._image_balance, needs,
+                lambda: self._chunk_parts(self.out / "image_balance" / "rows"))
         fp_textbal = None
         if c.text_balance.enabled:
             vocab = hashlib.sha256(Path(c.text_balance.metadata).read_bytes()).hexdigest() if (
                 c.text_balance.metadata and Path(c.text_balance.metadata).is_file()) else None
             fp_textbal = self._add("text_balance", "text_balance", fingerprint(
-                "text_balance", fp_dedup, c.text_balance, vocab, c.seed), self._text_balance, ["dedup"])
+                "text_balance", fp_dedup, c.text_balance, vocab, grid, c.seed), self._text_balance, ["dedup"],
+                lambda: self._chunk_parts(self.out / "text_balance" / "rows") + [self.out / "text_balance" / "counts.npy"])
         selections = [n for n, fp in (("image_balance", fp_image), ("text_balance", fp_textbal)) if fp]
-        fp_combine = self._add("combine", "curated", fingerprint("combine", fp_image, fp_textbal, c.combine),
-                               self._combine, selections)
-        self._add("report", "report", fingerprint("report", fp_combine, c.report), self._report, ["combine"])
+        fp_combine = self._add("combine", "curated", fingerprint("combine", fp_image, fp_textbal, c.combine, grid),
+                               self._combine, selections, self._combine_outputs)
+        self._add("report", "report", fingerprint("report", fp_combine, c.report), self._report, ["combine"],
+                  lambda: [self.out / "report" / "report.json"])
 
     @property
     def names(self) -> List[str]:
         return list(self.stages)
 
-    # ---------------------------------------------------------------- helpers
+    # ---------------------------------------------------------------- the pool and its grid
     def log(self, msg: str) -> None:
-        log.info(f"{msg}")
+        if self.ranks.is_zero:
+            log.info(msg)
 
     @property
-    def pool(self) -> Dict:
+    def pool(self):
+        """The pool's metadata, read per unit where it lies (``embed.PoolIndex``)."""
         if self._pool is None:
-            from .embed import load_pool_index
+            from .embed import PoolIndex
 
-            self._pool = load_pool_index(self.out / "embed", self.units)
+            self._pool = PoolIndex(self.out / "embed", self.units)
         return self._pool
 
-    def image_store(self, rows: Optional[np.ndarray] = None) -> EmbeddingStore:
+    def kept(self) -> KeptRows:
+        """The pool rows left after de-duplication (position -> pool row), from the rows it removed."""
+        return KeptRows(len(self.pool), np.load(self.out / "dedup" / "removed.npy"))
+
+    def grid(self) -> Grid:
+        """The fixed chunks of the de-duplicated pool (``cluster.chunk_size`` rows): the stages' work items."""
+        return Grid(len(self.kept()), self.cfg.cluster.chunk_size)
+
+    def _chunk_parts(self, folder: Path, suffix: str = ".npy") -> List[Path]:
+        return [part_path(folder, j, suffix) for j in range(len(self.grid()))]
+
+    def image_store(self, rows=None) -> EmbeddingStore:
         # once embed is done, every shard must have the width it recorded (so a bad shard 0 is named too)
         return EmbeddingStore(shard_paths(self.out / "embed" / "image", len(self.units)), rows,
                               expect_dim=self.stages["embed"][0].stats.get("dim"))
 
-    def text_store(self, rows: Optional[np.ndarray] = None) -> EmbeddingStore:
+    def text_store(self, rows=None) -> EmbeddingStore:
         return EmbeddingStore(shard_paths(self.out / "embed_text", len(self.units)), rows)
 
-    def kept_rows(self) -> np.ndarray:
-        return np.load(self.out / "dedup" / "kept.npy")
-
-    def faiss_gpus(self) -> int:
+    def faiss_gpus(self):
+        """The GPUs faiss may use: none, every visible one (one process), or this process's own."""
         from .kmeans import faiss_gpus
 
-        return faiss_gpus(self.cfg.cluster.device)
+        count = faiss_gpus(self.cfg.cluster.device)
+        return count if self.ranks.world == 1 else self.ranks.faiss_gpus(count)
 
     # ---------------------------------------------------------------- stages
     def _embed(self, resuming: bool) -> Dict:
-        from .embed import embed_images, read_skipped
+        from .embed import embed_images, index_units, read_skipped
 
-        if not embed_images(self.cfg, self.units, self.out / "embed", self.trust_code):
-            raise _NotGlobalZero()
-        pool = self.pool  # checks that sample ids are unique
-        store = self.image_store()
-        return {"units": len(self.units), "samples": int(len(pool["uid"])), "dim": store.dim,
-                "skipped": read_skipped(self.out / "embed", self.units)}
+        self.ranks.items += embed_images(self.cfg, self.units, self.out / "embed", self.trust_code, self.ranks)
+        self.ranks.barrier()  # every unit's files are on disk
+        samples = index_units(self.out / "embed", self.units, self.ranks)["samples"]  # checks that ids are unique
+        return self.ranks.on_zero(lambda: {"units": len(self.units), "samples": samples, "dim": self.image_store().dim,
+                                           "skipped": read_skipped(self.out / "embed", self.units)})
 
     def _embed_text(self, resuming: bool) -> Dict:
         from .embed import embed_texts
 
-        return embed_texts(self.cfg, self.units, self.out / "embed", self.out / "embed_text", self.trust_code)
+        stats = embed_texts(self.cfg, self.units, self.out / "embed", self.out / "embed_text", self.trust_code,
+                            self.ranks)
+        self.ranks.barrier()
+        return stats
 
     def _dedup(self, resuming: bool) -> Dict:
-        from .dedup import near_duplicates
+        from .dedup import DedupSettings, dedup_stage
 
         d = self.cfg.dedup
-        n = len(self.pool["uid"])
+        n = len(self.pool)
         if d.enabled:
-            keep, stats = near_duplicates(self.image_store(), self.pool["uid"], d.threshold, d.neighbors, d.index,
-                                          d.flat_max, d.nlist, d.nprobe, d.chunk_size, self.cfg.seed, self.faiss_gpus())
+            settings = DedupSettings(n, d.threshold, d.neighbors, d.index, d.flat_max, d.nlist, d.nprobe, d.chunk_size,
+                                     d.shard_rows, self.cfg.seed, self.faiss_gpus())
+            removed, stats = dedup_stage(self.ranks, self.image_store(), self.out / "dedup", settings, self.pool.uids,
+                                         log=self.log)
         else:
-            keep, stats = np.ones(n, dtype=bool), {"groups": 0, "removed": 0, "kept": n, "group_sizes": {}}
-        save_npy(self.out / "dedup" / "kept.npy", np.flatnonzero(keep).astype(np.int64))
+            self.ranks.on_zero(save_npy, self.out / "dedup" / "removed.npy", np.zeros(0, np.int64))
+            removed, stats = [], {"groups": 0, "removed": 0, "kept": n, "group_sizes": {}}
         self.log(f"dedup: {stats['removed']:,} near duplicates removed in {stats['groups']:,} groups; "
                  f"{stats['kept']:,} of {n:,} left")
         return stats
+
+    def _level_outputs(self, i: int) -> Callable[[], List[Path]]:
+        def outputs() -> List[Path]:
+            folder = self.out / "cluster" / f"level{i + 1}"
+            chunks = len(self.grid()) if i == 0 else len(Grid(self.cfg.cluster.levels[i - 1], self.cfg.cluster.chunk_size))
+            return [folder / "centroids.npy"] + [part_path(folder / name, j) for name in ("assignment", "dist2")
+                                                 for j in range(chunks)]
+        return outputs
 
     def _cluster_level(self, i: int) -> Callable[[bool], Dict]:
         def work(resuming: bool) -> Dict:
@@ -182,176 +223,202 @@ class Curation:
             from .store import ArrayView
 
             c = self.cfg.cluster
-            opts = KMeansOptions(c.iters, c.init, c.init_sample_per_centroid, c.chunk_size, self.faiss_gpus(),
-                                 c.gpu_index == "shard")
-            if i == 0:
-                rows = self.kept_rows()
-                data = self.image_store(rows) if c.embeddings == "image" else self.text_store(rows)
-            else:
-                data = ArrayView(np.load(self.out / "cluster" / f"level{i}" / "centroids.npy"))
+            folder = self.out / "cluster" / f"level{i + 1}"
             levels = list(c.levels)
             steps = per_level(c.resampling_steps, len(levels), "cluster.resampling_steps")[i]
             size = per_level(c.sample_size, len(levels), "cluster.sample_size")[i]
-            folder = self.out / "cluster" / f"level{i + 1}"
-            result = kmeans_level(data, int(levels[i]), opts, int(steps), size, self.cfg.seed, i + 1,
-                                  checkpoint=folder, log=lambda m: self.log(m))
-            save_npy(folder / "centroids.npy", result.centroids)
-            save_npy(folder / "assignment.npy", result.assignment)
-            save_npy(folder / "dist2.npy", result.dist2)
-            sizes = np.bincount(result.assignment, minlength=len(result.centroids))
-            return {"items": int(len(data)), "clusters": int(levels[i]), "empty_clusters": int((sizes == 0).sum()),
-                    "dim": int(data.dim)}
+
+            def fit(ranks: Ranks) -> Dict:
+                opts = KMeansOptions(c.iters, c.init, c.init_sample_per_centroid, c.chunk_size, self.faiss_gpus(),
+                                     c.gpu_index == "shard")
+                if i == 0:
+                    kept = self.kept()
+                    data = self.image_store(kept) if c.embeddings == "image" else self.text_store(kept)
+                else:  # levels >= 2 cluster the level below's centroids: small, on rank 0 alone
+                    data = ArrayView(np.load(self.out / "cluster" / f"level{i}" / "centroids.npy"))
+                result = kmeans_level(data, int(levels[i]), opts, int(steps), size, self.cfg.seed, i + 1,
+                                      checkpoint=folder, log=self.log, ranks=ranks)
+                sizes = np.zeros(len(result.centroids), dtype=np.int64)
+                for j, (a, d) in result.assigned.items():
+                    save_npy(part_path(folder / "assignment", j), a)
+                    save_npy(part_path(folder / "dist2", j), d)
+                    sizes += np.bincount(a, minlength=len(sizes))
+                sizes = ranks.all_reduce(sizes)
+                if ranks.is_zero:
+                    save_npy(folder / "centroids.npy", result.centroids)
+                return {"items": int(len(data)), "clusters": int(levels[i]), "empty_clusters": int((sizes == 0).sum()),
+                        "dim": int(data.dim), "chunks": len(result.chunks)}
+
+            if i == 0:
+                stats = fit(self.ranks)
+                self.ranks.barrier()
+                return stats
+            stats = self.ranks.on_zero(fit, Ranks())
+            if self.ranks.is_zero:
+                self.ranks.items += stats["chunks"]
+            return stats
         return work
 
-    def load_levels(self):
+    def upper_levels(self):
+        """Levels 2.. of the hierarchy as ``KMeansLevel`` (small: each assigns the centroids of the level below)."""
         from .kmeans import KMeansLevel
 
         levels = []
-        for i in range(len(self.cfg.cluster.levels)):
+        for i in range(1, len(self.cfg.cluster.levels)):
             folder = self.out / "cluster" / f"level{i + 1}"
-            levels.append(KMeansLevel(np.load(folder / "centroids.npy"), np.load(folder / "assignment.npy"),
-                                      np.load(folder / "dist2.npy")))
+            chunks = len(Grid(self.cfg.cluster.levels[i - 1], self.cfg.cluster.chunk_size))
+            levels.append(KMeansLevel(np.load(folder / "centroids.npy"), read_parts(folder / "assignment", chunks),
+                                      read_parts(folder / "dist2", chunks)))
         return levels
 
     def _image_balance(self, resuming: bool) -> Dict:
-        from .kmeans import cluster_sizes
-        from .sampling import balanced_sample, normalized_entropy
+        from .sampling import balanced_selection, normalized_entropy, upper_sizes
 
-        b = self.cfg.image_balance
-        rows = self.kept_rows()
-        target = int(round(b.target_size * len(rows))) if isinstance(b.target_size, float) and b.target_size <= 1 \
+        b, ranks = self.cfg.image_balance, self.ranks
+        kept, grid = self.kept(), self.grid()
+        n = len(kept)
+        target = int(round(b.target_size * n)) if isinstance(b.target_size, float) and b.target_size <= 1 \
             else int(b.target_size)
-        if target > len(rows):
+        if target > n:
             raise ValueError(f"image_balance.target_size={b.target_size} asks for {target:,} samples, but the pool "
-                             f"has {len(rows):,} after de-duplication; lower it (an int, or a fraction such as 0.5)")
-        levels = self.load_levels()
-        picked = balanced_sample(levels, target, b.strategy, self.cfg.seed)
-        save_npy(self.out / "image_balance" / "rows.npy", rows[picked])
-        top_before = cluster_sizes(levels)[-1]
-        mask = np.zeros(len(rows), dtype=bool)
-        mask[picked] = True
-        leaf_after = np.bincount(levels[0].assignment[mask], minlength=len(levels[0].centroids))
-        self.log(f"image_balance: {len(picked):,} of {len(rows):,} samples; top-level cluster entropy "
-                 f"{normalized_entropy(top_before):.3f} -> {normalized_entropy(self._top_counts(levels, leaf_after)):.3f}")
-        return {"target": target, "selected": int(len(picked))}
-
-    @staticmethod
-    def _top_counts(levels, leaf_counts: np.ndarray) -> np.ndarray:
-        counts = leaf_counts
-        for lvl in levels[1:]:
-            counts = np.bincount(lvl.assignment, weights=counts, minlength=len(lvl.centroids)).astype(np.int64)
-        return counts
+                             f"has {n:,} after de-duplication; lower it (an int, or a fraction such as 0.5)")
+        level1 = self.out / "cluster" / "level1"
+        k1 = int(self.cfg.cluster.levels[0])
+        leaves = {j: (np.load(part_path(level1 / "assignment", j)), np.load(part_path(level1 / "dist2", j)),
+                      grid.bounds(j)[0]) for j in ranks.share(len(grid))}
+        upper = self.upper_levels()
+        picked = balanced_selection(ranks, leaves, upper, k1, target, b.strategy, self.cfg.seed)
+        before, after = np.zeros(k1, np.int64), np.zeros(k1, np.int64)
+        for j, mask in picked.items():
+            save_npy(part_path(self.out / "image_balance" / "rows", j), kept[slice(*grid.bounds(j))][mask])
+            before += np.bincount(leaves[j][0], minlength=k1)
+            after += np.bincount(leaves[j][0][mask], minlength=k1)
+        before, after = ranks.all_reduce(before), ranks.all_reduce(after)
+        widths = [len(lvl.centroids) for lvl in upper]
+        top = [upper_sizes(x, [lvl.assignment for lvl in upper], widths)[-1] for x in (before, after)]
+        self.log(f"image_balance: {int(after.sum()):,} of {n:,} samples; top-level cluster entropy "
+                 f"{normalized_entropy(top[0]):.3f} -> {normalized_entropy(top[1]):.3f}")
+        ranks.barrier()
+        return {"target": target, "selected": int(after.sum())}
 
     def _text_balance(self, resuming: bool) -> Dict:
-        from .text_balance import EntryMatcher, balance, mine_metadata, read_metadata
+        from .text_balance import text_balance_stage
 
-        t = self.cfg.text_balance
-        rows = self.kept_rows()
-        captions = [self.pool["caption"][r] for r in rows]
-        if t.metadata:
-            entries, source = read_metadata(t.metadata), t.metadata
-        else:
-            entries = mine_metadata(captions, t.mine_max_ngram, t.mine_min_count, t.mine_max_entries, t.mine_stopwords)
-            source = "mined from the captions"
-            if not entries:
-                raise ValueError(f"no metadata entry occurs in {t.mine_min_count} or more captions; lower "
-                                 "text_balance.mine_min_count or give a vocabulary file (text_balance.metadata)")
-        folder = self.out / "text_balance"
-        atomic_write_text(folder / "entries.txt", "\n".join(entries) + "\n")
-        match = EntryMatcher(entries)
-        matches = [match(c) for c in captions]
-        offsets = np.cumsum([0] + [len(m) for m in matches]).astype(np.int64)
-        save_npy(folder / "match_offsets.npy", offsets)
-        save_npy(folder / "match_entries.npy", np.fromiter((e for m in matches for e in m), np.int64, int(offsets[-1])))
-        keep, counts = balance(matches, self.pool["uid"][rows], len(entries), t.t, self.cfg.seed, t.keep_unmatched)
-        save_npy(folder / "counts.npy", counts)
-        save_npy(folder / "rows.npy", rows[keep])
-        unmatched = int(sum(1 for m in matches if not m))
-        self.log(f"text_balance: {len(entries):,} entries ({source}); {unmatched:,} captions match none; "
-                 f"{int(keep.sum()):,} of {len(rows):,} kept with t={t.t}")
-        return {"entries": len(entries), "metadata": source, "unmatched": unmatched, "selected": int(keep.sum()),
-                "capped_entries": int((counts > t.t).sum())}
+        kept, grid = self.kept(), self.grid()
+        stats = text_balance_stage(self.ranks, self.out / "text_balance", len(grid),
+                                   lambda j: kept[slice(*grid.bounds(j))], self.pool.columns, self.cfg.text_balance,
+                                   self.cfg.seed, log=self.log)
+        self.ranks.barrier()
+        return stats
+
+    def _combine_outputs(self) -> List[Path]:
+        out, c = self.out / "curated", self.cfg.combine
+        files = [out / "uids.npy", out / "manifest.parquet"] + self._chunk_parts(out / "manifest", ".parquet")
+        if c.write_shards and files[0].is_file():
+            shards = -(-len(np.load(files[0], mmap_mode="r")) // c.samples_per_shard)
+            files += [out / "shards" / f"{i:06d}.tar" for i in range(shards)]
+        return files
 
     def _combine(self, resuming: bool) -> Dict:
-        from .combine import combine_selections, write_subset
+        from .combine import combine_selections, write_subset_parts
 
-        c = self.cfg.combine
-        image = np.load(self.out / "image_balance" / "rows.npy") if self.cfg.image_balance.enabled else None
-        text = np.load(self.out / "text_balance" / "rows.npy") if self.cfg.text_balance.enabled else None
-        rows = combine_selections(image, text, c.mode)
-        stats = write_subset(self.out / "curated", rows, self.pool, self.units, self.cfg.pool, c.write_shards,
-                             c.samples_per_shard)
-        self.log(f"combine ({c.mode}): {len(rows):,} pairs curated -> {self.out / 'curated'}")
+        c, grid = self.cfg.combine, self.grid()
+        parts = {}
+        for j in self.ranks.share(len(grid)):
+            image = np.load(part_path(self.out / "image_balance" / "rows", j)) if self.cfg.image_balance.enabled else None
+            text = np.load(part_path(self.out / "text_balance" / "rows", j)) if self.cfg.text_balance.enabled else None
+            parts[j] = combine_selections(image, text, c.mode)
+        stats = write_subset_parts(self.ranks, self.out / "curated", parts, len(grid), self.pool, self.units,
+                                   self.cfg.pool, c.write_shards, c.samples_per_shard)
+        self.log(f"combine ({c.mode}): {stats['samples']:,} pairs curated -> {self.out / 'curated'}")
         return stats
 
     def _report(self, resuming: bool) -> Dict:
+        if self.ranks.is_zero:
+            self.ranks.items += 1
+        return self.ranks.on_zero(self._write_report)
+
+    def _write_report(self) -> Dict:
+        """The report, by rank 0 alone, reading the stages' parts a grid chunk at a time."""
         from .report import distribution_summary, write_report
 
         cfg = self.cfg
-        n = len(self.pool["uid"])
-        kept = self.kept_rows()
-        final = np.load(self.out / "curated" / "uids.npy")
-        final_rows = np.flatnonzero(np.isin(self.pool["uid"], final))
-        report: Dict = {"name": cfg.name, "pool": self.stages["embed"][0].stats,
-                        "kept": {"pool": n, "dedup": int(len(kept))}, "dedup": self.stages["dedup"][0].stats}
+        kept, grid = self.kept(), self.grid()
+        stats = {name: st.stats for name, (st, _, _, _) in self.stages.items()}
+        report: Dict = {"name": cfg.name, "pool": stats["embed"], "kept": {"pool": len(self.pool), "dedup": len(kept)},
+                        "dedup": stats["dedup"]}
+        curated = self.out / "curated"
+
+        def in_final(j: int) -> np.ndarray:  # which of chunk j's rows were curated
+            rows, final = kept[slice(*grid.bounds(j))], np.load(part_path(curated / "rows", j))
+            return np.isin(rows, final, assume_unique=True)
         cluster_counts = []
         if cfg.image_balance.enabled:
-            report["kept"]["image_balance"] = int(len(np.load(self.out / "image_balance" / "rows.npy")))
-            levels = self.load_levels()
-            in_final = np.isin(kept, final_rows)
-            leaf_before = np.bincount(levels[0].assignment, minlength=len(levels[0].centroids))
-            leaf_after = np.bincount(levels[0].assignment[in_final], minlength=len(levels[0].centroids))
+            report["kept"]["image_balance"] = int(stats["image_balance"]["selected"])
+            upper = self.upper_levels()
+            k1 = int(cfg.cluster.levels[0])
+            before, after = np.zeros(k1, np.int64), np.zeros(k1, np.int64)
+            for j in range(len(grid)):
+                a = np.load(part_path(self.out / "cluster" / "level1" / "assignment", j))
+                before += np.bincount(a, minlength=k1)
+                after += np.bincount(a[in_final(j)], minlength=k1)
+            from .sampling import upper_sizes
+
+            widths = [len(lvl.centroids) for lvl in upper]
+            tops = [upper_sizes(x, [lvl.assignment for lvl in upper], widths)[-1] for x in (before, after)]
             report["clusters"] = {}
-            for title, before, after in (("level 1", leaf_before, leaf_after),
-                                         (f"level {len(levels)} (top)", self._top_counts(levels, leaf_before),
-                                          self._top_counts(levels, leaf_after))):
-                report["clusters"][title] = {"pool": distribution_summary(before), "curated": distribution_summary(after)}
-                cluster_counts.append({"title": f"{title} clusters", "before": before, "after": after})
-                if len(levels) == 1:
+            for title, b, a in (("level 1", before, after), (f"level {len(upper) + 1} (top)", *tops)):
+                report["clusters"][title] = {"pool": distribution_summary(b), "curated": distribution_summary(a)}
+                cluster_counts.append({"title": f"{title} clusters", "before": b, "after": a})
+                if not upper:
                     break
         names, before, after = [], None, None
         if cfg.text_balance.enabled:
-            report["kept"]["text_balance"] = int(len(np.load(self.out / "text_balance" / "rows.npy")))
+            report["kept"]["text_balance"] = int(stats["text_balance"]["selected"])
             folder = self.out / "text_balance"
             names = (folder / "entries.txt").read_text().splitlines()
-            offsets, entries = np.load(folder / "match_offsets.npy"), np.load(folder / "match_entries.npy")
-            row_of_pair = np.repeat(np.arange(len(kept)), np.diff(offsets))
-            before = np.bincount(entries, minlength=len(names))
-            after = np.bincount(entries[np.isin(kept, final_rows)[row_of_pair]], minlength=len(names))
+            before = np.load(folder / "counts.npy")
+            after = np.zeros(len(names), np.int64)
+            for j in range(len(grid)):
+                with np.load(part_path(folder / "matches", j, ".npz")) as z:
+                    offsets, entries = z["offsets"], z["entries"]
+                pair_of = np.repeat(np.arange(len(offsets) - 1), np.diff(offsets))
+                after += np.bincount(entries[in_final(j)[pair_of]], minlength=len(names))
             top = np.argsort(-before, kind="stable")[:20]
             report["concepts"] = {"pool": distribution_summary(before), "curated": distribution_summary(after),
                                   "top": [{"entry": names[i], "pool": int(before[i]), "curated": int(after[i])} for i in top]}
-        report["kept"]["curated"] = int(len(final))
-        report["seconds"] = {name: st._read("done.json").get("seconds") for name, (st, _, _) in self.stages.items()
+        report["kept"]["curated"] = int(stats["combine"]["samples"])
+        report["seconds"] = {name: st._read("done.json").get("seconds") for name, (st, _, _, _) in self.stages.items()
                              if st.done}
         write_report(self.out / "report", report, cfg.report.plots, cluster_counts=cluster_counts,
                      concept_names=names, concept_before=before, concept_after=after)
-        return {"curated": int(len(final))}
+        return {"curated": report["kept"]["curated"]}
 
     # ---------------------------------------------------------------- running
     def run(self, stage: Optional[str] = None, until: Optional[str] = None) -> Optional[Dict]:
         for name in (stage, until):
             if name is not None and name not in self.stages:
                 raise ConfigError(f"unknown stage '{name}'; stages of this recipe: {', '.join(self.names)}")
-        self.out.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(self.out / "config.yaml", OmegaConf.to_yaml(self.cfg, resolve=True))
         selected = [stage] if stage else self.names[:self.names.index(until) + 1] if until else self.names
         if stage:
             for need in self.stages[stage][2]:
-                if not self.stages[need][0].done:
+                if not self.ranks.on_zero(lambda: self.stages[need][0].done):
                     raise ConfigError(f"stage '{stage}' needs '{need}', which is not done; run "
                                       f"'dinotxt curate RECIPE --until {need}' first")
+
+        def prepare() -> None:
+            self.out.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(self.out / "config.yaml", OmegaConf.to_yaml(self.cfg, resolve=True))
+        self.ranks.on_zero(prepare)
         start = time.time()
-        try:
-            for name in selected:
-                st, work, _ = self.stages[name]
-                run_stage(st, work)
-        except _NotGlobalZero:
-            return None  # a non-zero rank of a multi-GPU embed: rank 0 carries on alone
+        for name in selected:
+            st, work, _, outputs = self.stages[name]
+            run_stage(st, work, self.ranks, outputs)
         if "report" in selected:
-            self.print_summary(time.time() - start)
-            return json.loads((self.out / "report" / "report.json").read_text())
-        return {name: self.stages[name][0].stats for name in selected}
+            if self.ranks.is_zero:
+                self.print_summary(time.time() - start)
+            return self.ranks.on_zero(lambda: json.loads((self.out / "report" / "report.json").read_text()))
+        return self.ranks.on_zero(lambda: {name: self.stages[name][0].stats for name in selected})
 
     def print_summary(self, seconds: float) -> None:
         report = json.loads((self.out / "report" / "report.json").read_text())
@@ -379,12 +446,13 @@ class Curation:
         print("=" * 60, flush=True)
 
 
-class _NotGlobalZero(Exception):
-    """Raised inside a non-zero rank after its share of a multi-GPU embedding is written."""
-
-
 def run_curation(recipe: Optional[str], overrides: List[str] = (), stage: Optional[str] = None,
-                 until: Optional[str] = None, trust_code: bool = False) -> Optional[Dict]:
-    """Resolve the recipe and run its stages (all, one, or up to one). Returns the report (or stage statistics)."""
+                 until: Optional[str] = None, trust_code: bool = False, ranks: Optional[Ranks] = None) -> Optional[Dict]:
+    """Resolve the recipe and run its stages (all, one, or up to one) on the processes the launcher started
+    (one without a launcher). Returns the report (or stage statistics) on every rank."""
     cfg = load_curation_config(recipe, list(overrides))
-    return Curation(cfg, trust_code).run(stage, until)
+    ranks = ranks or Ranks.from_env(cfg.processes.timeout_s)
+    if not ranks.is_zero:  # the other ranks' progress lines would repeat rank 0's; their warnings still show
+        for name in ("curation", "dinotxt"):
+            logging.getLogger(name).setLevel(max(logging.WARNING, logging.getLogger(name).level))
+    return Curation(cfg, trust_code, ranks).run(stage, until)

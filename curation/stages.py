@@ -11,6 +11,13 @@ before any output, writes each output atomically (``dinotxt.fileio``), and write
 - recomputes a cheap stage whose inputs or settings changed (its folder is cleared), and
   refuses to silently discard an expensive one (``Stage(expensive=True)``: the embeddings),
   saying how to start over.
+
+With several processes (``ranks.Ranks``) every rank runs the stage's work on its share of the
+work items, each item's output written atomically by the rank that ran it (progress is per item,
+never per rank, so a rerun with another number of processes continues it). Rank 0 alone decides
+whether the stage is done, prepares the folder, and, once every rank is through and every item's
+output is on disk, writes ``done.json``, which says how the work was shared: ``"ranks": N`` and
+``"items_per_rank"``, the work items each rank ran.
 """
 from __future__ import annotations
 
@@ -20,12 +27,14 @@ import logging
 import shutil
 import time
 from pathlib import Path
-from typing import Any, Callable, Dict, Optional
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 from omegaconf import OmegaConf
 
 from dinotxt.config import ConfigError
 from dinotxt.fileio import atomic_write_json
+
+from .ranks import Ranks
 
 log = logging.getLogger(__name__)
 
@@ -83,20 +92,35 @@ class Stage:
         atomic_write_json(self.folder / "started.json", {"stage": self.name, "fingerprint": self.fingerprint})
         return False
 
-    def finish(self, stats: Dict, seconds: float) -> None:
-        atomic_write_json(self.folder / "done.json", {"stage": self.name, "fingerprint": self.fingerprint,
-                                                      "seconds": round(seconds, 2), "stats": stats})
+    def finish(self, stats: Dict, seconds: float, items_per_rank: Sequence[int] = (1,)) -> None:
+        atomic_write_json(self.folder / "done.json", {
+            "stage": self.name, "fingerprint": self.fingerprint, "seconds": round(seconds, 2),
+            "ranks": len(items_per_rank), "items_per_rank": [int(i) for i in items_per_rank], "stats": stats})
 
 
-def run_stage(stage: Stage, work: Callable[[bool], Dict]) -> Dict:
-    """Run ``work(resuming)`` unless the stage is already done; returns the stage's statistics."""
-    if stage.done:
+def run_stage(stage: Stage, work: Callable[[bool], Dict], ranks: Optional[Ranks] = None,
+              outputs: Optional[Callable[[], List[Path]]] = None) -> Dict:
+    """Run ``work(resuming)`` on every rank unless the stage is already done; returns the stage's statistics
+    (rank 0's). ``outputs()`` lists the files every work item must have left: rank 0 checks them before
+    writing ``done.json``. ``ranks.items`` counts the work items each rank ran (``Ranks.share``)."""
+    ranks = ranks or Ranks()
+    if ranks.on_zero(lambda: stage.done):
         log.info(f"{stage.name}: done earlier, skipped")
-        return stage.stats
-    resuming = stage.begin()
+        return ranks.on_zero(lambda: stage.stats)
+    resuming = ranks.on_zero(stage.begin)
     log.info(f"{stage.name}: {'resuming' if resuming else 'running'}")
     start = time.time()
+    ranks.items = 0
     stats = work(resuming)
-    stage.finish(stats, time.time() - start)
-    log.info(f"{stage.name}: done in {time.time() - start:.1f} s")
+    items = ranks.all_gather(ranks.items)  # also: every rank is through its work
+
+    def finish() -> None:
+        missing = [p for p in (outputs() if outputs else []) if not Path(p).is_file()]
+        if missing:
+            raise RuntimeError(f"{stage.name}: {len(missing)} work item(s) left no output (e.g. {missing[0]}); "
+                               "rerun to finish them")
+        stage.finish(stats, time.time() - start, items)
+    ranks.on_zero(finish)
+    log.info(f"{stage.name}: done in {time.time() - start:.1f} s" +
+             (f" ({ranks.world} processes, work items per process: {items})" if ranks.world > 1 else ""))
     return stats

@@ -27,6 +27,13 @@ def save_npy(path: PathLike, array: np.ndarray) -> None:
             np.save(f, np.ascontiguousarray(array))
 
 
+def save_npz(path: PathLike, arrays: dict) -> None:
+    """``np.savez`` of named arrays through a temporary file and a rename."""
+    with atomic_output(path) as tmp:
+        with open(tmp, "wb") as f:
+            np.savez(f, **arrays)
+
+
 def save_table(path: PathLike, columns: dict) -> None:
     """Write ``{name: list or array}`` as a parquet table, atomically."""
     import pyarrow as pa
@@ -35,6 +42,30 @@ def save_table(path: PathLike, columns: dict) -> None:
     table = pa.table({k: pa.array(v) for k, v in columns.items()})
     with atomic_output(path) as tmp:
         pq.write_table(table, str(tmp))
+
+
+def concatenate_tables(parts: Sequence[PathLike], path: PathLike) -> int:
+    """The parquet parts, in order, as ONE parquet file (streamed a part at a time, atomically); returns rows."""
+    import pyarrow.parquet as pq
+
+    rows, writer, empty = 0, None, None
+    with atomic_output(path) as tmp:
+        try:
+            for p in parts:
+                table = pq.read_table(str(p))
+                if not table.num_rows:  # an empty part's text columns have no type; it adds nothing
+                    empty = table if empty is None else empty
+                    continue
+                if writer is None:
+                    writer = pq.ParquetWriter(str(tmp), table.schema)
+                writer.write_table(table.cast(writer.schema))
+                rows += table.num_rows
+            if writer is None and empty is not None:
+                pq.write_table(empty, str(tmp))
+        finally:
+            if writer is not None:
+                writer.close()
+    return rows
 
 
 def load_table(path: PathLike, columns: Optional[Sequence[str]] = None) -> dict:
@@ -73,8 +104,37 @@ class ArrayView:
     def take(self, rows: np.ndarray) -> np.ndarray:
         return np.ascontiguousarray(self.array[np.asarray(rows)], dtype=np.float32)
 
+    def read(self, start: int, stop: int) -> np.ndarray:
+        return np.ascontiguousarray(self.array[start:stop], dtype=np.float32)
+
     def subset(self, rows: np.ndarray) -> "ArrayView":
         return ArrayView(self.array[np.asarray(rows)])
+
+    @property
+    def fixed_point(self) -> bool:
+        """Whether every value is a multiple of 2**-24 (float16 data): sums can then be carried exactly in int64."""
+        return self.array.dtype == np.float16
+
+
+class KeptRows:
+    """The rows of a table of ``total`` rows that are not in ``removed`` (sorted), as a read-only index:
+    ``kept[p]`` is the p-th kept row, for an int array or a slice of positions, without an array of
+    length ``total`` (the pool after de-duplication is 10^9 rows; the removed ones are a few percent)."""
+
+    def __init__(self, total: int, removed: np.ndarray):
+        self.total = int(total)
+        self.removed = np.asarray(removed, dtype=np.int64)
+        # removed[j] - j kept rows lie before the j-th removed row: position p maps to p + #{j: removed[j] - j <= p}
+        self._before = self.removed - np.arange(len(self.removed), dtype=np.int64)
+
+    def __len__(self) -> int:
+        return self.total - len(self.removed)
+
+    def __getitem__(self, positions) -> np.ndarray:
+        if isinstance(positions, slice):
+            positions = np.arange(*positions.indices(len(self)), dtype=np.int64)
+        positions = np.asarray(positions, dtype=np.int64)
+        return positions + np.searchsorted(self._before, positions, side="right")
 
 
 class EmbeddingStore:
@@ -82,8 +142,8 @@ class EmbeddingStore:
 
     Args:
         paths: the shard files, in pool order.
-        rows: optional sorted global row indices; the view then shows only those rows
-            (in that order), e.g. the pool after de-duplication.
+        rows: optional sorted global row indices (an array, or a ``KeptRows``); the view then shows only
+            those rows (in that order), e.g. the pool after de-duplication.
         expect_dim: width every shard must have (a clear error otherwise).
     """
 
@@ -109,10 +169,14 @@ class EmbeddingStore:
         self.dim = int(width)
         self.offsets = np.cumsum([0] + [a.shape[0] for a in self.shards])
         self.total = int(self.offsets[-1])
-        self.rows = None if rows is None else np.asarray(rows, dtype=np.int64)
-        if self.rows is not None and len(self.rows) and (self.rows.min() < 0 or self.rows.max() >= self.total):
+        self.rows = None if rows is None else rows if isinstance(rows, KeptRows) else np.asarray(rows, dtype=np.int64)
+        if isinstance(self.rows, KeptRows):
+            if self.rows.total != self.total:
+                raise ValueError(f"a row map of {self.rows.total} rows for an embedding store of {self.total} rows")
+        elif self.rows is not None and len(self.rows) and (self.rows.min() < 0 or self.rows.max() >= self.total):
             raise ValueError(f"row index out of range for an embedding store of {self.total} rows")
         self.n = self.total if self.rows is None else len(self.rows)
+        self.fixed_point = all(a.dtype == np.float16 for a in self.shards)  # multiples of 2**-24: exact int64 sums
 
     def __len__(self) -> int:
         return self.n
@@ -156,16 +220,92 @@ class EmbeddingStore:
         rows = np.asarray(rows, dtype=np.int64)
         return self._gather(rows if self.rows is None else self.rows[rows])
 
+    def read(self, start: int, stop: int) -> np.ndarray:
+        """Positions ``[start, stop)`` of this view as float32."""
+        stop = min(stop, self.n)
+        if self.rows is None:
+            return self._read_range(start, stop)
+        return self._gather(self.rows[start:stop])
+
     def chunks(self, chunk_size: int = 65536) -> Iterator[Tuple[int, np.ndarray]]:
         """``(start, float32 block)`` over the view in order; at most ``chunk_size`` rows in RAM at a time."""
         for start in range(0, self.n, chunk_size):
-            stop = min(self.n, start + chunk_size)
-            if self.rows is None:
-                yield start, self._read_range(start, stop)
-            else:
-                yield start, self._gather(self.rows[start:stop])
+            yield start, self.read(start, start + chunk_size)
 
 
 def shard_paths(folder: PathLike, count: int, suffix: str = ".npy") -> List[Path]:
     """``folder/000000.npy ...`` for ``count`` units (the naming every sharded stage uses)."""
     return [Path(folder) / f"{i:06d}{suffix}" for i in range(count)]
+
+
+class Grid:
+    """Fixed chunks of ``n`` items, ``size`` each (the last one shorter): chunk j is ``[j * size, (j + 1) * size)``.
+
+    The work items of the stages that walk the de-duplicated pool: a chunk is searched in one faiss call,
+    reduced, and written as one part file, whatever the number of processes (only which process runs a
+    chunk depends on it), so every output is the same for 1 or N processes."""
+
+    def __init__(self, n: int, size: int):
+        self.n, self.size = int(n), max(1, int(size))
+        self.count = -(-self.n // self.size)
+
+    def __len__(self) -> int:
+        return self.count
+
+    def bounds(self, j: int) -> Tuple[int, int]:
+        return j * self.size, min(self.n, (j + 1) * self.size)
+
+
+def part_path(folder: PathLike, j: int, suffix: str = ".npy") -> Path:
+    """The part of work item ``j`` in a folder of per-item parts (``folder/000012.npy``)."""
+    return Path(folder) / f"{j:06d}{suffix}"
+
+
+def missing_parts(folder: PathLike, count: int, suffix: str = ".npy") -> List[int]:
+    """Items ``0 <= j < count`` whose part is not on disk."""
+    return [j for j in range(count) if not part_path(folder, j, suffix).is_file()]
+
+
+def read_parts(folder: PathLike, count: int) -> np.ndarray:
+    """The ``count`` per-item ``.npy`` parts of a folder, concatenated in item order (for small outputs,
+    the report and tests; large ones are read part by part)."""
+    parts = [np.load(part_path(folder, j)) for j in range(count)]
+    return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
+
+
+# ---------------------------------------------------------------------------- sorted int64 ids in buckets
+UID_BUCKET_ROWS = 1 << 24  # ids per bucket (128 MiB of int64), so one bucket fits any rank
+
+
+def uid_bucket_count(total: int, rows_per_bucket: int = UID_BUCKET_ROWS) -> int:
+    """How many equal ranges of the int64 space to cut ``total`` uniformly spread ids (sample ids are hashes) into."""
+    return max(1, -(-int(total) // int(rows_per_bucket)))
+
+
+def uid_bucket(parts: Sequence[PathLike], b: int, buckets: int) -> np.ndarray:
+    """The ids in the b-th of ``buckets`` equal ranges of the int64 space, from every part (each a SORTED int64
+    ``.npy``), sorted. Only the bucket's slice of each part is read (memory-mapped, binary search)."""
+    lo = -(1 << 63) + (b << 64) // buckets
+    hi = -(1 << 63) + ((b + 1) << 64) // buckets  # exclusive; 2**63 for the last bucket
+    pieces = []
+    for path in parts:
+        ids = np.load(path, mmap_mode="r")
+        start = int(np.searchsorted(ids, lo, side="left"))
+        stop = len(ids) if hi >= 1 << 63 else int(np.searchsorted(ids, hi, side="left"))
+        if stop > start:
+            pieces.append(np.array(ids[start:stop]))
+    return np.sort(np.concatenate(pieces)) if pieces else np.zeros(0, dtype=np.int64)
+
+
+def concatenate_npy(parts: Sequence[PathLike], path: PathLike, dtype=np.int64) -> int:
+    """Write the 1-D ``.npy`` parts, in order, as ONE ``.npy`` (streamed through a memory map, atomically)."""
+    sizes = [int(np.load(p, mmap_mode="r").shape[0]) for p in parts]
+    with atomic_output(path) as tmp:
+        out = np.lib.format.open_memmap(tmp, mode="w+", dtype=dtype, shape=(sum(sizes),))
+        start = 0
+        for p, size in zip(parts, sizes):
+            out[start:start + size] = np.load(p, mmap_mode="r")
+            start += size
+        out.flush()
+        del out
+    return sum(sizes)

@@ -58,17 +58,29 @@ class HashedTfidfEncoder:
             counts[f] = counts.get(f, 0) + 1
         return counts
 
-    def fit(self, captions: Iterable[str]) -> "HashedTfidfEncoder":
-        """Smoothed IDF ``ln((1 + n) / (1 + df)) + 1`` per feature id over ``captions``."""
-        df = np.zeros(1 << FEATURE_BITS, dtype=np.int64)
+    def document_frequency(self, captions: Iterable[str]) -> Tuple[np.ndarray, np.ndarray, int]:
+        """(feature ids, number of captions each occurs in, number of captions): integer counts, so the counts of
+        several parts of a pool add up exactly to the pool's, in any order."""
+        counts: Dict[int, int] = {}
         n = 0
         for caption in captions:
             n += 1
-            ids = list(self.features(caption))
-            if ids:
-                df[ids] += 1
-        self.idf = (np.log((1.0 + n) / (1.0 + df)) + 1.0).astype(np.float32)
+            for f in self.features(caption):
+                counts[f] = counts.get(f, 0) + 1
+        ids = np.fromiter(sorted(counts), dtype=np.int64, count=len(counts))
+        return ids, np.array([counts[i] for i in ids.tolist()], dtype=np.int64), n
+
+    def set_document_frequency(self, df: np.ndarray, n: int) -> "HashedTfidfEncoder":
+        """Smoothed IDF ``ln((1 + n) / (1 + df)) + 1`` per feature id from the pool's document frequencies."""
+        self.idf = (np.log((1.0 + n) / (1.0 + np.asarray(df))) + 1.0).astype(np.float32)
         return self
+
+    def fit(self, captions: Iterable[str]) -> "HashedTfidfEncoder":
+        """The IDF weights over ``captions`` (one process)."""
+        ids, counts, n = self.document_frequency(captions)
+        df = np.zeros(1 << FEATURE_BITS, dtype=np.int64)
+        df[ids] = counts
+        return self.set_document_frequency(df, n)
 
     def encode(self, captions: List[str]) -> np.ndarray:
         """(n, dim) float32, L2-normalised (an empty caption gives a zero row)."""

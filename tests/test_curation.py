@@ -21,12 +21,13 @@ import torch
 
 from curation.combine import combine_selections, uid_key
 from curation.dedup import near_duplicates
-from curation.kmeans import (KMeansLevel, KMeansOptions, closest_per_cluster, cluster_sizes, hierarchical_kmeans,
+from curation.kmeans import (KMeansLevel, KMeansOptions, assign, closest_per_cluster, cluster_sizes, grid_chunks,
+                             hierarchical_kmeans,
                              kmeans, kmeans_level, kmeans_plusplus, lloyd, rank_within_clusters)
 from curation.kmeans_reference import (torch_hierarchical_kmeans, torch_kmeans, torch_kmeans_plusplus,
                                        torch_lloyd)
 from curation.sampling import allocate, balanced_sample, find_cap, leaf_budgets
-from curation.store import ArrayView, EmbeddingStore, load_table
+from curation.store import ArrayView, EmbeddingStore, KeptRows, load_table, read_parts
 from curation.text_balance import (EntryMatcher, balance, mine_metadata, read_metadata, substring_matches,
                                    uniform_hash)
 
@@ -111,11 +112,25 @@ def _clone(ref_out: Path, dest: Path, keep=None) -> Path:
 
 
 # Every file a finished run leaves (the per-stage markers and the resolved config aside).
-OUTPUT_GLOBS = ["embed/image/*.npy", "embed/meta/*.parquet", "embed/meta/*.json", "embed_text/*.npy",
-                "dedup/kept.npy", "cluster/level*/centroids.npy", "cluster/level*/assignment.npy",
-                "cluster/level*/dist2.npy", "cluster/level*/phase_*.npz", "image_balance/rows.npy",
-                "text_balance/*.npy", "text_balance/entries.txt", "curated/uids.npy", "curated/manifest.parquet",
-                "curated/shards/*.tar"]
+OUTPUT_GLOBS = ["embed/image/*.npy", "embed/meta/*.parquet", "embed/meta/*.json", "embed/uids/*.npy", "embed/rows.npy",
+                "embed_text/*.npy", "embed_text/df/*.npz", "dedup/removed.npy", "dedup/hits/*.npz", "dedup/edges/*.npy",
+                "cluster/level*/centroids.npy", "cluster/level*/assignment/*.npy", "cluster/level*/dist2/*.npy",
+                "cluster/level*/phase_*.npz", "image_balance/rows/*.npy", "text_balance/*.npy",
+                "text_balance/entries.txt", "text_balance/matches/*.npz", "text_balance/rows/*.npy",
+                "text_balance/mine/*.parquet", "curated/uids.npy", "curated/manifest.parquet", "curated/rows/*.npy",
+                "curated/uids/*.npy", "curated/manifest/*.parquet", "curated/uid_buckets/*.npy",
+                "curated/shards/*.tar", "report/*.png"]
+
+
+def _kept(run: Path) -> np.ndarray:
+    """The pool rows left after de-duplication."""
+    removed = np.load(run / "dedup" / "removed.npy")
+    return np.setdiff1d(np.arange(POOL_SIZE if "debug" in str(run) else len(_pool_table(run)["uid"])), removed)
+
+
+def _parts(folder: Path) -> np.ndarray:
+    """A per-chunk output (rows of a selection, a level's assignment) as one array in chunk order."""
+    return read_parts(folder, len(list(folder.glob("*.npy"))))
 
 
 def _assert_identical_runs(a: Path, b: Path):
@@ -413,10 +428,11 @@ def test_resampling_step_refits_on_the_closest_points_and_reassigns_all(tmp_path
     x = np.concatenate([rng.normal(0, 1, (600, 3)), rng.normal(6, 0.2, (60, 3))]).astype(np.float32)
     opts = KMeansOptions(iters=20, chunk_size=128)
     final = kmeans_level(ArrayView(x), 8, opts, 1, 5, seed=3, level=1, checkpoint=tmp_path, log=QUIET)
-    with np.load(tmp_path / "phase_000.npz") as z:
-        p0 = KMeansLevel(z["centroids"], z["assignment"], z["dist2"])
+    with np.load(tmp_path / "phase_000.npz") as z:  # a phase's checkpoint: its centroids (and how many items)
+        p0 = assign(ArrayView(x), z["centroids"], opts).level()
+        assert int(z["items"][0]) == len(x)
     with np.load(tmp_path / "phase_001.npz") as z:
-        p1 = KMeansLevel(z["centroids"], z["assignment"], z["dist2"])
+        p1 = assign(ArrayView(x), z["centroids"], opts).level()
     assert np.array_equal(final.centroids, p1.centroids) and np.array_equal(final.assignment, p1.assignment)
     rows = closest_per_cluster(p0.assignment, p0.dist2, 5)
     sizes0 = np.bincount(p0.assignment, minlength=8)
@@ -426,7 +442,10 @@ def test_resampling_step_refits_on_the_closest_points_and_reassigns_all(tmp_path
         kept = np.intersect1d(members, rows)
         if len(kept) < len(members):
             assert p0.dist2[kept].max() <= np.setdiff1d(p0.dist2[members], p0.dist2[kept]).min()
-    refit = kmeans(ArrayView(x[rows]), 8, opts, np.random.default_rng([3, 1, 1]))
+    # the refit: k-means on the resampled items of every grid chunk (the grid's faiss calls, whatever the processes)
+    chunks = grid_chunks(len(x), opts)
+    refit_chunks = {j: rows[(rows >= lo) & (rows < hi)] for j, (lo, hi) in chunks.items()}
+    refit = kmeans(ArrayView(x), 8, opts, np.random.default_rng([3, 1, 1]), chunks=refit_chunks, num_chunks=len(chunks))
     assert np.array_equal(p1.centroids, refit.centroids)
     assert len(p1.assignment) == len(x)  # all points, not just the resampled ones
     brute = ((x[:, None].astype(np.float64) - p1.centroids[None]) ** 2).sum(-1)
@@ -472,8 +491,8 @@ def test_kmeans_level_resumes_from_its_last_finished_phase(tmp_path, monkeypatch
 
     save, calls = km._save_phase, []
 
-    def save_then_die(path, level):
-        save(path, level)
+    def save_then_die(path, *phase):
+        save(path, *phase)
         if path.name == "phase_002.npz":
             raise Interrupted()
     monkeypatch.setattr(km, "_save_phase", save_then_die)
@@ -722,8 +741,8 @@ def test_reference_outputs_are_consistent(reference, world):
     np.testing.assert_allclose(np.linalg.norm(emb.astype(np.float32), axis=1), 1.0, atol=2e-3)
     text = np.concatenate([np.load(p) for p in sorted((run / "embed_text").glob("0*.npy"))])
     assert text.shape == (POOL_SIZE, 64)
-    kept = np.load(run / "dedup" / "kept.npy")
-    image_rows, text_rows = np.load(run / "image_balance" / "rows.npy"), np.load(run / "text_balance" / "rows.npy")
+    kept = _kept(run)
+    image_rows, text_rows = _parts(run / "image_balance" / "rows"), _parts(run / "text_balance" / "rows")
     assert set(image_rows) <= set(kept) and set(text_rows) <= set(kept)
     assert len(image_rows) == round(0.5 * len(kept))  # target_size 0.5 of the de-duplicated pool, exactly
     uids = np.load(run / "curated" / "uids.npy")
@@ -745,8 +764,8 @@ def test_reference_outputs_are_consistent(reference, world):
     match = EntryMatcher(entries)
     assert all(match(pool["caption"][r]) for r in text_rows)
     # image balancing took every leaf's points closest to its centroid first
-    leaf = np.load(run / "cluster" / "level1" / "assignment.npy")
-    dist2 = np.load(run / "cluster" / "level1" / "dist2.npy")
+    leaf = _parts(run / "cluster" / "level1" / "assignment")
+    dist2 = _parts(run / "cluster" / "level1" / "dist2")
     picked = np.isin(kept, image_rows)
     for j in np.unique(leaf):
         inside = leaf == j
@@ -783,7 +802,7 @@ def test_pipeline_combine_modes(reference, world, tmp_path, capsys, mode):
     report, actions = _curate(out, f"combine.mode={mode}", "combine.write_shards=false", "report.plots=false",
                               world=world, capsys=capsys)
     assert [s for s in STAGES if actions[s] == "running"] == ["combine", "report"]
-    image_rows, text_rows = np.load(run / "image_balance" / "rows.npy"), np.load(run / "text_balance" / "rows.npy")
+    image_rows, text_rows = _parts(run / "image_balance" / "rows"), _parts(run / "text_balance" / "rows")
     rows = {"union": np.union1d(image_rows, text_rows), "image": image_rows, "text": text_rows}[mode]
     pool = _pool_table(run)
     uids = np.load(run / "curated" / "uids.npy")
@@ -795,17 +814,17 @@ def test_pipeline_combine_modes(reference, world, tmp_path, capsys, mode):
 def test_pipeline_random_strategy_keeps_the_leaf_budgets(reference, world, tmp_path, capsys):
     out = _clone(reference[0], tmp_path)
     run = out / "debug"
-    kept = np.load(run / "dedup" / "kept.npy")
-    leaf = np.load(run / "cluster" / "level1" / "assignment.npy")
-    closest = np.load(run / "image_balance" / "rows.npy")
+    kept = _kept(run)
+    leaf = _parts(run / "cluster" / "level1" / "assignment")
+    closest = _parts(run / "image_balance" / "rows")
     _, actions = _curate(out, "image_balance.strategy=random", *FAST, world=world, capsys=capsys)
     assert [s for s in STAGES if actions[s] == "running"] == ["image_balance", "combine", "report"]
-    random_rows = np.load(run / "image_balance" / "rows.npy")
+    random_rows = _parts(run / "image_balance" / "rows")
     assert len(random_rows) == len(closest) and not np.array_equal(random_rows, closest)
     per_leaf = [np.bincount(leaf[np.isin(kept, r)], minlength=leaf.max() + 1) for r in (closest, random_rows)]
     assert np.array_equal(*per_leaf)  # the budgets depend on the cluster sizes only
     _curate(out, "image_balance.strategy=random", "image_balance.target_size=20", *FAST, world=world)
-    assert len(np.load(run / "image_balance" / "rows.npy")) == 20  # an int target is a sample count
+    assert len(_parts(run / "image_balance" / "rows")) == 20  # an int target is a sample count
 
 
 def test_pipeline_text_balance_with_a_vocabulary_file(reference, world, tmp_path, capsys):
@@ -813,7 +832,7 @@ def test_pipeline_text_balance_with_a_vocabulary_file(reference, world, tmp_path
     run = out / "debug"
     vocab = tmp_path / "vocab.txt"
     vocab.write_text("Red\nblue square\n# a comment\nzebra\n")
-    kept = np.load(run / "dedup" / "kept.npy")
+    kept = _kept(run)
     captions = _pool_table(run)["caption"]
     entries = ["red", "blue square", "zebra"]
     matching = [r for r in kept if substring_matches(captions[r], entries)]
@@ -822,13 +841,13 @@ def test_pipeline_text_balance_with_a_vocabulary_file(reference, world, tmp_path
                               capsys=capsys)
     assert actions["text_balance"] == "running" and actions["image_balance"] == "skipped"
     assert (run / "text_balance" / "entries.txt").read_text().splitlines() == entries
-    assert np.load(run / "text_balance" / "rows.npy").tolist() == matching  # t above every count: all matches
+    assert _parts(run / "text_balance" / "rows").tolist() == matching  # t above every count: all matches
     counts = np.load(run / "text_balance" / "counts.npy")
     assert counts.tolist() == [sum(bool(e in substring_matches(captions[r], entries)) for r in kept)
                                for e in range(3)] and counts[2] == 0
     _, actions = _curate(out, f"text_balance.metadata={vocab}", "text_balance.t=100000", *FAST,
                          "text_balance.keep_unmatched=true", world=world, capsys=capsys)
-    assert np.load(run / "text_balance" / "rows.npy").tolist() == kept.tolist()
+    assert _parts(run / "text_balance" / "rows").tolist() == kept.tolist()
     vocab.write_text("red\n")  # an edited vocabulary file is a changed setting
     _, actions = _curate(out, f"text_balance.metadata={vocab}", "text_balance.t=100000", *FAST,
                          "text_balance.keep_unmatched=true", world=world, capsys=capsys)
@@ -954,7 +973,7 @@ def test_interrupted_stages_resume_to_identical_outputs(reference, world, tmp_pa
     monkeypatch.setattr(em, "save_npy", save)
     assert sorted(p.name for p in (run / "embed_text").glob("0*.npy")) == ["000000.npy", "000001.npy"]
 
-    phase = interrupt_after(km, "_save_phase", lambda path, level: path.name == "phase_000.npz")
+    phase = interrupt_after(km, "_save_phase", lambda path, *rest: path.name == "phase_000.npz")
     with pytest.raises(Interrupted):
         _curate(out, world=world, capsys=capsys)
     monkeypatch.setattr(km, "_save_phase", phase)
@@ -986,11 +1005,11 @@ def test_interrupted_stages_resume_to_identical_outputs(reference, world, tmp_pa
 def test_a_changed_setting_recomputes_only_the_stages_downstream(reference, world, tmp_path, capsys):
     out = _clone(reference[0], tmp_path)
     run = out / "debug"
-    image_rows = (run / "image_balance" / "rows.npy").read_bytes()
+    image_rows = [p.read_bytes() for p in sorted((run / "image_balance" / "rows").glob("*.npy"))]
     report, actions = _curate(out, "text_balance.t=5", world=world, capsys=capsys)
     assert actions == {**{s: "skipped" for s in STAGES[:6]}, "text_balance": "running", "combine": "running",
                        "report": "running"}
-    assert (run / "image_balance" / "rows.npy").read_bytes() == image_rows
+    assert [p.read_bytes() for p in sorted((run / "image_balance" / "rows").glob("*.npy"))] == image_rows
     assert report["kept"]["text_balance"] < reference[1]["kept"]["text_balance"]  # a smaller cap keeps fewer
     assert json.loads((run / "text_balance" / "done.json").read_text())["stats"]["capped_entries"] > 0
 

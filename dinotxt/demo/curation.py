@@ -103,10 +103,10 @@ def random_subset(cur, size: int, seed: int, out_dir: Path, samples_per_shard: i
     """A seeded uniform sample of ``size`` pool rows written like the curated subset."""
     from curation.combine import write_subset
 
-    n = len(cur.pool["uid"])
+    n = len(cur.pool)
     rows = np.sort(np.random.default_rng(seed).choice(n, size=size, replace=False))
     uids_file = out_dir / "uids.npy"
-    if not (uids_file.is_file() and np.array_equal(np.load(uids_file), np.sort(cur.pool["uid"][rows]))):
+    if not (uids_file.is_file() and np.array_equal(np.load(uids_file), np.sort(cur.pool.uids(rows)))):
         shutil.rmtree(out_dir, ignore_errors=True)  # a different size or seed: rewrite it
     write_subset(out_dir, rows, cur.pool, cur.units, cur.cfg.pool, True, samples_per_shard)
     return np.load(uids_file)
@@ -155,6 +155,7 @@ def run_curation_demo(overrides: List[str] = (), seeds: int = 1, fresh: bool = F
     """
     from curation.config import load_curation_config
     from curation.pipeline import Curation
+    from curation.store import read_parts
 
     from .pool import PoolSpec, pool_spec_changed, write_pool
 
@@ -190,10 +191,11 @@ def run_curation_demo(overrides: List[str] = (), seeds: int = 1, fresh: bool = F
     arms["curated"]["composition"] = composition(curated_uids, truth, spec.dominant)
     # what each balancing keeps on its own (the intersection is the curated subset)
     selections = {}
-    for stage, rows_name in (("dedup", "kept.npy"), ("image_balance", "rows.npy"), ("text_balance", "rows.npy")):
-        rows_file = cur.out / stage / rows_name
-        if rows_file.is_file():
-            selections[stage] = composition(cur.pool["uid"][np.load(rows_file)], truth, spec.dominant)
+    selections["dedup"] = composition(cur.pool.uids(cur.kept()[:]), truth, spec.dominant)
+    for stage in ("image_balance", "text_balance"):
+        if stage in cur.stages and cur.stages[stage][0].done:
+            rows = read_parts(cur.out / stage / "rows", len(cur.grid()))
+            selections[stage] = composition(cur.pool.uids(rows), truth, spec.dominant)
     selections[cfg.combine.mode] = arms["curated"]["composition"]
     for seed in range(seeds):
         random_dir = root / ("random" if seed == 0 else f"random_s{seed}")

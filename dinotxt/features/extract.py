@@ -119,9 +119,10 @@ class UnitBatches(IterableDataset):
 
 def run_extraction(job: ExtractionJob, backbone: torch.nn.Module, units: List[DataUnit], fmt, batch_size: int,
                    num_workers: int = 0, accelerator: str = "auto", devices: Any = "auto", precision: str = "32-true",
-                   log=None, what: str = "units", verb: str = "process") -> bool:
+                   log=None, what: str = "units", verb: str = "process", num_nodes: int = 1) -> bool:
     """Process every unit the job has not finished. Returns False on a non-zero rank of a multi-GPU
-    run (that process's share is written and it has nothing else to do)."""
+    run (that process's share is written and it has nothing else to do). ``devices`` per node and
+    ``num_nodes``: what a multi-node launch (torchrun, srun) started, which Lightning checks."""
     import lightning as L
     from lightning.pytorch.callbacks import BasePredictionWriter
 
@@ -157,7 +158,7 @@ def run_extraction(job: ExtractionJob, backbone: torch.nn.Module, units: List[Da
                 outputs = torch.cat(buf["outputs"]) if buf["outputs"] else None
                 job.write(unit, buf["samples"], outputs, prediction["skipped"])
 
-    trainer = L.Trainer(accelerator=accelerator, devices=devices, precision=precision, logger=False,
+    trainer = L.Trainer(accelerator=accelerator, devices=devices, num_nodes=num_nodes, precision=precision, logger=False,
                         enable_checkpointing=False, enable_model_summary=False, enable_progress_bar=False,
                         use_distributed_sampler=False, callbacks=[UnitWriter()], default_root_dir=None)
     if len(todo) < len(units):
