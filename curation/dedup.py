@@ -29,7 +29,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 
-from .kmeans import to_gpus
+from .kmeans import fixed_add, fixed_search, to_gpus
 from .ranks import Ranks
 from .store import Grid
 
@@ -84,20 +84,20 @@ def build_index(store, rows: Tuple[int, int], kind: str, trained: Optional[bytes
     norms = []
     for start in range(rows[0], rows[1], chunk_size):
         x = store.read(start, min(rows[1], start + chunk_size))
-        index.add(x)
+        fixed_add(index, x, bool(gpus))
         norms.append(np.linalg.norm(x.astype(np.float64), axis=1))
     return index, np.concatenate(norms) if norms else np.zeros(0)
 
 
 def search_pair(index, index_rows: Tuple[int, int], index_norms: np.ndarray, store, query_rows: Tuple[int, int],
-                neighbors: int, threshold: float, chunk_size: int) -> Dict[str, np.ndarray]:
+                neighbors: int, threshold: float, chunk_size: int, gpu: bool = False) -> Dict[str, np.ndarray]:
     """Hits of the query rows ``[start, stop)`` in one index shard: each query's ``neighbors + 1`` best in the
     shard (+1: it may find itself), itself left out, those at cosine >= threshold kept."""
     k = min(index_rows[1] - index_rows[0], neighbors + 1)
     found = {"query": [], "row": [], "cosine": []}
     for start in range(query_rows[0], query_rows[1], chunk_size):  # one faiss call per chunk, fixed by the data
         x = store.read(start, min(query_rows[1], start + chunk_size))
-        sims, idx = index.search(x, k)
+        sims, idx = fixed_search(index, x, k, gpu)
         norms = np.maximum(np.linalg.norm(x.astype(np.float64), axis=1), 1e-12)
         rows = np.arange(start, start + len(x))[:, None].repeat(k, 1)
         valid = idx >= 0
@@ -194,7 +194,7 @@ def dedup_stage(ranks: Ranks, store, folder: Path, s: DedupSettings, uid_of: Cal
             built = (i, build_index(store, s.shards.bounds(i), s.kind, trained, s.nprobe, s.chunk_size, s.gpus))
         index, norms = built[1]
         hits = search_pair(index, s.shards.bounds(i), norms, store, s.shards.bounds(t), s.neighbors, s.threshold,
-                           s.chunk_size)
+                           s.chunk_size, bool(s.gpus))
         save_npz(out, hits)
     built = None
     _return_freed_memory()  # the index's pages would otherwise stay in this process during clustering
@@ -244,7 +244,7 @@ def near_duplicates(store, uids: np.ndarray, threshold: float = 0.95, neighbors:
         faiss_index, norms = build_index(store, s.shards.bounds(i), s.kind, trained, nprobe, s.chunk_size, gpus)
         for t in range(len(s.shards)):
             hits[t].append(search_pair(faiss_index, s.shards.bounds(i), norms, store, s.shards.bounds(t), neighbors,
-                                       threshold, s.chunk_size))
+                                       threshold, s.chunk_size, bool(gpus)))
         del faiss_index
     edges = np.concatenate([merge_hits(hits[t], neighbors) for t in hits], axis=1)
     uids = np.asarray(uids, dtype=np.int64)

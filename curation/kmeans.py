@@ -89,6 +89,55 @@ def faiss_gpus(device: str) -> int:
     return count
 
 
+SEARCH_ROWS = 4096  # queries per faiss call: fixed by the data, like the grid chunks they are cut from
+_POOL: List = [0, None]  # (threads, executor) of the searches below
+
+
+def _one_faiss_thread() -> None:
+    import faiss
+
+    faiss.omp_set_num_threads(1)  # OpenMP's thread count is per calling thread: only this worker's calls
+
+
+def _search_pool():
+    """A pool of as many workers as this process has threads for faiss, each running single-threaded faiss calls."""
+    import faiss
+
+    threads = max(1, faiss.omp_get_max_threads())
+    if _POOL[1] is None or _POOL[0] != threads:
+        from concurrent.futures import ThreadPoolExecutor
+
+        _POOL[:] = [threads, ThreadPoolExecutor(threads, initializer=_one_faiss_thread)]
+    return _POOL[1]
+
+
+def fixed_search(index, x: np.ndarray, k: int, gpu: bool = False) -> Tuple[np.ndarray, np.ndarray]:
+    """``index.search(x, k)`` whose results depend on the rows of ``x`` only: faiss's BLAS distances change in
+    their last bits with its thread count and with the set of rows searched in one call, so the rows go in fixed
+    blocks of ``SEARCH_ROWS``, each searched by a single-threaded faiss call, the blocks in parallel on the
+    process's threads (as fast as faiss's own threading). Then 1 process with 16 threads and 16 processes with
+    1 thread each find the same bits. A GPU index is searched as it is."""
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    if gpu:
+        return index.search(x, k)
+    starts = range(0, len(x), SEARCH_ROWS)
+    parts = list(_search_pool().map(lambda s: index.search(x[s:s + SEARCH_ROWS], k), starts))
+    if not parts:
+        return np.zeros((0, k), np.float32), np.zeros((0, k), np.int64)
+    return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+
+
+def fixed_add(index, x: np.ndarray, gpu: bool = False) -> None:
+    """``index.add(x)`` with the coarse assignment of an IVF index made the same way: single-threaded calls on
+    fixed blocks (one at a time: adding is not thread-safe)."""
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    if gpu:
+        index.add(x)
+        return
+    for s in range(0, len(x), SEARCH_ROWS):
+        _search_pool().submit(index.add, x[s:s + SEARCH_ROWS]).result()
+
+
 def to_gpus(index, gpus: Union[int, List[int]], shard: bool = False, float16: bool = False):
     """A faiss index on GPUs: ``gpus`` is a count (every visible GPU) or a list of ids (a process's own GPU
     when several processes share a machine); 0 or [] leaves it on the CPU."""
@@ -121,10 +170,11 @@ class NearestCentroid:
         index = faiss.IndexFlatL2(centroids.shape[1])
         index.add(centroids)
         self.index = to_gpus(index, gpus, shard=shard)
+        self.gpu = bool(gpus)
 
     def search(self, x: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
         """(squared distance, centroid index) of every row of ``x``."""
-        dist2, idx = self.index.search(np.ascontiguousarray(x, dtype=np.float32), 1)
+        dist2, idx = fixed_search(self.index, x, 1, self.gpu)
         return np.maximum(dist2[:, 0], 0.0), idx[:, 0].astype(np.int64)
 
 

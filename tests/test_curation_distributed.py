@@ -1,7 +1,7 @@
 """Curation on several processes (torch.distributed over gloo, 2 CPU processes against 1): every stage
 function gives the SAME BITS for 1 and 2 processes (np.array_equal, never a tolerance), with grid
 chunks, index shards and embedding shards whose boundaries do not line up with each other or with the
-ranks' shares; the whole ``dinotxt curate`` under ``torchrun --nproc_per_node=2`` writes every output
+ranks' shares, and with 2 faiss threads in the one process against 1 in each of the two; the whole ``dinotxt curate`` under ``torchrun --nproc_per_node=2`` writes every output
 file byte-identical to the one-process run and records how the work was shared; a rank killed in the
 middle of Lloyd resumes, on 1 process, to the same outputs; a dead peer is one clear line."""
 import json
@@ -63,11 +63,12 @@ class Table:
 
 # ====================================================================== the stage functions on 1 and 2 processes
 def stage_worker(rank, world, port, q, folder, out):
-    """Every distributed stage function on this rank's share; returns this rank's outputs."""
+    """Every distributed stage function on this rank's share; returns this rank's outputs. One process searches
+    with 2 faiss threads, two with 1 each: the searches' bits depend on neither (``kmeans.fixed_search``)."""
     import faiss
     from omegaconf import OmegaConf
 
-    faiss.omp_set_num_threads(1)
+    faiss.omp_set_num_threads(2 if world == 1 else 1)
     if world > 1:
         init_gloo(rank, world, port)
     from curation.config import TextBalanceConfig
@@ -264,6 +265,33 @@ def test_fixed_point_sums_are_order_free_where_float32_sums_are_not():
     f32 = [np.add.reduce(x[rows], axis=0, dtype=np.float32) for rows in (np.arange(4000), order)]
     halves = [np.sum(x[:2000], 0, dtype=np.float32) + np.sum(x[2000:], 0, dtype=np.float32)]
     assert not all(np.array_equal(f32[0], f) for f in f32[1:] + halves)
+
+
+def test_faiss_searches_give_the_same_bits_for_any_thread_count():
+    """faiss's BLAS distances change in their last bits with its thread count (at this size, on the CPUs we
+    tried: a plain ``index.search`` with 1 and 2 threads differs in a few hundred of 8,192 rows); the searches of
+    the curation do not, so 1 process with T threads equals N processes with T / N."""
+    import faiss
+
+    from curation.kmeans import NearestCentroid, fixed_search
+
+    rng = np.random.default_rng(4)
+    x = rng.normal(size=(8192, 128)).astype(np.float16).astype(np.float32)
+    centroids = rng.normal(size=(64, 128)).astype(np.float32)
+    before = faiss.omp_get_max_threads()
+    found = []
+    try:
+        for threads in (1, 2, 3):
+            faiss.omp_set_num_threads(threads)
+            found.append(NearestCentroid(centroids).search(x))
+    finally:
+        faiss.omp_set_num_threads(before)
+    for d, a in found[1:]:
+        assert np.array_equal(d, found[0][0]) and np.array_equal(a, found[0][1])
+    index = faiss.IndexFlatIP(128)
+    index.add(x[:1000])
+    sims = [fixed_search(index, x, 5) for _ in range(2)]
+    assert np.array_equal(sims[0][0], sims[1][0]) and sims[0][1].shape == (8192, 5)
 
 
 def test_integer_reductions_only():
