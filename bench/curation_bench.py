@@ -54,9 +54,18 @@ several minutes on 2 cores; ``--dedup`` turns it on (``--quick`` runs it, exact 
 The full default run takes about 8 min on 2 quiet cores (most of it the torch reference on
 1M x 384) and twice that when other jobs share the cores; read ratios, not seconds.
 
+Processes (``--processes 2``, the default): the pipeline's code again under ``torchrun`` on 2
+processes (``--threads`` split between them: 1 thread each on 2 cores), every rank timing its own
+stages and peak memory; the table says whether the centroid bits and sampled rows equal the
+1-process run's. ``--baseline CHECKOUT`` adds the 1-process row of another checkout (a ``git
+worktree`` of an earlier commit), timed in the same run, so a change is measured against the code
+before it on the same machine and load.
+
     python bench/curation_bench.py --quick               # tiny sizes, seconds
     python bench/curation_bench.py                       # the table (~8 min on 2 quiet cores)
     python bench/curation_bench.py --datasets 1000000x384 --iters 20 --dedup --json out.json
+    git worktree add /tmp/before HEAD~3 && python bench/curation_bench.py --datasets 1000000x384 --no-torch \
+        --baseline /tmp/before                        # 1 process against 2, and against an earlier commit
 """
 from __future__ import annotations
 
@@ -315,7 +324,88 @@ def worker_faiss(spec: Dict) -> Dict:
     bounds.append(("sampling", t0, time.perf_counter()))
     mem = sampler.stop(base, folder)
     out.update(stages=stage_rows(bounds, seeding, sampler), memory=mem,
-               balance=balance_metrics(levels, picked, topics[rows]), target=target)
+               balance=balance_metrics(levels, picked, topics[rows]), target=target,
+               result=result_digest(levels[0].centroids, rows[picked]))
+    return out
+
+
+def result_digest(centroids, picked_rows) -> str:
+    """A short hash of the level-1 centroids' bits and the pool rows sampled: equal digests, equal results."""
+    import hashlib
+
+    import numpy as np
+
+    h = hashlib.sha256(np.ascontiguousarray(centroids, dtype=np.float32).tobytes())
+    h.update(np.asarray(picked_rows, dtype=np.int64).tobytes())
+    return h.hexdigest()[:12]
+
+
+def worker_processes(spec: Dict) -> Dict:
+    """The same work on the processes ``torchrun`` started (``curation.ranks``): dedup by shard pairs, level 1
+    by grid chunks (each rank its share), levels >= 2 on rank 0, balanced sampling by distributed selection.
+    Every rank measures its own time and memory."""
+    import numpy as np
+
+    setup_threads(spec["threads"])
+    import curation.kmeans as km
+    from curation.ranks import Ranks
+    from curation.sampling import balanced_selection
+    from curation.store import ArrayView, EmbeddingStore, Grid, KeptRows, shard_paths
+
+    ranks = Ranks.from_env()
+    sampler = MemorySampler()
+    base = _status_kib()
+    folder = Path(spec["folder"])
+    seeding = Intervals(km, "kmeans_plusplus")
+    store = EmbeddingStore(shard_paths(folder, spec["shards"]), expect_dim=spec["dim"])
+    bounds: List[Tuple[str, float, float]] = []
+    out: Dict = {"rank": ranks.rank, "world": ranks.world}
+    data, n = store, len(store)
+    kept = KeptRows(n, np.zeros(0, np.int64))
+    if spec["dedup"]:
+        from curation.dedup import DedupSettings, dedup_stage
+
+        ranks.barrier()
+        t0 = time.perf_counter()
+        settings = DedupSettings(n, spec["dedup_threshold"], 16, spec["dedup_index"], 200_000, spec["dedup_nlist"],
+                                 spec["dedup_nprobe"], 16384, spec["dedup_shard_rows"], spec["seed"])
+        removed, stats = dedup_stage(ranks, store, Path(spec["work"]) / "dedup", settings, lambda r: r, log=_log)
+        bounds.append(("dedup", t0, time.perf_counter()))
+        kept = KeptRows(n, removed)
+        data = store.subset(kept)
+        out["dedup"] = {k: stats[k] for k in ("index", "groups", "removed", "kept")}
+    opts = km.KMeansOptions(iters=spec["iters"], chunk_size=spec["chunk_size"])
+    ranks.barrier()
+    marks: List[float] = []
+    t0 = time.perf_counter()
+    level1 = km.kmeans_level(data, spec["levels"][0], opts, spec["resampling_steps"], None, spec["seed"], 1,
+                             log=lambda msg: marks.append(time.perf_counter()), ranks=ranks)
+    t1 = time.perf_counter()
+    marks = [t0] + marks[1:] + [t1]
+    bounds.append(("level1_kmeans", marks[0], marks[1]))
+    if len(marks) > 2:
+        bounds.append(("level1_resample", marks[1], marks[-1]))
+
+    def upper_levels():
+        levels, items = [], level1.centroids
+        for i, k in enumerate(spec["levels"][1:]):
+            lvl = km.kmeans_level(ArrayView(items), k, opts, spec["resampling_steps"], None, spec["seed"], i + 2,
+                                  log=lambda msg: None).level()
+            levels.append(lvl)
+            items = lvl.centroids
+        return levels
+    t0 = time.perf_counter()
+    upper = ranks.on_zero(upper_levels)
+    grid = Grid(len(data), spec["chunk_size"])
+    leaves = {j: (a, d, grid.bounds(j)[0]) for j, (a, d) in level1.assigned.items()}
+    target = int(round(spec["target"] * len(data)))
+    picked = balanced_selection(ranks, leaves, upper, spec["levels"][0], target, "closest", spec["seed"])
+    mine = np.concatenate([kept[np.arange(*grid.bounds(j))[m]] for j, m in sorted(picked.items())] or [np.zeros(0, np.int64)])
+    bounds.append(("sampling", t0, time.perf_counter()))
+    everyone = ranks.all_gather(mine)
+    mem = sampler.stop(base, folder)
+    out.update(stages=stage_rows(bounds, seeding, sampler), memory=mem, target=target, chunks=len(level1.assigned),
+               result=result_digest(level1.centroids, np.sort(np.concatenate(everyone))))
     return out
 
 
@@ -383,17 +473,23 @@ def _log(msg: str) -> None:
 
 
 # ---------------------------------------------------------------------------- orchestration
-def run_worker(role: str, spec: Dict, threads: int) -> Dict:
-    """Run one worker in a fresh interpreter (its own peak memory), with the thread count fixed before imports."""
+def run_worker(role: str, spec: Dict, threads: int, checkout: Path = ROOT, processes: int = 1):
+    """Run one worker in a fresh interpreter (its own peak memory), with the thread count fixed before imports,
+    importing ``curation`` from ``checkout`` (this one, or a baseline's); ``processes`` > 1: under torchrun, one
+    result per rank."""
     with tempfile.TemporaryDirectory() as tmp:
         spec_path, out_path = Path(tmp) / "spec.json", Path(tmp) / "out.json"
-        spec_path.write_text(json.dumps(spec))
+        spec_path.write_text(json.dumps({**spec, "work": tmp, "threads": threads}))
         env = dict(os.environ)
         for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
             env[var] = str(threads)
-        env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
-        subprocess.run([sys.executable, __file__, "--_worker", role, str(spec_path), str(out_path)], env=env,
-                       check=True)
+        env["PYTHONPATH"] = str(checkout) + os.pathsep + env.get("PYTHONPATH", "")
+        launch = [sys.executable]
+        if processes > 1:
+            launch += ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}"]
+        subprocess.run([*launch, __file__, "--_worker", role, str(spec_path), str(out_path)], env=env, check=True)
+        if processes > 1:
+            return [json.loads(Path(f"{out_path}.rank{r}").read_text()) for r in range(processes)]
         return json.loads(out_path.read_text())
 
 
@@ -507,6 +603,62 @@ def print_table(res: Dict) -> None:
               f"{dd['kept']:,} kept; {gen['planted_duplicates']:,} planted")
 
 
+def checkout_label(path: Path) -> str:
+    try:
+        rev = subprocess.run(["git", "-C", str(path), "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                             check=True).stdout.strip()
+        return f"{path.name}@{rev}"
+    except (subprocess.CalledProcessError, FileNotFoundError):
+        return path.name
+
+
+def print_processes_table(res: Dict) -> None:
+    """1 process (this checkout, and the baseline checkout's) against N processes, per rank: time, memory, result."""
+    cfg, one = res["config"], res["faiss"]
+    ranks = res.get("processes") or []
+    base = res.get("baseline")
+    cols = [("1 process", one)] + ([(f"1 proc {res['baseline_label']}", base)] if base else []) + \
+        [(f"{len(ranks)} proc: rank {r['rank']}", r) for r in ranks]
+    w, c = 44, 20
+    print()
+    print(f"--- processes: 1 process ({cfg['threads']} threads) against {len(ranks)} processes "
+          f"({max(1, cfg['threads'] // max(1, len(ranks)))} thread(s) each, torchrun, gloo), the same shards; "
+          f"ratios against the 1-process row of this checkout")
+    print(f"{'':<{w}}" + "".join(f"{name:>{c}}" for name, _ in cols))
+    print("-" * (w + c * len(cols)))
+
+    def row(label, get, fmt="{:.1f}", ratio_of=None):
+        cells = []
+        for _, r in cols:
+            v = get(r)
+            cells.append("-" if v is None else fmt.format(v))
+        line = f"{label:<{w}}" + "".join(f"{x:>{c}}" for x in cells)
+        print(line)
+
+    def stage(key):
+        return lambda r: r["stages"][key]["seconds"] if key in r["stages"] else None
+    for key, label in (("dedup", "near-duplicate removal (s)"), ("level1_kmeans", "level 1 k-means (s)"),
+                       ("level1_resample", "level 1 resampling (s)"), ("sampling", "levels >= 2 + balanced sampling (s)")):
+        if key in one["stages"]:
+            row(label, stage(key))
+    keys = [k for k in ("dedup", "level1_kmeans", "level1_resample", "sampling") if k in one["stages"]]
+    total = lambda r: sum(r["stages"][k]["seconds"] for k in keys if k in r["stages"])  # noqa: E731
+    t1 = total(one)
+    row("total of these (s)", total)
+    row("  against 1 process (x time)", lambda r: total(r) / t1, "{:.2f}")
+    row("peak RSS of the process, VmHWM (MiB)", lambda r: r["memory"]["hwm"] / MIB, "{:,.0f}")
+    row("  anonymous RSS above the imports (MiB)", lambda r: (r["memory"]["peak_anon"] - r["memory"]["base_anon"]) / MIB,
+        "{:,.0f}")
+    row("grid chunks of level 1 run", lambda r: r.get("chunks"), "{}")
+    row("result: level-1 centroids + sample", lambda r: r.get("result"), "{}")
+    if ranks:
+        same = all(r.get("result") == one.get("result") for r in ranks)
+        print(f"{len(ranks)} processes give the 1-process result (centroid bits, sampled rows): {'yes' if same else 'NO'}")
+    if base:
+        print(f"the baseline checkout's result: {'the same' if base.get('result') == one.get('result') else 'other bits'}"
+              " (an earlier version may search other blocks of rows per faiss call: last-bit differences)")
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="tiny sizes (20k x 64, 5k x 128, levels 50,5, 5 iters, dedup)")
@@ -526,6 +678,14 @@ def main(argv=None) -> int:
     p.add_argument("--dedup-nprobe", type=int, default=16)
     p.add_argument("--dedup-threshold", type=float, default=0.95)
     p.add_argument("--no-torch", action="store_true", help="skip the pure-torch reference")
+    p.add_argument("--processes", type=int, default=2,
+                   help="also run the pipeline's code on this many processes (torchrun, --threads split between them) "
+                        "against 1; 0 or 1 skips it")
+    p.add_argument("--baseline", default=None, metavar="CHECKOUT",
+                   help="also run the 1-process faiss row with curation imported from another checkout (e.g. a "
+                        "`git worktree` of an earlier commit): the same work, timed in the same run")
+    p.add_argument("--dedup-shard-rows", type=int, default=None,
+                   help="dedup.shard_rows for the processes row (default: a quarter of the pool, so 16 shard pairs)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workdir", default=None, help="where the shards go (default: a temporary folder, removed)")
     p.add_argument("--json", default=None, help="also write all numbers to this file")
@@ -537,6 +697,9 @@ def main(argv=None) -> int:
         spec = json.loads(Path(spec_path).read_text())
         if role == "generate":
             result = generate(Path(spec["folder"]), spec["n"], spec["dim"], spec["shard_rows"], spec["seed"])
+        elif role == "processes":
+            result = worker_processes(spec)
+            out_path = f"{out_path}.rank{result['rank']}"
         else:
             result = {"faiss": worker_faiss, "torch": worker_torch}[role](spec)
         Path(out_path).write_text(json.dumps(result))
@@ -565,6 +728,15 @@ def main(argv=None) -> int:
             t0 = time.time()
             res["faiss"] = run_worker("faiss", cfg, args.threads)
             _log(f"[{n:,} x {dim}] faiss done in {time.time() - t0:.0f} s")
+            if args.baseline:
+                _log(f"[{n:,} x {dim}] faiss + mmap from the baseline checkout {args.baseline} ...")
+                res["baseline"] = run_worker("faiss", cfg, args.threads, checkout=Path(args.baseline).resolve())
+                res["baseline_label"] = checkout_label(Path(args.baseline))
+            if args.processes > 1:
+                per_rank = max(1, args.threads // args.processes)
+                _log(f"[{n:,} x {dim}] {args.processes} processes x {per_rank} thread(s) (torchrun) ...")
+                cfg_p = {**cfg, "dedup_shard_rows": args.dedup_shard_rows or max(1, -(-n // 4))}
+                res["processes"] = run_worker("processes", cfg_p, per_rank, processes=args.processes)
             if not args.no_torch:
                 _log(f"[{n:,} x {dim}] torch reference (curation.kmeans_reference) ...")
                 t0 = time.time()
@@ -572,6 +744,8 @@ def main(argv=None) -> int:
                 _log(f"[{n:,} x {dim}] torch done in {time.time() - t0:.0f} s")
             results.append(res)
             print_table(res)
+            if "processes" in res or "baseline" in res:
+                print_processes_table(res)
             sys.stdout.flush()
             for path in folder.iterdir():  # free the disk before the next dataset
                 path.unlink()

@@ -117,8 +117,8 @@ def run_stage(stage: Stage, work: Callable[[bool], Dict], ranks: Optional[Ranks]
     def finish() -> None:
         missing = [p for p in (outputs() if outputs else []) if not Path(p).is_file()]
         if missing:
-            raise RuntimeError(f"{stage.name}: {len(missing)} work item(s) left no output (e.g. {missing[0]}); "
-                               "rerun to finish them")
+            raise FileNotFoundError(f"{stage.name}: {len(missing)} work item(s) left no output (e.g. {missing[0]}); "
+                                    "rerun to finish them")
         stage.finish(stats, time.time() - start, items)
     ranks.on_zero(finish)
     log.info(f"{stage.name}: done in {time.time() - start:.1f} s" +

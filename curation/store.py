@@ -10,6 +10,7 @@ Writers go through ``dinotxt.fileio.atomic_output``: a file is either complete o
 """
 from __future__ import annotations
 
+from collections import OrderedDict
 from pathlib import Path
 from typing import Iterator, List, Optional, Sequence, Tuple, Union
 
@@ -137,6 +138,21 @@ class KeptRows:
         return positions + np.searchsorted(self._before, positions, side="right")
 
 
+_OPEN_MAPS = 256
+
+
+def npy_header(path: PathLike):
+    """(shape, dtype) of a ``.npy`` file from its header, without reading or mapping the data."""
+    fmt = np.lib.format
+    with open(path, "rb") as f:
+        version = fmt.read_magic(f)
+        read = {(1, 0): fmt.read_array_header_1_0, (2, 0): fmt.read_array_header_2_0}.get(version)
+        if read is None:
+            raise ValueError(f"{path} is a .npy file of version {version}, which this reader does not know")
+        shape, _, dtype = read(f)
+    return shape, np.dtype(dtype)
+
+
 class EmbeddingStore:
     """Read-only view of sharded ``.npy`` files as one ``(N, D)`` matrix, memory-mapped.
 
@@ -151,23 +167,25 @@ class EmbeddingStore:
         if not paths:
             raise ValueError("no embedding shards to read")
         self.paths = [Path(p) for p in paths]
-        self.shards = []
-        for p in self.paths:
+        shapes, dtypes = [], set()
+        for p in self.paths:  # the headers only: a pool of 10^5 shards is not 10^5 memory maps
             if not p.is_file():
                 raise FileNotFoundError(f"embedding shard not found: {p}")
-            arr = np.load(p, mmap_mode="r")
-            if arr.ndim != 2:
-                raise ValueError(f"embedding shard {p} has shape {arr.shape}; expected (rows, dim)")
-            self.shards.append(arr)
-        dims = {a.shape[1] for a in self.shards if a.shape[0]} or {self.shards[0].shape[1]}
-        width = expect_dim or self.shards[0].shape[1]
-        bad = [(p, a.shape[1]) for p, a in zip(self.paths, self.shards) if a.shape[0] and a.shape[1] != width]
+            shape, dtype = npy_header(p)
+            if len(shape) != 2:
+                raise ValueError(f"embedding shard {p} has shape {shape}; expected (rows, dim)")
+            shapes.append(shape)
+            dtypes.add(dtype)
+        dims = {s[1] for s in shapes if s[0]} or {shapes[0][1]}
+        width = expect_dim or shapes[0][1]
+        bad = [(p, s[1]) for p, s in zip(self.paths, shapes) if s[0] and s[1] != width]
         if bad or len(dims) > 1:
-            p, w = bad[0] if bad else (self.paths[0], self.shards[0].shape[1])
+            p, w = bad[0] if bad else (self.paths[0], shapes[0][1])
             raise ValueError(f"embedding shard {p} has width {w} but {width} was expected: all shards must come from "
                              "the same encoder (delete the stage folder to recompute)")
+        self._maps: "OrderedDict[int, np.ndarray]" = OrderedDict()  # the shards mapped last (at most _OPEN_MAPS)
         self.dim = int(width)
-        self.offsets = np.cumsum([0] + [a.shape[0] for a in self.shards])
+        self.offsets = np.cumsum([0] + [s[0] for s in shapes])
         self.total = int(self.offsets[-1])
         self.rows = None if rows is None else rows if isinstance(rows, KeptRows) else np.asarray(rows, dtype=np.int64)
         if isinstance(self.rows, KeptRows):
@@ -176,17 +194,34 @@ class EmbeddingStore:
         elif self.rows is not None and len(self.rows) and (self.rows.min() < 0 or self.rows.max() >= self.total):
             raise ValueError(f"row index out of range for an embedding store of {self.total} rows")
         self.n = self.total if self.rows is None else len(self.rows)
-        self.fixed_point = all(a.dtype == np.float16 for a in self.shards)  # multiples of 2**-24: exact int64 sums
+        self.fixed_point = dtypes == {np.dtype(np.float16)}  # multiples of 2**-24: exact int64 sums
 
     def __len__(self) -> int:
         return self.n
+
+    def shard(self, s: int) -> np.ndarray:
+        """Shard ``s``, memory-mapped on first use; the least recently used map is closed past ``_OPEN_MAPS``
+        (Linux allows 65,530 maps per process)."""
+        arr = self._maps.pop(s, None)
+        if arr is None:
+            arr = np.load(self.paths[s], mmap_mode="r")
+            if len(self._maps) >= _OPEN_MAPS:
+                self._maps.popitem(last=False)
+        self._maps[s] = arr
+        return arr
 
     def subset(self, rows: np.ndarray) -> "EmbeddingStore":
         """A view of the given positions of THIS view (composes with an existing subset)."""
         view = EmbeddingStore.__new__(EmbeddingStore)
         view.__dict__.update(self.__dict__)
-        rows = np.asarray(rows, dtype=np.int64)
-        view.rows = rows if self.rows is None else self.rows[rows]
+        view._maps = OrderedDict()
+        if isinstance(rows, KeptRows):
+            if self.rows is not None or rows.total != self.total:
+                raise ValueError("a KeptRows view applies to the whole store only")
+            view.rows = rows
+        else:
+            rows = np.asarray(rows, dtype=np.int64)
+            view.rows = rows if self.rows is None else self.rows[rows]
         view.n = len(view.rows)
         return view
 
@@ -200,19 +235,19 @@ class EmbeddingStore:
         bounds = np.flatnonzero(np.diff(shard_of)) + 1
         for piece_rows, piece_pos, s in zip(np.split(sorted_rows, bounds), np.split(order, bounds),
                                             shard_of[np.r_[0, bounds]]):
-            out[piece_pos] = self.shards[s][piece_rows - self.offsets[s]]
+            out[piece_pos] = self.shard(s)[piece_rows - self.offsets[s]]
         return out
 
     def _read_range(self, start: int, stop: int) -> np.ndarray:
         """Global rows [start, stop) by slicing the shards (sequential reads, no index arrays)."""
         out = np.empty((stop - start, self.dim), dtype=np.float32)
         first = int(np.searchsorted(self.offsets, start, side="right") - 1)
-        for s in range(first, len(self.shards)):
+        for s in range(first, len(self.paths)):
             lo, hi = max(start, self.offsets[s]), min(stop, self.offsets[s + 1])
             if lo >= stop:
                 break
             if hi > lo:
-                out[lo - start:hi - start] = self.shards[s][lo - self.offsets[s]:hi - self.offsets[s]]
+                out[lo - start:hi - start] = self.shard(s)[lo - self.offsets[s]:hi - self.offsets[s]]
         return out
 
     def take(self, rows: np.ndarray) -> np.ndarray:

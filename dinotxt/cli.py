@@ -662,11 +662,13 @@ def main(argv: Optional[List[str]] = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if os.environ.get("DINOTXT_DEBUG"):
         return args.func(args)
+    from curation.ranks import ProcessGroupError
+
     from .config import ConfigError
 
     try:
         return args.func(args)
-    except (ConfigError, FileNotFoundError, ValueError, ImportError, FloatingPointError) as e:
+    except (ConfigError, FileNotFoundError, ValueError, ImportError, FloatingPointError, ProcessGroupError) as e:
         print(f"dinotxt: error: {error_line(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -448,3 +448,21 @@ def test_a_rank_killed_in_lloyd_resumes_on_one_process_to_identical_outputs(pool
     _assert_same_outputs(one_process, out / "debug")
     record = json.loads((level1 / "done.json").read_text())
     assert record["ranks"] == 1 and record["items_per_rank"] == [3]
+
+
+def test_a_store_of_many_shards_keeps_few_maps_open(tmp_path, monkeypatch):
+    """A pool of 10^9 pairs is ~10^5 shards; Linux allows 65,530 memory maps per process, so the store maps a
+    shard when it is read and keeps only the last few mapped."""
+    import curation.store as st
+
+    monkeypatch.setattr(st, "_OPEN_MAPS", 3)
+    x = _normalised(np.random.default_rng(6).normal(size=(50, 4)))
+    paths = st.shard_paths(tmp_path, 10)
+    for i, path in enumerate(paths):
+        st.save_npy(path, x[i * 5:(i + 1) * 5])
+    store = st.EmbeddingStore(paths)
+    assert not store._maps and store.fixed_point  # nothing mapped until read
+    assert np.array_equal(np.concatenate([c for _, c in store.chunks(7)]), x.astype(np.float32))
+    assert len(store._maps) <= 3
+    rows = np.array([49, 0, 23, 24, 5])
+    assert np.array_equal(store.take(rows), x[rows].astype(np.float32)) and len(store._maps) <= 3
