@@ -89,7 +89,7 @@ class FoldedTokenizer:
 
 
 def make_tokenizer(model):
-    from dinotxt.clip_tokenizer import VOCAB_SIZE, ClipTokenizer
+    from dinotxt.text.clip_bpe import VOCAB_SIZE, ClipTokenizer
 
     clip = ClipTokenizer(context_length=model.text.context_length)
     if model.text.vocab_size == VOCAB_SIZE:
@@ -379,7 +379,7 @@ def main(argv: Optional[List[str]] = None) -> Dict:
     print(f"[bench] done in {total:.0f} s")
     results["seconds"] = total
     if args.json:
-        from dinotxt.fileio import atomic_write_json
+        from dinotxt.utils.fileio import atomic_write_json
 
         atomic_write_json(args.json, results)
     return results

@@ -97,8 +97,8 @@ def build(work: Path, head: str, samples: int):
     from dinotxt.config import load_train_config
     from dinotxt.data.sources import expand_shards, iter_tar_samples
     from dinotxt.data.world import write_world
-    from dinotxt.features.cache import build_cache
-    from dinotxt.tokenizer import train_tokenizer
+    from dinotxt.features.build_cache import build_cache
+    from dinotxt.text.sentencepiece import train_tokenizer
 
     write_world(str(work / "world"), num_train=samples, num_eval=0, size=128, samples_per_shard=max(64, samples // 4),
                 seed=0)
@@ -120,7 +120,7 @@ def read_global_batch(cfg, tokenizer, size: int, micro: int, seed: int) -> List[
     """``size`` training pairs read through the training stream of the cache, as micro-batches."""
     from torch.utils.data import DataLoader
 
-    from dinotxt.data.cache import CachedFeatureStream
+    from dinotxt.data.feature_cache import CachedFeatureStream
     from dinotxt.data.stream import collate_image_text
 
     stream = CachedFeatureStream(cfg.cache.path, tokenizer=tokenizer, seed=seed, shuffle_buffer=256, rank=0,
@@ -139,7 +139,7 @@ class Row:
 
     def __init__(self, name: str, cfg, grad_cache: bool, block: Optional[int]):
         import dinotxt
-        from dinotxt.loss import ClipLoss
+        from dinotxt.train.loss import ClipLoss
         from dinotxt.train.optim import build_optimizer
 
         self.name, self.grad_cache = name, grad_cache
@@ -170,7 +170,7 @@ class Row:
 
 def loss_memory(dim: int, size: int, block: Optional[int]) -> int:
     """Peak resident bytes of the loss alone, forward and backward, on ``size`` random embeddings."""
-    from dinotxt.loss import ClipLoss
+    from dinotxt.train.loss import ClipLoss
 
     g = torch.Generator().manual_seed(0)
     img = torch.randn(size, dim, generator=g).requires_grad_()
@@ -339,7 +339,7 @@ def main(argv: Optional[List[str]] = None) -> Dict:
     print(f"(median of {args.steps} step(s) per cell after {args.warmup} warm-up step(s); memory: peak resident set "
           f"added by the step)")
     if args.json:
-        from dinotxt.fileio import atomic_write_json
+        from dinotxt.utils.fileio import atomic_write_json
 
         atomic_write_json(args.json, results)
     return results

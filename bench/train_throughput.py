@@ -95,7 +95,7 @@ def load_batch(train_dir: Path, batch: int, size: int):
     """``batch`` decoded, randomly cropped images and their captions, held in memory."""
     from dinotxt.data.sources import expand_shards, iter_tar_samples
     from dinotxt.data.stream import sample_image, seeded_transform
-    from dinotxt.transforms import train_transform
+    from dinotxt.models.transforms import train_transform
 
     transform = train_transform(size, (0.5, 1.0), 0.5)
     images, captions = [], []
@@ -122,7 +122,7 @@ def dinotxt_config(train_dir: Path, head: str, cache_dir: Optional[Path], size: 
 
 
 def build_caches(work: Path, train_dir: Path, size: int, batch: int) -> None:
-    from dinotxt.features.cache import build_cache
+    from dinotxt.features.build_cache import build_cache
 
     for head in sorted(set(CACHES.values())):
         cfg = dinotxt_config(train_dir, head, work / f"cache_{head}", size, batch)
@@ -177,7 +177,7 @@ class Row:
 
     def _init_dinotxt(self, work: Path, train_dir: Path, head: str, variant: str, size: int) -> None:
         import dinotxt
-        from dinotxt.loss import ClipLoss
+        from dinotxt.train.loss import ClipLoss
 
         cache_dir = work / f"cache_{CACHES[head]}" if variant == "cached" else None
         cfg = dinotxt_config(train_dir, head, cache_dir, size, self.images.shape[0])
@@ -189,7 +189,7 @@ class Row:
         if cache_dir is not None:
             from torch.utils.data import DataLoader
 
-            from dinotxt.data.cache import CachedFeatureStream
+            from dinotxt.data.feature_cache import CachedFeatureStream
             from dinotxt.data.stream import collate_image_text
 
             stream = CachedFeatureStream(cache_dir, tokenizer=clip_tokenize, seed=0, shuffle_buffer=256, rank=0,
@@ -297,7 +297,7 @@ def measure_mfu(device: torch.device, batch: int, steps: int, warmup: int, peak_
                 arch: str = "dinotxt_vitl14_reg4", overrides: Optional[Dict] = None, size: int = 224) -> List[Dict]:
     """MFU of the paper configuration (bf16 autocast), online and with cached tokens."""
     import dinotxt
-    from dinotxt.loss import ClipLoss
+    from dinotxt.train.loss import ClipLoss
     from dinotxt.models.text_tower import trim_padding
     from dinotxt.train.flops import train_step_flops
     from dinotxt.train.optim import build_optimizer
@@ -445,7 +445,7 @@ def main(argv: Optional[List[str]] = None) -> Dict:
         print(f"(peak {peak / 1e12:.1f} TFLOP/s dense bf16)" if peak else "(unknown peak: pass --peak-tflops for MFU)")
         results["mfu"] = mfu_rows
     if args.json:
-        from dinotxt.fileio import atomic_write_json
+        from dinotxt.utils.fileio import atomic_write_json
 
         atomic_write_json(args.json, results)
     return results

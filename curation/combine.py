@@ -26,7 +26,7 @@ from typing import Dict, List, Optional
 import numpy as np
 
 from dinotxt.data.units import DataUnit, iter_unit
-from dinotxt.fileio import add_tar_member, atomic_output
+from dinotxt.utils.fileio import add_tar_member, atomic_output
 
 from .ranks import Ranks
 from .store import (concatenate_npy, concatenate_tables, part_path, save_npy, save_table, uid_bucket,

@@ -40,7 +40,7 @@ class BackboneOverrides:
 
 @dataclass
 class EmbedConfig:
-    # registry entry (dinotxt/configs/models) whose frozen backbone embeds the images
+    # registry entry (dinotxt/config/models) whose frozen backbone embeds the images
     model: str = "dinotxt_vitl14_reg4"
     backbone: BackboneOverrides = field(default_factory=BackboneOverrides)
     batch_size: int = 64

@@ -172,7 +172,7 @@ def dedup_stage(ranks: Ranks, store, folder: Path, s: DedupSettings, uid_of: Cal
         def train() -> bytes:
             path = folder / "ivf_trained.faiss"
             if not path.is_file():
-                from dinotxt.fileio import atomic_write_bytes
+                from dinotxt.utils.fileio import atomic_write_bytes
 
                 atomic_write_bytes(path, train_ivf(store, s.nlist, s.seed))
             return path.read_bytes()

@@ -36,7 +36,7 @@ from omegaconf import OmegaConf
 
 from dinotxt.config import ConfigError
 from dinotxt.data.units import data_units
-from dinotxt.fileio import atomic_write_text
+from dinotxt.utils.fileio import atomic_write_text
 
 from .config import load_curation_config, per_level
 from .ranks import Ranks
@@ -52,7 +52,7 @@ class Curation:
     Args:
         cfg: resolved CurationConfig (``load_curation_config``).
         trust_code: allow the recipe to name code by import path (a backbone factory, a caption
-            encoder; ``dinotxt.plugins``).
+            encoder; ``dinotxt.utils.plugins``).
         ranks: the processes running it (one by default; ``run_curation`` reads the launcher's).
     """
 
@@ -75,7 +75,7 @@ class Curation:
         return fp
 
     def _define(self) -> None:
-        from .embed import backbone_config
+        from .embed_pool import backbone_config
 
         c = self.cfg
         units = len(self.units)
@@ -85,7 +85,7 @@ class Curation:
         # weights hash is part of what they depend on
         from_cache = None
         if c.embed.from_cache:
-            from dinotxt.data.cache import FeatureCache
+            from dinotxt.data.feature_cache import FeatureCache
 
             from_cache = FeatureCache(c.embed.from_cache).meta["weights_hash"]
         fp_embed = self._add("embed", "embed", fingerprint(
@@ -143,7 +143,7 @@ class Curation:
     def pool(self):
         """The pool's metadata, read per unit where it lies (``embed.PoolIndex``)."""
         if self._pool is None:
-            from .embed import PoolIndex
+            from .embed_pool import PoolIndex
 
             self._pool = PoolIndex(self.out / "embed", self.units)
         return self._pool
@@ -176,7 +176,7 @@ class Curation:
 
     # ---------------------------------------------------------------- stages
     def _embed(self, resuming: bool) -> Dict:
-        from .embed import embed_images, index_units, read_skipped
+        from .embed_pool import embed_images, index_units, read_skipped
 
         self.ranks.items += embed_images(self.cfg, self.units, self.out / "embed", self.trust_code, self.ranks)
         self.ranks.barrier()  # every unit's files are on disk
@@ -185,7 +185,7 @@ class Curation:
                                            "skipped": read_skipped(self.out / "embed", self.units)})
 
     def _embed_text(self, resuming: bool) -> Dict:
-        from .embed import embed_texts
+        from .embed_pool import embed_texts
 
         stats = embed_texts(self.cfg, self.units, self.out / "embed", self.out / "embed_text", self.trust_code,
                             self.ranks)

@@ -19,7 +19,7 @@ from typing import Dict, List, Optional
 
 import numpy as np
 
-from dinotxt.fileio import atomic_output, atomic_write_json
+from dinotxt.utils.fileio import atomic_output, atomic_write_json
 
 from .sampling import normalized_entropy
 

@@ -2,7 +2,7 @@
 
 Every stage owns one folder under the run directory. It writes ``started.json`` (the
 stage's fingerprint: a hash of the config it depends on and of its inputs' fingerprints)
-before any output, writes each output atomically (``dinotxt.fileio``), and writes
+before any output, writes each output atomically (``dinotxt.utils.fileio``), and writes
 ``done.json`` (fingerprint, statistics, seconds) last. A rerun therefore:
 
 - skips a stage whose ``done.json`` carries the current fingerprint;
@@ -32,7 +32,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 from omegaconf import OmegaConf
 
 from dinotxt.config import ConfigError
-from dinotxt.fileio import atomic_write_json
+from dinotxt.utils.fileio import atomic_write_json
 
 from .ranks import Ranks
 

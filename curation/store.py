@@ -6,7 +6,7 @@ shards as ONE ``(N, D)`` matrix without loading it: each shard is ``np.load(mmap
 and consumers walk it in float32 chunks (k-means, de-duplication) or gather rows
 (``take``), so the pool is never held twice in RAM.
 
-Writers go through ``dinotxt.fileio.atomic_output``: a file is either complete or absent.
+Writers go through ``dinotxt.utils.fileio.atomic_output``: a file is either complete or absent.
 """
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from typing import Iterator, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
-from dinotxt.fileio import atomic_output
+from dinotxt.utils.fileio import atomic_output
 
 PathLike = Union[str, Path]
 

@@ -186,7 +186,7 @@ def text_balance_stage(ranks: Ranks, folder: Path, num_chunks: int, chunk_rows: 
         seed: the keep draws are a hash of (seed, uid, entry).
     Returns the stage's statistics (the same on every rank).
     """
-    from dinotxt.fileio import atomic_write_text
+    from dinotxt.utils.fileio import atomic_write_text
 
     from .store import part_path, save_npy, save_npz, load_table, save_table
 

@@ -97,8 +97,8 @@ class HashedTfidfEncoder:
 def load_text_encoder(spec: str, dim: int = 512, ngrams: int = 2, kwargs: Optional[Dict[str, Any]] = None,
                       trust_code: bool = False):
     """``"tfidf"`` -> ``HashedTfidfEncoder(dim, ngrams)``; ``"package.module:factory"`` -> ``factory(**kwargs)``
-    (only with ``trust_code=True``: the recipe names that code, see ``dinotxt.plugins``)."""
-    from dinotxt.plugins import import_object, is_import_path
+    (only with ``trust_code=True``: the recipe names that code, see ``dinotxt.utils.plugins``)."""
+    from dinotxt.utils.plugins import import_object, is_import_path
 
     if spec == "tfidf":
         return HashedTfidfEncoder(dim, ngrams)

@@ -5,7 +5,7 @@ nothing; ``dinotxt.load`` & co. need torch, timm and sentencepiece only. Lightni
 rest of the training and curation stack load where they are used (the ``[train]`` and
 ``[curate]`` extras).
 """
-from .plugins import lazy_attributes
+from .utils.plugins import lazy_attributes
 
 __version__ = "0.1.0"
 
@@ -13,13 +13,13 @@ _API = {
     "ConfigError": "config", "list_models": "config", "model_config": "config",
     "DinoTxt": "models", "FrozenBackbone": "models", "TextTower": "models", "VisionHead": "models",
     "create_model": "models",
-    "Tokenizer": "tokenizer", "train_tokenizer": "tokenizer", "ClipTokenizer": "clip_tokenizer",
-    "ClipLoss": "loss", "clip_loss": "loss", "blocked_clip_loss": "loss",
+    "Tokenizer": "text", "train_tokenizer": "text", "ClipTokenizer": "text", "HFTokenizer": "text",
+    "ClipLoss": "train.loss", "clip_loss": "train.loss", "blocked_clip_loss": "train.loss",
     "load_templates": "inference", "zero_shot_classifier": "inference", "segment": "inference",
     "DenseSettings": "inference",
-    "load": "checkpoint", "save_checkpoint": "checkpoint", "load_official": "models.official",
-    "create_model_and_transforms": "pretrained", "create_model_from_pretrained": "pretrained",
-    "get_tokenizer": "pretrained",
+    "load": "checkpoint", "save_checkpoint": "checkpoint", "load_official": "checkpoint",
+    "create_model_and_transforms": "checkpoint", "create_model_from_pretrained": "checkpoint",
+    "get_tokenizer": "checkpoint",
 }
 
 __all__ = sorted(_API)

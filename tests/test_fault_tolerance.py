@@ -153,7 +153,7 @@ def test_resumed_multi_worker_loader_continues_the_exact_batch_order(tmp_path):
     from test_data import make_shard
 
     from dinotxt.data.stream import ImageTextStream, collate_image_text
-    from dinotxt.transforms import train_transform
+    from dinotxt.models.transforms import train_transform
 
     shards = [make_shard(tmp_path / f"{s}.tar", [f"s{s}_{i}" for i in range(10)]) for s in range(4)]
 

@@ -68,7 +68,7 @@ def _grads(model):
 @pytest.mark.parametrize("kind, head", [("image", "blocks"), ("tokens", "blocks"), ("pooled", "pooled")])
 @pytest.mark.parametrize("block_size", [None, 5])
 def test_micro_batches_give_the_loss_and_gradients_of_one_pass_over_the_global_batch(kind, head, block_size):
-    from dinotxt.loss import ClipLoss
+    from dinotxt.train.loss import ClipLoss
     from dinotxt.train.gradcache import gradcache_backward
     from dinotxt.train.step import contrastive_loss
 
@@ -97,7 +97,7 @@ def test_micro_batches_give_the_loss_and_gradients_of_one_pass_over_the_global_b
 def test_the_second_pass_replays_the_drop_path_of_the_first(mode):
     """With drop path on, the reference keeps every micro-batch's graph, each embedded under its own seed:
     pass 2 must draw the very subsets / masks pass 1 drew, or the cached gradients belong to other embeddings."""
-    from dinotxt.loss import ClipLoss
+    from dinotxt.train.loss import ClipLoss
     from dinotxt.train.gradcache import embed, gradcache_backward
 
     model = _model(drop_path=0.5, drop_path_mode=mode)
@@ -225,7 +225,7 @@ def _ddp_system_worker(rank, world, port, out):
 
 @pytest.mark.slow
 def test_system_under_ddp_two_ranks_of_micro_batches_equal_one_pass_over_the_global_batch():
-    from dinotxt.loss import ClipLoss
+    from dinotxt.train.loss import ClipLoss
     from dinotxt.train.step import contrastive_loss
 
     model = _model()

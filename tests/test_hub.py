@@ -181,7 +181,7 @@ def test_push_uploads_the_staged_folder_with_huggingface_hub(run_folder, monkeyp
 
     monkeypatch.setattr(huggingface_hub.HfApi, "create_repo", create_repo)
     monkeypatch.setattr(huggingface_hub.HfApi, "upload_folder", upload_folder)
-    from dinotxt.push_to_hub import push_to_hub
+    from dinotxt.checkpoint.push import push_to_hub
 
     report = push_to_hub(run_folder, REPO, private=True)
     assert calls["create"] == (REPO, True, True, "model")
@@ -248,13 +248,13 @@ def test_backbone_file_is_named_in_the_card_or_uploaded_when_asked(tmp_path, off
 
 
 def model_transform(image, model):
-    from dinotxt.transforms import eval_transform
+    from dinotxt.models.transforms import eval_transform
 
     return eval_transform(model.backbone.img_size)(image)
 
 
 def test_license_follows_the_backbone_or_is_given(tmp_path):
-    from dinotxt.push_to_hub import stage_hub_folder
+    from dinotxt.checkpoint.push import stage_hub_folder
 
     ckpt, _, _ = tiny_checkpoint_with_backbone_file(tmp_path, "dinov3_vits16_pretrain_lvd1689m-08c60483.pth")
     report = stage_hub_folder(ckpt, tmp_path / "a", REPO)
@@ -317,7 +317,7 @@ def test_open_clip_readme_snippet_runs_with_one_changed_import(run_folder, tmp_p
 
 
 def test_factory_on_a_single_file_and_its_errors(run_folder, tmp_path):
-    from dinotxt.export import export_safetensors
+    from dinotxt.checkpoint.export import export_safetensors
 
     single = Path(export_safetensors(run_folder / "checkpoint", tmp_path / "model_single.safetensors")["out"])
     model, _, preprocess = dinotxt.create_model_and_transforms(single, precision="fp64")
@@ -339,7 +339,7 @@ def test_official_release_through_the_factory_from_local_files(tmp_path, monkeyp
     from test_official_reference import (official_dinov2_state, official_text_encoder_state,
                                          official_vision_head_state, save_pth)
 
-    from dinotxt.models.official import get_release
+    from dinotxt.checkpoint.official import get_release
 
     release = get_release("dinov2_vitl14_reg4_dinotxt")
     folder = tmp_path / "release"

@@ -1,8 +1,9 @@
 """The layout: layers only point down, with no circular edge between packages.
 
-    base (config, plugins, precision, fileio, log) <- models (layers, backbone, weights, head, text,
-    aligned model, tokenizers, transforms, loss, checkpoint) <- data <- inference (classifier,
-    dense) <- tasks (train, evaluation, features, export, curation) <- apps (CLI, demos)
+    base (config, utils) <- models (layers, backbone, weights, head, text towers, aligned model,
+    transforms; text: tokenizers) <- checkpoint (record, format, official, export, hub, factory,
+    init_from) <- data <- inference (classifier, dense, clip_retrieval) <- tasks (train, evaluation,
+    features, curation) <- apps (CLI, demos)
 
 Every import in dinotxt/ and curation/ (inside functions too) is read from the source.
 """
@@ -13,13 +14,12 @@ import pytest
 
 ROOT = Path(__file__).parents[1]
 LAYERS = [
-    ("base", ["dinotxt.config", "dinotxt.plugins", "dinotxt.precision", "dinotxt.fileio", "dinotxt.log"]),
-    ("models", ["dinotxt.models", "dinotxt.tokenizer", "dinotxt.clip_tokenizer", "dinotxt.hf_tokenizer", "dinotxt.transforms", "dinotxt.loss",
-                "dinotxt.checkpoint", "dinotxt.hub", "dinotxt.pretrained"]),
+    ("base", ["dinotxt.config", "dinotxt.utils"]),
+    ("models", ["dinotxt.models", "dinotxt.text"]),
+    ("checkpoint", ["dinotxt.checkpoint"]),
     ("data", ["dinotxt.data"]),
     ("inference", ["dinotxt.inference"]),
-    ("tasks", ["dinotxt.train", "dinotxt.evaluation", "dinotxt.features", "dinotxt.export", "dinotxt.push_to_hub",
-               "dinotxt.embed", "curation"]),
+    ("tasks", ["dinotxt.train", "dinotxt.evaluation", "dinotxt.features", "curation"]),
     ("apps", ["dinotxt.cli", "dinotxt.demo"]),
 ]
 

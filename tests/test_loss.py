@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dinotxt.loss import ClipLoss, clip_loss
+from dinotxt.train.loss import ClipLoss, clip_loss
 from numerics import FP32_U, assert_close, assert_float64_equal
 
 
@@ -109,7 +109,7 @@ def _grad_of(loss_fn, *inputs):
 
 @pytest.mark.parametrize("block", [1, 3, 4, 10, 64])  # tiles of one row, ragged tiles, exact tiles, one tile
 def test_blocked_loss_and_its_gradients_equal_the_dense_loss_in_float64(block):
-    from dinotxt.loss import blocked_clip_loss
+    from dinotxt.train.loss import blocked_clip_loss
 
     img, txt = _features(10, 16, torch.float64)
     scale = torch.tensor(14.3, dtype=torch.float64)
@@ -125,7 +125,7 @@ def test_blocked_loss_and_its_gradients_equal_the_dense_loss_in_float64(block):
 def test_blocked_loss_of_each_rank_against_the_gathered_batch_equals_the_dense_one(block):
     """The DDP form (each rank's rows against all columns), here with the gathered tensors built in one
     process; tests/test_gradcache.py runs it on 2 gloo processes."""
-    from dinotxt.loss import blocked_clip_loss
+    from dinotxt.train.loss import blocked_clip_loss
 
     img, txt = _features(12, 8, torch.float64)
     scale = torch.tensor(9.0, dtype=torch.float64)
@@ -144,7 +144,7 @@ def test_blocked_loss_of_each_rank_against_the_gathered_batch_equals_the_dense_o
 
 
 def test_blocked_loss_backward_passes_gradcheck():
-    from dinotxt.loss import blocked_clip_loss
+    from dinotxt.train.loss import blocked_clip_loss
 
     img, txt = _features(7, 5, torch.float64)
     scale = torch.tensor(3.0, dtype=torch.float64)
@@ -157,7 +157,7 @@ def test_blocked_loss_backward_passes_gradcheck():
 def test_blocked_fp32_loss_is_as_close_to_float64_as_the_dense_one():
     """Both fp32 paths carry the rounding of their logits, |logit| <= scale, each a dot product of E terms:
     an absolute error of about scale * E * u in the loss, and relative to the largest gradient component."""
-    from dinotxt.loss import blocked_clip_loss
+    from dinotxt.train.loss import blocked_clip_loss
 
     img, txt = _features(96, 32)
     scale = torch.tensor(100.0)
@@ -174,7 +174,7 @@ def test_blocked_fp32_loss_is_as_close_to_float64_as_the_dense_one():
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_blocked_loss_and_its_gradient_stay_fp32_under_autocast(dtype):
     """Autocast is off inside the forward AND the hand-written backward (which runs in the caller's autocast)."""
-    from dinotxt.loss import blocked_clip_loss
+    from dinotxt.train.loss import blocked_clip_loss
 
     img, txt = _features(64, 32)
     scale = torch.tensor(100.0)
@@ -200,7 +200,7 @@ def test_blocked_loss_and_its_gradient_stay_fp32_under_autocast(dtype):
 def test_blocked_loss_saves_features_not_logits_for_its_backward():
     """What the autograd graph holds between the passes: O(B x E) for the blocked loss, the (B, B) logit
     matrices (and their log-softmax) for the dense one."""
-    from dinotxt.loss import blocked_clip_loss
+    from dinotxt.train.loss import blocked_clip_loss
 
     n, e = 512, 8
     img, txt = (x.requires_grad_() for x in _features(n, e))

@@ -152,7 +152,7 @@ def test_frozen_backbone_is_pinned(tiny_model):
 
 
 def test_custom_encoder_by_import_path():
-    from dinotxt.plugins import UntrustedCodeError
+    from dinotxt.utils.plugins import UntrustedCodeError
 
     with pytest.raises(UntrustedCodeError, match="trust_code=True"):  # code named by a setting needs the opt-in
         FrozenBackbone("custom_encoder:build", dropout=0.5)

@@ -12,10 +12,10 @@ import torch
 
 import dinotxt
 from dinotxt.checkpoint import save_checkpoint
-from dinotxt.clip_tokenizer import ClipTokenizer
-from dinotxt.export import export_official, export_safetensors
+from dinotxt.text.clip_bpe import ClipTokenizer
+from dinotxt.checkpoint.export import export_official, export_safetensors
 from dinotxt.models import TextTower, VisionHead
-from dinotxt.models.official import KEY_MAPS, official_state_dicts
+from dinotxt.checkpoint.official import KEY_MAPS, official_state_dicts
 from test_official_reference import (official_dinov2_state, official_dinov2_tokens, official_dinov3_state,
                                      official_dinov3_tokens, official_text_embedding, official_text_encoder_state,
                                      official_vision_embedding, official_vision_head_state, save_pth)
@@ -294,7 +294,7 @@ def test_fine_tune_the_released_model_on_your_own_pairs(dinov2_release, tmp_path
     """model.init_from the official DINOv2-release files: step 0 is the official model exactly; a few
     steps later the trained heads export in the official layout, which loads strictly again."""
     from dinotxt.config import load_train_config
-    from dinotxt.train.init_from import apply_init, read_init_source
+    from dinotxt.checkpoint.init_from import apply_init, read_init_source
     from dinotxt.train.run import run_training
 
     sds, paths = dinov2_release
@@ -336,7 +336,7 @@ def test_fine_tune_the_released_model_on_your_own_pairs(dinov2_release, tmp_path
 
 def test_init_from_a_text_encoder_alone_and_refuses_a_mismatch(dinov2_release, tmp_path):
     from dinotxt.config import load_train_config
-    from dinotxt.train.init_from import apply_init, read_init_source
+    from dinotxt.checkpoint.init_from import apply_init, read_init_source
 
     sds, paths = dinov2_release
     base = ["model.arch=dinotxt_vitl14_reg4", "model.backbone.name=vit_small_patch14_reg4_dinov2",
@@ -360,7 +360,7 @@ def test_variants_start_from_the_release_with_their_own_weights_at_init(dinov2_r
     leaves the bias at its init and the unlocked blocks at the backbone's pretrained weights, so step 0 is
     still the official model; a plain checkpoint starts a variant the same way."""
     from dinotxt.config import load_train_config
-    from dinotxt.train.init_from import InitSource, apply_init, read_init_source
+    from dinotxt.checkpoint.init_from import InitSource, apply_init, read_init_source
 
     sds, paths = dinov2_release
     cfg = load_train_config(None, [

@@ -43,7 +43,7 @@ def tiny_bert(tmp_path_factory) -> Path:
 
 
 def test_tokenizer_pads_with_the_pad_id_and_keeps_the_closing_token_when_truncating():
-    from dinotxt.hf_tokenizer import HFTokenizer
+    from dinotxt.text.hf import HFTokenizer
 
     tok = HFTokenizer(minilm_folder(), context_length=12)
     ids = tok(TEXTS)
@@ -59,7 +59,7 @@ def test_tokenizer_pads_with_the_pad_id_and_keeps_the_closing_token_when_truncat
 
 def test_encoder_equals_sentence_transformers_in_float64():
     st = pytest.importorskip("sentence_transformers")
-    from dinotxt.hf_tokenizer import HFTokenizer
+    from dinotxt.text.hf import HFTokenizer
     from dinotxt.models.pretrained_text import PretrainedTextTower
 
     folder = minilm_folder()
@@ -112,7 +112,7 @@ def test_freeze_layers_freezes_the_embeddings_and_the_lower_layers(tiny_bert):
 def test_checkpoint_rebuilds_the_encoder_without_its_folder(tiny_bert, tmp_path):
     import dinotxt
     from dinotxt.checkpoint import save_checkpoint
-    from dinotxt.hf_tokenizer import HFTokenizer
+    from dinotxt.text.hf import HFTokenizer
 
     torch.manual_seed(0)
     model = dinotxt.create_model("dinotxt_demo", backbone={"img_size": 56, "kwargs": {"depth": 1, "embed_dim": 32,

@@ -40,7 +40,7 @@ def test_training_recipe_builds_its_model(name):
 @pytest.mark.parametrize("name", [r for r, k in KINDS.items() if k == "curation"])
 def test_curation_recipe_builds_its_embedding_backbone(name):
     from curation.config import load_curation_config
-    from curation.embed import backbone_config
+    from curation.embed_pool import backbone_config
     from dinotxt.models.factory import create_backbone
 
     cfg = load_curation_config(name, ["pool.data=/nowhere", "embed.backbone.weights=null"])

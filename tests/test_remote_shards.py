@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader
 from dinotxt.data.sources import ShardCommandError, expand_shards, iter_tar_samples, shard_name, shard_sizes
 from dinotxt.data.stream import ImageTextStream, collate_image_text
 from dinotxt.data.world import write_split
-from dinotxt.transforms import train_transform
+from dinotxt.models.transforms import train_transform
 
 ROOT = Path(__file__).parents[1]
 
@@ -248,7 +248,7 @@ def test_served_pool_and_cache_source_keep_their_sample_ids(world):
     for a, b in zip(local, remote):
         assert [(s.uid, s.caption, s.image) for s in iter_unit(a, fmt, {})] == \
                [(s.uid, s.caption, s.image) for s in iter_unit(b, fmt, {})]
-    from dinotxt.data.cache import source_fingerprint
+    from dinotxt.data.feature_cache import source_fingerprint
 
     fp = lambda spec: source_fingerprint(OmegaConf.create({"data": {"train": spec}}))  # noqa: E731
     assert fp(_urls(base)) == fp(str(Path(shards[0]).parent))

@@ -103,7 +103,7 @@ def test_shards_with_several_captions_skip_and_count_bad_samples(caption_shards)
 def test_evaluate_retrieval_end_to_end(tiny_model, caption_shards):
     from test_segmentation import fake_tokenizer
 
-    from dinotxt.transforms import eval_transform
+    from dinotxt.models.transforms import eval_transform
 
     data = retrieval_dataset("shards", caption_shards)
     res = evaluate_retrieval(tiny_model.eval(), eval_transform(56), fake_tokenizer, data, batch_size=2)

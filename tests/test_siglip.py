@@ -1,4 +1,4 @@
-"""The sigmoid loss of SigLIP (dinotxt/loss.py, ``loss.kind=sigmoid``): the dense and the blocked loss equal a
+"""The sigmoid loss of SigLIP (dinotxt/train/loss.py, ``loss.kind=sigmoid``): the dense and the blocked loss equal a
 naive pair-by-pair reference with their gradients (float64), stay fp32 under autocast, equal one process on
 the global batch under DDP (2 gloo processes), and train through gradient caching; the bias is a model
 parameter that checkpoints and exports carry, and the config fills SigLIP's -10 when it is left unset."""
@@ -13,7 +13,7 @@ from conftest import TINY_BACKBONE, TINY_TEXT
 from multiproc import init_gloo, run_ranks
 from numerics import FP32_U, assert_close, assert_float64_equal, assert_grads_float64_equal
 
-from dinotxt.loss import ClipLoss, SigLipLoss, build_loss, sigmoid_loss
+from dinotxt.train.loss import ClipLoss, SigLipLoss, build_loss, sigmoid_loss
 
 
 def naive_sigmoid_loss(img, txt, scale, bias):
@@ -54,7 +54,7 @@ def test_sigmoid_loss_and_its_gradients_are_the_naive_pairwise_reference(block_s
 
 
 def test_blocked_sigmoid_backward_passes_gradcheck():
-    from dinotxt.loss import _BlockedSigmoid
+    from dinotxt.train.loss import _BlockedSigmoid
 
     img, txt, scale, bias = _leaves(5, 4)
     assert torch.autograd.gradcheck(lambda q, k, s, b: _BlockedSigmoid.apply(q, k, s, b, 0, 2), (img, txt, scale, bias))
@@ -229,7 +229,7 @@ def test_the_bias_survives_checkpoint_single_file_and_official_export(tmp_path):
 
     import dinotxt
     from dinotxt.checkpoint import save_checkpoint
-    from dinotxt.export import export_official, export_safetensors
+    from dinotxt.checkpoint.export import export_official, export_safetensors
 
     model = _model(-7.5).float()
     with torch.no_grad():
@@ -246,7 +246,7 @@ def test_the_bias_survives_checkpoint_single_file_and_official_export(tmp_path):
     assert any("sigmoid loss" in note for note in report["notes"])
     assert json.loads((tmp_path / "official" / "export.json").read_text())["logit_bias"] == -6.25
     from dinotxt.checkpoint import read_checkpoint
-    from dinotxt.push_to_hub import backbone_provenance, model_card
+    from dinotxt.checkpoint.push import backbone_provenance, model_card
 
     cfg, state, _ = read_checkpoint(ckpt)
     card = model_card("me/siglip", cfg, state, {}, {}, None, backbone_provenance(cfg.model.backbone), False,

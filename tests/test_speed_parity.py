@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 import dinotxt
 from conftest import TINY_BACKBONE, TINY_TEXT
-from dinotxt.loss import ClipLoss
+from dinotxt.train.loss import ClipLoss
 from dinotxt.models.text_tower import trim_padding
 from dinotxt.models.backbone import frozen_tokens
 from dinotxt.train.step import contrastive_loss

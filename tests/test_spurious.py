@@ -1,4 +1,4 @@
-"""The spurious-correlation split of the world (dinotxt/data/spurious.py) and worst-group zero-shot accuracy."""
+"""The spurious-correlation split of the world (dinotxt/data/world.py) and worst-group zero-shot accuracy."""
 import csv
 import json
 from collections import Counter
@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from conftest import tiny_run_overrides
-from dinotxt.data.spurious import ATTRIBUTES, TINTS, spurious_plan, write_spurious_world
+from dinotxt.data.world import ATTRIBUTES, TINTS, spurious_plan, write_spurious_world
 from dinotxt.data.world import SHAPES, render_sample
 
 RECIPE = str(Path(__file__).parents[1] / "recipes" / "debug.yaml")

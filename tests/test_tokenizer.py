@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from dinotxt.tokenizer import Tokenizer, train_tokenizer
+from dinotxt.text.sentencepiece import Tokenizer, train_tokenizer
 
 CAPTIONS = [f"a {c} {s} on a {b} background" for c in ["red", "green", "blue", "yellow"]
             for s in ["circle", "square", "star"] for b in ["striped", "plain", "dotted"]] * 5

@@ -117,7 +117,7 @@ def test_train_with_the_clip_bpe_tokenizer(tmp_path, monkeypatch):
     """tokenizer.kind=clip: the official trainer's tokenizer; its ids are open_clip's (the official ones)."""
     import open_clip
 
-    from dinotxt.clip_tokenizer import ClipTokenizer
+    from dinotxt.text.clip_bpe import ClipTokenizer
     from dinotxt.train.run import run_training
 
     monkeypatch.chdir(tmp_path)

@@ -46,7 +46,7 @@ def test_exactly_the_last_blocks_and_the_final_norm_train_and_the_rest_stays_fro
 
 
 def test_gradients_reach_the_unlocked_blocks_only_and_no_graph_is_kept_below_them():
-    from dinotxt.loss import ClipLoss
+    from dinotxt.train.loss import ClipLoss
     from dinotxt.train.step import contrastive_loss
 
     model = _model(1).train()
@@ -62,7 +62,7 @@ def test_gradients_reach_the_unlocked_blocks_only_and_no_graph_is_kept_below_the
 
 
 def test_training_steps_change_the_unlocked_blocks_at_their_own_lr_and_nothing_else_of_the_backbone():
-    from dinotxt.loss import ClipLoss
+    from dinotxt.train.loss import ClipLoss
     from dinotxt.train.optim import build_optimizer
     from dinotxt.train.step import contrastive_loss
 
@@ -88,7 +88,7 @@ def test_training_steps_change_the_unlocked_blocks_at_their_own_lr_and_nothing_e
 def test_unlocked_blocks_are_checkpointed_exported_and_loaded_back(tmp_path):
     from safetensors.torch import load_file
 
-    from dinotxt.export import export_official, export_safetensors
+    from dinotxt.checkpoint.export import export_official, export_safetensors
 
     model = _model(1)
     with torch.no_grad():  # "trained" unlocked weights that the rebuilt backbone could not know
@@ -117,7 +117,7 @@ def test_unlocked_blocks_are_checkpointed_exported_and_loaded_back(tmp_path):
     assert not any(k.startswith("blocks.1.") for k in blocks)
     # the Hub model card says what trained
     from dinotxt.checkpoint import read_checkpoint
-    from dinotxt.push_to_hub import backbone_provenance, model_card
+    from dinotxt.checkpoint.push import backbone_provenance, model_card
 
     cfg, state, _ = read_checkpoint(ckpt)
     card = model_card("me/unlocked", cfg, state, {}, {}, None, backbone_provenance(cfg.model.backbone), False,
@@ -131,7 +131,7 @@ def test_unlocked_blocks_are_checkpointed_exported_and_loaded_back(tmp_path):
 
 
 def test_gradient_caching_with_unlocked_blocks_equals_one_pass():
-    from dinotxt.loss import ClipLoss
+    from dinotxt.train.loss import ClipLoss
     from dinotxt.train.gradcache import gradcache_backward
     from dinotxt.train.step import contrastive_loss
 

@@ -27,7 +27,7 @@ from typing import Dict, List, Sequence
 import numpy as np
 
 from ..config import ConfigError, find_recipe
-from ..fileio import atomic_write_json
+from ..utils.fileio import atomic_write_json
 from .run import attribute_accuracy
 
 log = logging.getLogger(__name__)
@@ -89,7 +89,7 @@ def _concepts():
 def write_concept_vocabulary(path: Path) -> Path:
     """The demo's metadata vocabulary, MetaCLIP style (its entries are visual concepts: WordNet
     synsets and Wikipedia titles there; colours, shapes and "<colour> <shape>" here)."""
-    from ..fileio import atomic_write_text
+    from ..utils.fileio import atomic_write_text
     from ..data.world import COLORS, SHAPES
 
     entries = list(COLORS) + list(SHAPES) + [f"{c} {s}" for c in COLORS for s in SHAPES]

@@ -30,7 +30,7 @@ from typing import Dict, List
 
 from PIL import Image
 
-from ..fileio import add_tar_member, atomic_output, atomic_write_json
+from ..utils.fileio import add_tar_member, atomic_output, atomic_write_json
 from ..data.world import COLORS, SHAPES, _encode, render_sample, write_split
 
 

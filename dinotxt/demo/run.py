@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import List
 
 from ..config import find_recipe, load_train_config
-from ..fileio import atomic_write_bytes
+from ..utils.fileio import atomic_write_bytes
 
 log = logging.getLogger(__name__)
 
@@ -93,7 +93,7 @@ def prepare_feature_cache(cfg) -> float:
     """Run the frozen backbone ONCE over the training images (``cache.views`` seeded crops each) and
     store its tokens, so the training steps only run the head and the text tower. A finished
     cache from an earlier demo is reused (its spec and weights hash must match)."""
-    from ..features.cache import build_cache
+    from ..features.build_cache import build_cache
     from ..data.world import ensure_world
 
     if not cfg.cache.path:

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Dict, List
 
 from ..config import find_recipe, load_train_config
-from ..fileio import atomic_write_json, atomic_write_text
+from ..utils.fileio import atomic_write_json, atomic_write_text
 
 log = logging.getLogger(__name__)
 

@@ -111,7 +111,7 @@ def draw_dynamics_sheet(runs: Dict[str, Series], out, title: Optional[str] = Non
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from ..fileio import atomic_output
+    from ..utils.fileio import atomic_output
 
     cols = 3
     rows = -(-len(PANELS) // cols)

@@ -6,7 +6,7 @@ only calls ``model.encode_image(images)``, ``model.encode_text(tokenizer(texts))
 normalises the features itself) and ``transform(PIL image)``. ``DinoTxt`` and the dinotxt
 tokenizer already have that interface, so the loader just opens a checkpoint: ``--pretrained``
 is a checkpoint folder / file or ``hf-hub:org/name``; with ``--model official:<release>`` it is
-the folder holding the official release files (``dinotxt.pretrained``).
+the folder holding the official release files (``dinotxt.checkpoint.factory``).
 
 Use it from Python::
 
@@ -39,7 +39,7 @@ from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
 
-from ..fileio import add_tar_member, atomic_output, atomic_write_text
+from ..utils.fileio import add_tar_member, atomic_output, atomic_write_text
 
 MODEL_TYPE = "dinotxt"
 SAMPLES_PER_TAR = 10_000  # CLIP_benchmark's own converter default (max_count)
@@ -59,7 +59,7 @@ def load_dinotxt(model_name: str = MODEL_TYPE, pretrained: Optional[str] = None,
         backbone_weights: the frozen backbone's weights file, if it moved since training.
     """
     from ..checkpoint import load
-    from ..pretrained import create_model_from_pretrained, get_tokenizer, is_official_name
+    from ..checkpoint.factory import create_model_from_pretrained, get_tokenizer, is_official_name
 
     if is_official_name(model_name):
         model, transform = create_model_from_pretrained(model_name, pretrained, device=device)

@@ -107,7 +107,7 @@ def load_diagnostic_set(shards, size: int, tokenizer: Callable, img_size: int, p
 
     from ..data.sources import expand_shards, iter_tar_samples
     from ..data.stream import extract_caption, sample_image
-    from ..transforms import eval_transform
+    from ..models.transforms import eval_transform
 
     if size < 2:
         raise ValueError(f"eval.diagnostics_size={size}: the diagnostics need at least 2 pairs")

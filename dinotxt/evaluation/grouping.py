@@ -28,7 +28,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..fileio import atomic_write_json
+from ..utils.fileio import atomic_write_json
 from ..inference.grouping import cluster_patches, patch_features_batch, renumber, upsample_segments
 from .datasets import IGNORE_INDEX, SegmentationDataset
 

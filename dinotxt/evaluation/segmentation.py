@@ -22,7 +22,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Union
 import numpy as np
 import torch
 
-from ..fileio import atomic_write_json, atomic_write_text
+from ..utils.fileio import atomic_write_json, atomic_write_text
 from ..inference.dense import DEFAULTS, DenseSettings, dense_classifier, segment_batch
 from .datasets import IGNORE_INDEX, SegmentationDataset
 

@@ -34,7 +34,7 @@ import torch
 from omegaconf import OmegaConf
 
 from ..config import ConfigError, choice, finalize, find_recipe, merge_config, parse_overrides, read_yaml
-from ..fileio import atomic_write_json, atomic_write_text
+from ..utils.fileio import atomic_write_json, atomic_write_text
 from ..inference.settings import DEFAULTS as DENSE
 from ..inference.settings import MODES, DenseSettings
 
@@ -150,7 +150,7 @@ def load_model(mcfg, trust_code: bool = False) -> Tuple[Any, Any, Any, str]:
         model, _, transform = open_clip.create_model_and_transforms(name, pretrained=mcfg.pretrained, device=device)
         what = f"open_clip {name} ({'weights ' + mcfg.pretrained if mcfg.pretrained else 'random init'})"
         return model.eval(), transform, open_clip.get_tokenizer(name), what
-    from ..plugins import import_object
+    from ..utils.plugins import import_object
 
     loader = import_object(mcfg.loader, trust_code=trust_code, setting="model.loader")
     loaded = loader(device=device, **OmegaConf.to_container(mcfg.loader_kwargs))

@@ -1,6 +1,6 @@
 """One feature-extraction stage: run a frozen backbone over the units of a data source and write
-one output per unit. The feature cache (``dinotxt cache``, ``dinotxt.features.cache``) and the
-curation embeddings (``curation/embed.py``) are two jobs of this one stage.
+one output per unit. The feature cache (``dinotxt cache``, ``dinotxt.features.build_cache``) and the
+curation embeddings (``curation/embed_pool.py``) are two jobs of this one stage.
 
 reader -> mapper -> writer, as img2dataset and clip-retrieval are built:
 

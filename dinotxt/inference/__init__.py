@@ -1,7 +1,7 @@
 """Using an aligned model: zero-shot classifiers from prompt ensembles (``classifier``), dense
 open-vocabulary prediction (``dense``, its settings in ``settings``), and the pictures made from
 it (``visualize``). Loaded on first use, so ``settings`` imports without torch."""
-from ..plugins import lazy_attributes
+from ..utils.plugins import lazy_attributes
 
 _API = {"load_classnames": "classifier", "load_templates": "classifier", "zero_shot_classifier": "classifier",
         "DenseSettings": "settings", "SegmentationResult": "dense", "segment": "dense", "segment_batch": "dense"}

@@ -12,7 +12,7 @@ from typing import Callable, List, Optional, Sequence, Union
 import torch
 import torch.nn.functional as F
 
-from ..precision import at_least_fp32
+from ..utils.precision import at_least_fp32
 
 DATA_DIR = Path(__file__).parents[1] / "assets"  # dinotxt/assets: templates and class-name lists
 

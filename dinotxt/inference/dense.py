@@ -29,7 +29,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 import torch
 import torch.nn.functional as F
 
-from ..precision import at_least_fp32
+from ..utils.precision import at_least_fp32
 from .settings import DEFAULTS, DenseSettings
 
 
@@ -95,7 +95,7 @@ def prepare_image(image: ImageLike, short_side: Optional[int] = DEFAULTS.short_s
     """
     from torchvision.transforms import functional as TF
 
-    from ..transforms import IMAGENET_MEAN, IMAGENET_STD
+    from ..models.transforms import IMAGENET_MEAN, IMAGENET_STD
 
     if isinstance(image, (str, Path)):
         from PIL import Image

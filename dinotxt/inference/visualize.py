@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
-from ..fileio import atomic_output
+from ..utils.fileio import atomic_output
 
 MIN_SIDE = 384  # images smaller than this are enlarged before drawing text on them
 BACKGROUND_NAMES = ("background", "void")

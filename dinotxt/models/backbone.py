@@ -41,7 +41,7 @@ from typing import Any, Dict, Optional, Tuple, Union
 import torch
 from torch import nn
 
-from ..precision import backbone_autocast_dtype
+from ..utils.precision import backbone_autocast_dtype
 from .cnn import CnnTokens, cnn_state, is_cnn_name
 from .weights import (StateDict, key_report, load_state_dict_file, load_timm_state, native_grid,
                       read_backbone_state)
@@ -50,7 +50,7 @@ from .weights import (StateDict, key_report, load_state_dict_file, load_timm_sta
 def names_code(name: str) -> bool:
     """Whether ``model.backbone.name`` is an import path (code to run) rather than a timm ViT or a
     ``cnn:<timm name>`` token source."""
-    from ..plugins import is_import_path
+    from ..utils.plugins import is_import_path
 
     return is_import_path(name) and not is_cnn_name(name)
 
@@ -72,7 +72,7 @@ class FrozenBackbone(nn.Module):
             backbone cannot be saved as a checkpoint (nothing could rebuild it).
         init_seed: seed of the random init when there are no weights, so a random-weight
             backbone is rebuilt identically (on load, in the feature cache, in curation).
-        trust_code: allow ``name`` to be an import path (see ``dinotxt.plugins``).
+        trust_code: allow ``name`` to be an import path (see ``dinotxt.utils.plugins``).
         trainable_blocks: unlock the last K blocks (0: everything frozen, the dino.txt / LiT recipe).
         **kwargs: extra constructor arguments (timm overrides such as ``depth``).
     """
@@ -122,7 +122,7 @@ class FrozenBackbone(nn.Module):
             if weights is not None:
                 state, layout = cnn_state(weights, encoder), "cnn"
         elif ":" in name:
-            from ..plugins import import_object
+            from ..utils.plugins import import_object
 
             encoder = import_object(name, trust_code=trust_code, setting="model.backbone.name")(**kwargs)
         else:

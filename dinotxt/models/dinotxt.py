@@ -4,7 +4,7 @@
 ``encode_image`` / ``encode_text(normalize=...)`` / ``get_logits``), plus
 ``encode_patches`` for dense prediction, which pairs the head patch tokens with the
 second half ``text[:, D:]`` of the text embedding (dino.txt, section 4 of METHOD.md).
-``forward`` is inference only; the loss lives in ``dinotxt.loss``.
+``forward`` is inference only; the loss lives in ``dinotxt.train.loss``.
 """
 from __future__ import annotations
 

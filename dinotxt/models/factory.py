@@ -14,12 +14,13 @@ from .vision_head import VisionHead
 
 
 def create_model(arch: Union[str, DictConfig, dict], backbone_module: Optional[nn.Module] = None,
-                 trust_code: bool = False, **overrides: Any) -> DinoTxt:
+                 trust_code: bool = False, frozen_backbone: Optional[FrozenBackbone] = None, **overrides: Any) -> DinoTxt:
     """Create a model from a registry name (see ``list_models()``) or a config.
 
     ``overrides`` are nested dicts merged over the config (e.g. ``text={"depth": 2}``).
     ``backbone_module`` plugs in a user encoder instead of building one by name.
     ``trust_code`` allows ``backbone.name`` to be an import path ``package.module:factory``.
+    ``frozen_backbone``: the config's frozen backbone, already built (``create_backbone``), used as it is.
     """
     if isinstance(arch, str):
         cfg = model_config(arch, overrides or None)
@@ -27,7 +28,9 @@ def create_model(arch: Union[str, DictConfig, dict], backbone_module: Optional[n
         cfg = model_config_from(arch)
         if overrides:
             cfg = OmegaConf.merge(cfg, overrides)
-    backbone = create_backbone(cfg.backbone, backbone_module, trust_code, cfg.backbone.trainable_blocks)
+    backbone = frozen_backbone
+    if backbone is None:
+        backbone = create_backbone(cfg.backbone, backbone_module, trust_code, cfg.backbone.trainable_blocks)
     resolve_model_dims(cfg, backbone.embed_dim)
     h = cfg.vision_head
     head = VisionHead(backbone.embed_dim, backbone.num_prefix_tokens, h.num_blocks, h.num_heads, h.mlp_ratio,

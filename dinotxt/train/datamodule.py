@@ -28,7 +28,7 @@ from torch.utils.data import DataLoader
 from ..data.folder import ImageFolderDataset
 from ..data.sources import expand_shards, is_manifest, read_manifest
 from ..data.stream import ImageTextStream, collate_image_text
-from ..transforms import eval_transform, train_transform
+from ..models.transforms import eval_transform, train_transform
 from .gradcache import merge_micro_batches, micro_batches_per_step
 
 
@@ -52,7 +52,7 @@ class ImageTextDataModule(L.LightningDataModule):
         self.shards, self.manifest = None, None
         # resolve sources now so a missing shard, manifest or cache stops the run before training starts
         if cfg.cache.path:
-            from ..data.cache import FeatureCache
+            from ..data.feature_cache import FeatureCache
 
             self.cache = FeatureCache(cfg.cache.path)
         elif is_manifest(d.train):
@@ -75,7 +75,7 @@ class ImageTextDataModule(L.LightningDataModule):
                       world_size=world, start_positions=self.positions,
                       reader_offset=self.batches % max(1, d.num_workers))
         if self.cache is not None:
-            from ..data.cache import CachedFeatureStream
+            from ..data.feature_cache import CachedFeatureStream
 
             dataset = CachedFeatureStream(self.cache, **common)
         else:

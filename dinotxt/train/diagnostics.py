@@ -69,7 +69,7 @@ class TrainingDynamics(Callback):
         if self.save_dir is not None and trainer.is_global_zero:
             from safetensors.torch import save_file
 
-            from ..fileio import atomic_output
+            from ..utils.fileio import atomic_output
 
             tensors = {k: v.contiguous() for k, v in emb.items()}
             if self.dset.areas is not None:

@@ -33,7 +33,7 @@ import torch
 
 from ..config import ConfigError
 from ..models.backbone import frozen_tokens
-from ..precision import at_least_fp32
+from ..utils.precision import at_least_fp32
 from .step import image_features
 
 TENSOR_FIELDS = ("image", "tokens", "pooled", "text")

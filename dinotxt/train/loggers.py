@@ -23,7 +23,7 @@ from lightning.pytorch.loggers import WandbLogger
 from omegaconf import DictConfig, OmegaConf
 
 from ..config import ConfigError
-from ..plugins import module_installed as _installed  # one name tests can patch
+from ..utils.plugins import module_installed as _installed  # one name tests can patch
 
 log = logging.getLogger(__name__)
 

@@ -17,7 +17,7 @@ from typing import Dict, Optional
 import torch
 
 from ..models.backbone import frozen_tokens
-from ..precision import at_least_fp32
+from ..utils.precision import at_least_fp32
 
 
 def image_features(model, batch: Dict[str, torch.Tensor], backbone_autocast: Optional[str] = None) -> torch.Tensor:

@@ -3,7 +3,7 @@
 - ``ddp``: one full replica per process; only trainable parameters (head, text tower,
   logit scale, unlocked backbone blocks) are registered for gradient all-reduce, the frozen
   backbone never is.
-  The contrastive loss gathers features with gradients over all ranks (``dinotxt.loss``),
+  The contrastive loss gathers features with gradients over all ranks (``dinotxt.train.loss``),
   so DDP's gradient averaging gives exactly the single-process gradient of the global batch.
 - ``fsdp``: parameters sharded across processes (under bf16: bf16 parameters, gradients reduced
   in fp32, as the official trainer), one FSDP unit per transformer block of the

@@ -32,9 +32,9 @@ from lightning.pytorch.strategies import ParallelStrategy
 
 from ..data.stream import mix_seed
 from ..evaluation.zeroshot import ZeroShotTask, zeroshot_metrics
-from ..loss import build_loss
+from .loss import build_loss
 from ..models.dinotxt import DinoTxt
-from ..precision import backbone_autocast_dtype
+from ..utils.precision import backbone_autocast_dtype
 from .gradcache import gradcache_backward
 from .optim import build_optimizer
 from .step import contrastive_loss

@@ -38,10 +38,10 @@ import numpy as np
 import torch
 from omegaconf import OmegaConf
 
-from .data.sources import member_key
-from .data.stream import decode_image
-from .data.units import DataUnit, data_units, iter_unit
-from .fileio import atomic_output, atomic_write_json
+from ..data.sources import member_key
+from ..data.stream import decode_image
+from ..data.units import DataUnit, data_units, iter_unit
+from ..utils.fileio import atomic_output, atomic_write_json
 
 log = logging.getLogger(__name__)
 
@@ -152,8 +152,8 @@ def embed_dataset(checkpoint: str, data: Union[str, List[str]], out: Union[str, 
                   cache_dir: Optional[str] = None, fmt=None) -> Dict[str, Any]:
     """Write the embeddings of ``data`` (shards or a manifest) by ``checkpoint`` to ``out``; see the module
     docstring. Returns ``{"out", "parts", "parts_written", "samples", "skipped", "seconds"}``."""
-    from .checkpoint import load
-    from .config import DataConfig
+    from ..checkpoint import load
+    from ..config import DataConfig
 
     if dtype not in DTYPES:
         raise ValueError(f"--dtype {dtype}: use {' or '.join(DTYPES)}")

@@ -47,7 +47,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from .precision import at_least_fp32
+from ..utils.precision import at_least_fp32
 
 
 class _AllGatherWithGrad(torch.autograd.Function):

@@ -40,7 +40,7 @@ from dinotxt.config import model_config
 from dinotxt.data.sources import shard_name
 from dinotxt.data.units import DataUnit
 from dinotxt.features.extract import SKIP_REASONS, ExtractionJob, run_extraction
-from dinotxt.fileio import atomic_write_json
+from dinotxt.utils.fileio import atomic_write_json
 from dinotxt.models.backbone import FrozenBackbone
 from dinotxt.models.factory import create_backbone
 
@@ -101,7 +101,7 @@ def pooled_cache_for(embed_cfg, units: List[DataUnit]):
     """The feature cache ``embed.from_cache`` names, checked to hold exactly what the embed stage
     computes: this backbone, one eval crop, ``[CLS, mean(patches)]``, the same shards in order."""
     from dinotxt.config import ConfigError
-    from dinotxt.data.cache import FeatureCache
+    from dinotxt.data.feature_cache import FeatureCache
 
     cache = FeatureCache(embed_cfg.from_cache)
     spec, bcfg = cache.spec, backbone_config(embed_cfg)
@@ -166,7 +166,7 @@ def embed_images(cfg, units: List[DataUnit], out_dir: Path, trust_code: bool = F
     """Embed every unit without a finished metadata table, through the feature-extraction stage
     (``dinotxt.features.extract``), or read them from a pooled feature cache (``embed.from_cache``).
     Every rank returns the number of units it embedded."""
-    from dinotxt.transforms import eval_transform
+    from dinotxt.models.transforms import eval_transform
 
     ranks = ranks or Ranks()
     e = cfg.embed

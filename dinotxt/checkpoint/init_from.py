@@ -9,7 +9,7 @@ It takes, detected from the files:
 - the official DINOv3 dino.txt file (vision head and text encoder in one file, maybe the logit scale);
 - a text tower alone: the official text encoder file (the vision head starts from its init).
 
-Every file is loaded strictly through the key maps of ``dinotxt.models.official`` (or the
+Every file is loaded strictly through the key maps of ``dinotxt.checkpoint.official`` (or the
 checkpoint's own keys): a file that does not fit the configured model stops the run with the key
 report the loaders print. The weights bring their tokenizer: the official ones OpenAI's CLIP BPE,
 a checkpoint its own file, which the run then trains with.
@@ -56,12 +56,12 @@ def read_init_source(spec) -> Optional[InitSource]:
             raise FileNotFoundError(f"model.init_from: {p} does not exist")
     first = Path(paths[0])
     if len(paths) == 1 and (first.is_dir() or first.suffix == ".safetensors"):
-        from ..checkpoint import read_checkpoint
+        from .record import read_record
 
-        cfg, state, tok_bytes = read_checkpoint(first)
-        kind = "clip_bpe" if cfg.tokenizer.kind == "clip_bpe" else "sentencepiece"
-        return InitSource("checkpoint", paths, kind, tok_bytes, state=dict(state))
-    from ..models.official import RELEASES, guess_official_role
+        record = read_record(first, with_backbone=False)
+        kind = "clip_bpe" if record.tokenizer_kind == "clip_bpe" else "sentencepiece"
+        return InitSource("checkpoint", paths, kind, record.tokenizer_bytes, state=dict(record.state))
+    from .official import RELEASES, guess_official_role
 
     files = {}
     for p in paths:
@@ -88,7 +88,7 @@ def apply_init(model, source: Optional[InitSource]) -> None:
     if source.kind == "checkpoint":
         model.load_trainable_state_dict(source.state, keep_variants=True)
     else:
-        from ..models.official import KEY_MAPS, official_trainable_state
+        from .official import KEY_MAPS, official_trainable_state
 
         roles = list(source.official)
         complete = set(roles) == set(KEY_MAPS[source.release.layout])

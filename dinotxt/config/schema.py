@@ -1,17 +1,8 @@
-"""Typed configuration: the one config mechanism of dinotxt, and the model and training schemas.
+"""The model and training schemas: typed dataclasses holding every default once.
 
-Every default is written once, in the dataclasses below (the curation and evaluation-suite
-schemas live next to their code and use the same mechanism). Registered architectures
-(``dinotxt/configs/models/*.yaml``) and recipes (``recipes/*.yaml``) are short diffs merged
-over the defaults with OmegaConf, in the order defaults -> model registry entry -> recipe ->
-command line, as DINOv2 does:
-
-- ``merge_config(base, update, source)``: refuses a key ``base`` lacks, naming the closest valid
-  one (``optim.lrr=1e-3`` stops the run before it starts), and a value of the wrong type;
-- ``read_yaml`` / ``parse_overrides``: a recipe file and ``key=value`` command-line overrides;
-- ``finalize``: resolves ``${...}`` interpolations and checks every choice field (declared with
-  ``choice(...)``: the value must be one of its choices) at load, not deep inside a run;
-- ``load_config(schema, recipe, overrides)``: all of it, for a schema without a registry layer.
+Registered architectures (``dinotxt/config/models/*.yaml``), recipes (``recipes/*.yaml``) and the
+command line are short diffs merged over these defaults (``dinotxt.config.compose``). A field declared
+with ``choice(...)`` must take one of its values (checked when the config is composed).
 """
 from __future__ import annotations
 
@@ -24,11 +15,11 @@ from typing import Any, Dict, List, Optional, Union
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-CONFIG_DIR = Path(__file__).parent / "configs"
+CONFIG_DIR = Path(__file__).parent
 MODEL_CONFIG_DIR = CONFIG_DIR / "models"
 # the shipped recipes: inside the installed package (the wheel maps the top-level recipes/ folder
 # to dinotxt/recipes), or next to the package in a source checkout / editable install
-RECIPE_DIRS = (Path(__file__).parent / "recipes", Path(__file__).resolve().parent.parent / "recipes")
+RECIPE_DIRS = (CONFIG_DIR.parent / "recipes", CONFIG_DIR.resolve().parent.parent / "recipes")
 
 
 class ConfigError(ValueError):
@@ -106,7 +97,7 @@ class TextConfig:
 
 @dataclass
 class ModelConfig:
-    # the registry entry (dinotxt/configs/models/) a training config starts from; for a model's own
+    # the registry entry (dinotxt/config/models/) a training config starts from; for a model's own
     # config, the entry it was built from ("" for a model assembled by hand)
     arch: str = "dinotxt_vitl14_reg4"
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
@@ -117,7 +108,7 @@ class ModelConfig:
     # a learnable bias added to every logit, and its initial value: the sigmoid loss (loss.kind=sigmoid) needs
     # it (None there = SigLIP's -10); the InfoNCE does not depend on it and refuses one
     init_logit_bias: Optional[float] = None
-    # start from released or earlier weights (dinotxt/train/init_from.py): a dinotxt checkpoint, the two
+    # start from released or earlier weights (dinotxt/checkpoint/init_from.py): a dinotxt checkpoint, the two
     # official DINOv2-release head files (a list), the official DINOv3 file, or an official text encoder alone
     init_from: Any = None
 
@@ -195,7 +186,7 @@ class LossConfig:
     # also starts the temperature at model.init_logit_scale=2.302585, ln 10, as recipes/siglip_demo.yaml does)
     kind: str = choice("infonce", "infonce", "sigmoid")
     # None: the dense symmetric InfoNCE (a (B_device, B) logit matrix per direction); a number: the same loss
-    # in tiles of block_size x block_size with a streaming log-sum-exp, memory O(B x block_size) (dinotxt/loss.py)
+    # in tiles of block_size x block_size with a streaming log-sum-exp, memory O(B x block_size) (dinotxt/train/loss.py)
     block_size: Optional[int] = None
 
 
@@ -252,7 +243,7 @@ class EvalConfig:
 
 @dataclass
 class CacheConfig:
-    # feature cache (dinotxt/data/cache.py, written by dinotxt/features/cache.py): `dinotxt cache RECIPE` writes it; training reads it
+    # feature cache (dinotxt/data/feature_cache.py, written by dinotxt/features/build_cache.py): `dinotxt cache RECIPE` writes it; training reads it
     # instead of running the frozen backbone when `path` is set
     path: Optional[str] = None  # cache folder; None = run the frozen backbone online every step
     views: int = 1  # augmented views stored per image; each step draws one of them
@@ -278,212 +269,3 @@ class TrainConfig:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
-
-
-# ---------------------------------------------------------------------- the mechanism
-
-
-def _flat_keys(node: Any, prefix: str = "") -> List[str]:
-    keys = []
-    if isinstance(node, (DictConfig, dict)):
-        items = node.items() if isinstance(node, dict) else node.items_ex(resolve=False)
-        for k, v in items:
-            path = f"{prefix}{k}"
-            keys.append(path)
-            if isinstance(v, (DictConfig, dict)) and not path.endswith("kwargs"):
-                keys.extend(_flat_keys(v, path + "."))
-    return keys
-
-
-def check_keys(schema: Any, update: Any, source: str) -> None:
-    """Raise ConfigError naming the first key of ``update`` that ``schema`` lacks."""
-    valid = set(_flat_keys(schema))
-    for key in _flat_keys(update):
-        if key in valid or any(key.startswith(v + ".") for v in valid if v.endswith("kwargs")):
-            continue
-        close = difflib.get_close_matches(key, sorted(valid), n=1, cutoff=0.5)
-        hint = f"; did you mean '{close[0]}'?" if close else ""
-        raise ConfigError(f"unknown config key '{key}' in {source}{hint}")
-
-
-def merge_config(base: DictConfig, update: Any, source: str) -> DictConfig:
-    """``base`` with ``update`` merged over it; unknown keys and wrong types are a ConfigError naming ``source``."""
-    check_keys(base, update, source)
-    try:
-        return OmegaConf.merge(base, update)
-    except Exception as e:  # type errors (e.g. lr=abc) from OmegaConf
-        msg = str(e).splitlines()[0]
-        raise ConfigError(f"invalid value in {source}: {msg}") from None
-
-
-def read_yaml(path: Union[str, Path]) -> DictConfig:
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"config file not found: {path}")
-    try:
-        cfg = OmegaConf.load(path)
-    except Exception as e:
-        raise ConfigError(f"cannot parse YAML {path}: {str(e).splitlines()[0]}") from None
-    return cfg if cfg is not None else OmegaConf.create({})
-
-
-def parse_overrides(overrides: List[str]) -> DictConfig:
-    """``["optim.lr=3e-4", ...]`` as a config to merge."""
-    for item in overrides:
-        if "=" not in item:
-            raise ConfigError(f"command-line override '{item}' must look like key=value (e.g. optim.lr=3e-4)")
-    return OmegaConf.from_dotlist(list(overrides))
-
-
-def check_choices(cfg: DictConfig, prefix: str = "") -> None:
-    """Every ``choice(...)`` field of the structured ``cfg`` (nested sections too) holds one of its choices."""
-    schema = OmegaConf.get_type(cfg)
-    if not dataclasses.is_dataclass(schema):
-        return
-    for f in dataclasses.fields(schema):
-        value = cfg.get(f.name)
-        choices = f.metadata.get("choices")
-        many = f.metadata.get("many") and isinstance(value, (list, ListConfig))
-        bad = [v for v in (value if many else [value]) if v not in choices] if choices is not None else []
-        if bad:
-            shown = ", ".join("null" if c is None else str(c) for c in choices)
-            what = f"{prefix}{f.name} has {bad[0]!r}, which" if many else f"{prefix}{f.name}={value!r}"
-            hint = " (one name or a list of them)" if f.metadata.get("many") else ""
-            raise ConfigError(f"{what} is not one of {shown}{hint}")
-        if isinstance(value, DictConfig):
-            check_choices(value, f"{prefix}{f.name}.")
-
-
-def finalize(cfg: DictConfig) -> DictConfig:
-    """Resolve ``${...}`` interpolations (saved as plain values) and check the choice fields."""
-    try:
-        OmegaConf.resolve(cfg)
-    except Exception as e:
-        raise ConfigError(f"cannot resolve config: {str(e).splitlines()[0]}") from None
-    check_choices(cfg)
-    return cfg
-
-
-def load_config(schema: type, recipe: Optional[Union[str, Path]] = None, overrides: Optional[List[str]] = None,
-                default_name: Optional[str] = None) -> DictConfig:
-    """Defaults (``schema``) -> recipe (a file, or a shipped recipe by name) -> ``key=value`` overrides. A
-    ``name`` field left unset becomes the recipe's file stem (or ``default_name``)."""
-    cfg = OmegaConf.structured(schema)
-    recipe = find_recipe(recipe) if recipe else None
-    if recipe:
-        cfg = merge_config(cfg, read_yaml(recipe), str(recipe))
-    cfg = merge_config(cfg, parse_overrides(overrides or []), "command line")
-    if "name" in cfg and cfg.name is None:
-        cfg.name = Path(recipe).stem if recipe else default_name
-    return finalize(cfg)
-
-
-def shipped_recipes() -> List[str]:
-    """Names of the recipes that ship with dinotxt (``demo``, ``curation/demo``, ...)."""
-    for folder in RECIPE_DIRS:
-        if folder.is_dir():
-            return sorted(str(p.relative_to(folder).with_suffix("")) for p in folder.rglob("*.yaml"))
-    return []
-
-
-def find_recipe(recipe: Union[str, Path]) -> Path:
-    """A recipe file: the path as given if it exists, else a shipped recipe by name (``demo``,
-    ``curation/demo``, ``recipes/demo.yaml`` ...), so commands work from any folder."""
-    path = Path(recipe)
-    if path.is_file():
-        return path
-    name = path.as_posix()
-    name = name[len("recipes/"):] if name.startswith("recipes/") else name
-    name = name[:-len(".yaml")] if name.endswith(".yaml") else name
-    for folder in RECIPE_DIRS:
-        candidate = folder / f"{name}.yaml"
-        if candidate.is_file():
-            return candidate
-    shipped = shipped_recipes()
-    close = difflib.get_close_matches(name, shipped, n=1, cutoff=0.5)
-    hint = f"did you mean '{close[0]}'?" if close else f"shipped recipes: {', '.join(shipped) or 'none found'}"
-    raise ConfigError(f"recipe not found: {recipe} is not a file and not a shipped recipe; {hint}")
-
-
-def list_models() -> List[str]:
-    """Names of the registered model configs (files in dinotxt/configs/models)."""
-    return sorted(p.stem for p in MODEL_CONFIG_DIR.glob("*.yaml"))
-
-
-def model_config(arch: str, overrides: Any = None) -> DictConfig:
-    """ModelConfig of registry entry ``arch`` (a name or a YAML path), with optional overrides."""
-    path = Path(arch)
-    if not path.suffix:
-        path = MODEL_CONFIG_DIR / f"{arch}.yaml"
-        if not path.is_file():
-            close = difflib.get_close_matches(arch, list_models(), n=1, cutoff=0.4)
-            hint = f"; did you mean '{close[0]}'?" if close else f"; registered: {', '.join(list_models())}"
-            raise ConfigError(f"unknown model '{arch}'{hint}")
-    cfg = merge_config(OmegaConf.structured(ModelConfig), read_yaml(path), str(path))
-    cfg.arch = path.stem
-    if overrides:
-        cfg = merge_config(cfg, overrides, "model overrides")
-    check_choices(cfg, "model.")
-    return cfg
-
-
-def load_train_config(recipe: Optional[str] = None, overrides: Optional[List[str]] = None) -> DictConfig:
-    """Resolve defaults -> model registry entry -> recipe -> command-line overrides."""
-    cfg = OmegaConf.structured(TrainConfig)
-    recipe = find_recipe(recipe) if recipe else None
-    recipe_cfg = read_yaml(recipe) if recipe else OmegaConf.create({})
-    cli_cfg = parse_overrides(overrides or [])
-    # the architecture chosen last wins; its registry file is the base the recipe's model section edits
-    arch = OmegaConf.select(cli_cfg, "model.arch") or OmegaConf.select(recipe_cfg, "model.arch") or cfg.model.arch
-    cfg.model = model_config(arch)
-    cfg = merge_config(cfg, recipe_cfg, str(recipe) if recipe else "recipe")
-    cfg = merge_config(cfg, cli_cfg, "command line")
-    if cfg.name is None:
-        cfg.name = Path(recipe).stem if recipe else "run"
-    return check_train_config(finalize(cfg))
-
-
-SIGLIP_INIT_LOGIT_BIAS = -10.0  # Zhai et al. 2023: b' = -10 (with t' = ln 10)
-
-
-def check_train_config(cfg: DictConfig) -> DictConfig:
-    """Settings that only make sense together: the sigmoid loss and the logit bias, unlocked backbone
-    blocks and the feature cache. Fills SigLIP's bias when the sigmoid loss leaves it unset."""
-    m = cfg.model
-    if cfg.loss.kind == "sigmoid" and m.init_logit_bias is None:
-        m.init_logit_bias = SIGLIP_INIT_LOGIT_BIAS
-    elif cfg.loss.kind == "infonce" and m.init_logit_bias is not None:
-        raise ConfigError(f"model.init_logit_bias={m.init_logit_bias} is a parameter of the sigmoid loss (the InfoNCE "
-                          "does not depend on it): set loss.kind=sigmoid, or model.init_logit_bias=null")
-    k = m.backbone.trainable_blocks
-    if k < 0:
-        raise ConfigError(f"model.backbone.trainable_blocks={k}: use 0 (all frozen) or the number of last blocks to train")
-    if k and cfg.cache.path:
-        raise ConfigError(f"model.backbone.trainable_blocks={k} trains the backbone's last blocks, so its tokens change "
-                          "every step and cannot come from the feature cache: set cache.path=null")
-    if cfg.optim.backbone_lr is not None and not k:
-        raise ConfigError(f"optim.backbone_lr={cfg.optim.backbone_lr} is the learning rate of unlocked backbone blocks, "
-                          "but model.backbone.trainable_blocks=0: set trainable_blocks, or optim.backbone_lr=null")
-    if cfg.optim.backbone_lr is not None and cfg.optim.backbone_lr < 0:
-        raise ConfigError(f"optim.backbone_lr={cfg.optim.backbone_lr} must be >= 0")
-    return cfg
-
-
-def resolve_model_dims(cfg: DictConfig, embed_dim: int) -> None:
-    """Fill derived model fields (head heads, text output width) from the backbone width."""
-    if cfg.vision_head.num_heads is None:
-        cfg.vision_head.num_heads = max(1, embed_dim // 64)
-    if cfg.text.output_dim is None:
-        cfg.text.output_dim = embed_dim * (2 if cfg.vision_head.use_patch_tokens else 1)
-
-
-def to_yaml(cfg: Any) -> str:
-    return OmegaConf.to_yaml(cfg, resolve=True)
-
-
-__all__ = [
-    "BackboneConfig", "VisionHeadConfig", "TextConfig", "ModelConfig", "TrainConfig",
-    "ConfigError", "choice", "list_models", "model_config", "load_train_config", "check_train_config", "load_config", "merge_config",
-    "read_yaml", "parse_overrides", "check_keys", "check_choices", "finalize", "find_recipe", "shipped_recipes",
-    "resolve_model_dims", "to_yaml", "ListConfig",
-]

@@ -9,7 +9,7 @@ Code written for open_clip runs with one changed import::
 A model is named by
 
 - a checkpoint folder or single ``.safetensors`` file (``runs/NAME/checkpoint``);
-- ``hf-hub:org/name[@revision]``: a Hub repository written by ``dinotxt push-to-hub`` (``dinotxt.hub``);
+- ``hf-hub:org/name[@revision]``: a Hub repository written by ``dinotxt push-to-hub`` (``dinotxt.checkpoint.hub``);
 - ``official:<release>``: the official dino.txt release (``official:dinov2_vitl14_reg4_dinotxt``,
   ``official:dinov3_vitl16_dinotxt``) from local files, as ``dinotxt.load_official`` reads them.
   The files are found by their released names in ``pretrained`` (a folder), else in torch.hub's
@@ -26,10 +26,9 @@ returns. The tokenizer maps a string or a list of strings to a ``LongTensor (B, 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Dict, Optional, Tuple, Union
+from typing import Any, Dict, Optional, Union
 
 import torch
-from omegaconf import OmegaConf
 
 OFFICIAL_PREFIX = "official:"
 PRECISIONS = {"fp32": torch.float32, "amp": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16,
@@ -46,8 +45,8 @@ def is_official_name(name: Any) -> bool:
 def official_files(name: str, pretrained: Optional[PathLike] = None, **files: Optional[PathLike]) -> Dict[str, Any]:
     """``load_official`` arguments for ``official:<release>``: each file given by keyword, else found by its
     released name in the folder ``pretrained``, else in torch.hub's checkpoint folder."""
-    from .clip_tokenizer import BPE_FILENAME
-    from .models.official import get_release
+    from ..text.clip_bpe import BPE_FILENAME
+    from .official import get_release
 
     release = get_release(name[len(OFFICIAL_PREFIX):] if is_official_name(name) else name)
     unknown = sorted(set(files) - set(_OFFICIAL_FILE_ARGS))
@@ -74,7 +73,7 @@ def official_files(name: str, pretrained: Optional[PathLike] = None, **files: Op
 
 def _release_folder(name: str, pretrained: Optional[PathLike]) -> Path:
     """Where the files of an official release are looked for: ``pretrained``, else torch.hub's checkpoints."""
-    from .models.official import get_release
+    from .official import get_release
 
     if pretrained is None:
         return Path(torch.hub.get_dir()) / "checkpoints"
@@ -89,10 +88,11 @@ def _release_folder(name: str, pretrained: Optional[PathLike]) -> Path:
 def _load(model_name: PathLike, pretrained: Optional[PathLike], device, cache_dir, backbone_weights, trust_code,
           overrides: Optional[dict], files: Dict[str, Any]):
     """``(model, preprocess_val, tokenizer, train section of the config or None)``."""
-    from .checkpoint import CONFIG_NAME, WEIGHTS_NAME, load, local_checkpoint
+    from .format import build_from_record
+    from .record import read_record
 
     if is_official_name(model_name):
-        from .models.official import load_official
+        from .official import load_official
 
         model, transform, tokenizer = load_official(**official_files(str(model_name), pretrained, **files),
                                                     device=device, overrides=overrides)
@@ -100,13 +100,9 @@ def _load(model_name: PathLike, pretrained: Optional[PathLike], device, cache_di
     if pretrained is not None or files or overrides:
         extra = "pretrained" if pretrained is not None else sorted(files or overrides)[0]
         raise TypeError(f"{model_name}: {extra}= applies to official: names only; a checkpoint names its own weights")
-    path = local_checkpoint(model_name, cache_dir, with_backbone=backbone_weights is None)  # one Hub look-up
-    model, transform, tokenizer = load(path, device=device, backbone_weights=backbone_weights, trust_code=trust_code)
-    folder = path.parent if path.is_file() and path.name == WEIGHTS_NAME else path
-    train = None
-    if folder.is_dir() and (folder / CONFIG_NAME).is_file():
-        train = OmegaConf.select(OmegaConf.load(folder / CONFIG_NAME), "train", default=None)
-    return model, transform, tokenizer, train
+    record = read_record(model_name, cache_dir, with_backbone=backbone_weights is None)  # one Hub look-up
+    model, transform, tokenizer = build_from_record(record, device, backbone_weights, trust_code)
+    return model, transform, tokenizer, record.train_config
 
 
 def create_model_and_transforms(model_name: PathLike, pretrained: Optional[PathLike] = None,
@@ -122,11 +118,11 @@ def create_model_and_transforms(model_name: PathLike, pretrained: Optional[PathL
         device: where the model goes.
         cache_dir: the Hugging Face cache for ``hf-hub:`` names (default: ``huggingface_hub``'s).
         backbone_weights: the frozen backbone's weights file, if it is not where the config says.
-        trust_code: allow a checkpoint whose backbone is an import path (``dinotxt.plugins``).
+        trust_code: allow a checkpoint whose backbone is an import path (``dinotxt.utils.plugins``).
         overrides: ``official:`` only: merged over the release architecture (``load_official``).
         **files: ``official:`` only: ``backbone=``, ``vision_head=``, ``text_encoder=``, ``weights=``, ``bpe=``.
     """
-    from .transforms import train_transform
+    from ..models.transforms import train_transform
 
     if precision not in PRECISIONS:
         raise ValueError(f"precision {precision!r}: use {', '.join(PRECISIONS)}")
@@ -150,12 +146,12 @@ def get_tokenizer(model_name: PathLike, pretrained: Optional[PathLike] = None, c
                   cache_dir: Optional[PathLike] = None, **files: PathLike):
     """The tokenizer of a model (``tokenizer(texts) -> LongTensor (B, context_length)``), read without
     building the model: a checkpoint's own tokenizer file, or the CLIP BPE of the official release."""
-    from .checkpoint import CONFIG_NAME, TOKENIZER_FILES, WEIGHTS_NAME, build_tokenizer, local_checkpoint
+    from .record import read_record
 
     if is_official_name(model_name):
-        from .clip_tokenizer import BPE_FILENAME, ClipTokenizer
-        from .config import model_config
-        from .models.official import get_release
+        from ..config import model_config
+        from ..text import BPE_FILENAME, ClipTokenizer
+        from .official import get_release
 
         release = get_release(str(model_name)[len(OFFICIAL_PREFIX):])
         bpe = files.get("bpe")
@@ -164,41 +160,7 @@ def get_tokenizer(model_name: PathLike, pretrained: Optional[PathLike] = None, c
         return ClipTokenizer(bpe, context_length=context_length or int(model_config(release.arch).text.context_length))
     if pretrained is not None or files:
         raise TypeError(f"{model_name}: pretrained= and file arguments apply to official: names only")
-    path = local_checkpoint(model_name, cache_dir, with_backbone=False)
-    if path.is_file() and path.name != WEIGHTS_NAME:
-        kind, data, length = _single_file_tokenizer(path)
-    else:
-        folder = path.parent if path.is_file() else path
-        if not (folder / CONFIG_NAME).is_file():
-            raise FileNotFoundError(f"{folder} is not a dinotxt checkpoint: no {CONFIG_NAME} in it")
-        cfg = OmegaConf.load(folder / CONFIG_NAME)
-        kind = OmegaConf.select(cfg, "tokenizer.kind", default="sentencepiece")
-        name = OmegaConf.select(cfg, "tokenizer.file", default=TOKENIZER_FILES.get(kind, "tokenizer.model"))
-        if not (folder / name).is_file():
-            raise FileNotFoundError(f"{folder} is not a complete dinotxt checkpoint: {name} is missing")
-        data = (folder / name).read_bytes()
-        length = OmegaConf.select(cfg, "tokenizer.context_length", default=None) or cfg.model.text.context_length
-    return build_tokenizer(kind, data, int(context_length or length))
-
-
-def _single_file_tokenizer(path: Path) -> Tuple[str, bytes, int]:
-    """(kind, file bytes, context length) of a single-file checkpoint, reading only its tokenizer tensor."""
-    from safetensors import safe_open
-
-    from .checkpoint import SINGLE_FILE_FORMAT, TOKENIZER_TENSOR
-
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-            if meta.get("format") != SINGLE_FILE_FORMAT or TOKENIZER_TENSOR not in f.keys():
-                raise ValueError
-            data = f.get_tensor(TOKENIZER_TENSOR).numpy().tobytes()
-    except Exception:
-        raise ValueError(f"{path} is not a dinotxt checkpoint (a folder, or a file written by "
-                         "`dinotxt export --format safetensors`)") from None
-    cfg = OmegaConf.create(meta["config"])
-    return str(cfg.tokenizer.kind), data, int(OmegaConf.select(cfg, "tokenizer.context_length",
-                                                              default=cfg.model.text.context_length))
+    return read_record(model_name, cache_dir, tensors=False).tokenizer(context_length)
 
 
 __all__ = ["create_model_and_transforms", "create_model_from_pretrained", "get_tokenizer", "official_files",

@@ -38,7 +38,7 @@ Below the prefixes the module names are the official ones (head blocks ``norm1``
 ``attn.qkv`` (no bias), ``attn.proj``, ``ls1.gamma``, ``norm2``, ``mlp.w1/w2/w3``,
 ``ls2.gamma``; text blocks ``attention_norm``, ``attention.qkv``, ``attention.proj``,
 ``ffn_norm``, ``feed_forward.fc1/fc2``), so the maps only move prefixes. The text
-encoder needs OpenAI's CLIP BPE (``dinotxt.clip_tokenizer.ClipTokenizer``).
+encoder needs OpenAI's CLIP BPE (``dinotxt.text.clip_bpe.ClipTokenizer``).
 """
 from __future__ import annotations
 
@@ -49,7 +49,7 @@ from typing import Dict, List, Optional, Tuple, Union
 
 import torch
 
-from .weights import StateDict, key_report, load_state_dict_file
+from ..models.weights import StateDict, key_report, load_state_dict_file
 
 PathLike = Union[str, Path]
 
@@ -240,11 +240,11 @@ def load_official(
     Every file is loaded strictly through ``KEY_MAPS``; a file that does not fit names its
     missing / unexpected / mis-shaped keys in its own (official) key names.
     """
-    from ..clip_tokenizer import ClipTokenizer
+    from ..text.clip_bpe import ClipTokenizer
     from ..config import model_config
-    from ..transforms import eval_transform
-    from .weights import dinov3_needs_qkv_bias
-    from .factory import create_model
+    from ..models.transforms import eval_transform
+    from ..models.weights import dinov3_needs_qkv_bias
+    from ..models.factory import create_model
 
     release = get_release(name)
     if release.layout == "dinov2":

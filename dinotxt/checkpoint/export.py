@@ -1,7 +1,7 @@
 """``dinotxt export``: a trained checkpoint in the official dino.txt layout, or as one file.
 
 ``--format official`` writes the trainable heads with the key names of the official
-dino.txt release (``dinotxt.models.official``; DINOv2 release: a ``*_vision_head.pth``
+dino.txt release (``dinotxt.checkpoint.official``; DINOv2 release: a ``*_vision_head.pth``
 and a ``*_text_encoder.pth``; DINOv3 release: one ``*_vision_head_and_text_encoder.pth``),
 so the official code (``dinov2/hub/dinotxt.py``, ``dinov3/hub/dinotxt.py``) loads them
 with ``load_state_dict(..., strict=True)``. It also writes ``export.json`` saying which
@@ -24,10 +24,11 @@ from typing import Dict, Optional, Union
 
 import torch
 
-from .checkpoint import BACKBONE_PREFIX, read_checkpoint, save_single_file
-from .models.dinotxt import UNLOCKED_PREFIX
-from .fileio import atomic_write_bytes, atomic_write_json
-from .models.official import RELEASES, official_state_dicts
+from ..models.dinotxt import UNLOCKED_PREFIX
+from ..utils.fileio import atomic_write_bytes, atomic_write_json
+from .format import save_single_file
+from .official import RELEASES, official_state_dicts
+from .record import BACKBONE_PREFIX, backbone_state, read_record
 
 FORMATS = ("official", "safetensors")
 
@@ -67,7 +68,8 @@ def export_official(checkpoint: Union[str, Path], out: Optional[Union[str, Path]
         out: output folder (default: ``<checkpoint>_official`` next to it).
         layout: ``dinov2`` (two files) or ``dinov3`` (one file); default from the backbone name.
     """
-    cfg, state, tok_bytes = read_checkpoint(checkpoint)
+    record = read_record(checkpoint, with_backbone=False)
+    cfg, state, tok_bytes = record.config, record.state, record.tokenizer_bytes
     checkpoint = _local_name(checkpoint)
     mcfg = cfg.model
     layout = layout or ("dinov3" if "dinov3" in str(mcfg.backbone.name) else "dinov2")
@@ -98,7 +100,7 @@ def export_official(checkpoint: Union[str, Path], out: Optional[Union[str, Path]
         written.append(path.name)
     tok_name = str(cfg.tokenizer.file)
     atomic_write_bytes(out / tok_name, tok_bytes)
-    from .config import model_config
+    from ..config import model_config
 
     release_cfg = model_config(release.arch)
     same_arch = (str(mcfg.backbone.name).removesuffix("_qkvb") == release_cfg.backbone.name
@@ -146,21 +148,11 @@ def export_safetensors(checkpoint: Union[str, Path], out: Optional[Union[str, Pa
                        include_backbone: bool = False, backbone_weights: Optional[str] = None,
                        trust_code: bool = False) -> Dict[str, object]:
     """Write a checkpoint as one self-describing safetensors file that ``dinotxt.load`` reads."""
-    cfg, state, tok_bytes = read_checkpoint(checkpoint)
+    record = read_record(checkpoint, with_backbone=include_backbone and backbone_weights is None)
+    cfg, state, tok_bytes = record.config, dict(record.state), record.tokenizer_bytes
     checkpoint = _local_name(checkpoint)
-    state = dict(state)
     if include_backbone:
-        from .models.factory import create_backbone
-        from .models.weights import resolve_weights
-
-        bcfg = cfg.model.backbone.copy()
-        if backbone_weights is not None:
-            bcfg.weights = backbone_weights
-        elif bcfg.weights and not resolve_weights(bcfg.weights).is_file():
-            raise FileNotFoundError(f"the backbone weights this model was trained with are not at {bcfg.weights}; "
-                                    "pass --backbone-weights PATH")
-        backbone = create_backbone(bcfg, trust_code=trust_code)
-        state.update({BACKBONE_PREFIX + k: v for k, v in backbone.full_state_dict().items()})
+        state.update({BACKBONE_PREFIX + k: v for k, v in backbone_state(record, backbone_weights, trust_code).items()})
     out = Path(out) if out is not None else checkpoint.with_name(checkpoint.stem + ".safetensors")
     if out.is_dir():
         raise ValueError(f"--out {out} is a folder; give the path of the .safetensors file to write")

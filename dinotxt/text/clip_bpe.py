@@ -28,8 +28,8 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 
-from .fileio import atomic_write_bytes
-from .tokenizer import pack_ids
+from ..utils.fileio import atomic_write_bytes
+from .sentencepiece import pack_ids
 
 BPE_FILENAME = "bpe_simple_vocab_16e6.txt.gz"
 VOCAB_SIZE = 49408
@@ -88,6 +88,7 @@ class ClipTokenizer:
     """
 
     kind = "clip_bpe"
+    filename = BPE_FILENAME
 
     def __init__(self, bpe: Union[str, Path, bytes, None] = None, context_length: int = 77):
         try:
@@ -183,6 +184,11 @@ class ClipTokenizer:
         pieces = "".join(kept)
         text = bytearray(self.byte_decoder[c] for c in pieces).decode("utf-8", errors="replace")
         return text.replace("</w>", " ").strip()
+
+    @property
+    def file_bytes(self) -> bytes:
+        """The gzipped BPE vocabulary that rebuilds this tokenizer."""
+        return self.bpe_bytes
 
     def save(self, path: Union[str, Path]) -> None:
         """Write the vocabulary file (checkpoints carry their tokenizer)."""

@@ -15,7 +15,7 @@ from typing import List, Sequence, Union
 
 import torch
 
-from .fileio import atomic_write_bytes
+from ..utils.fileio import atomic_write_bytes
 
 HF_TOKENIZER_FILENAME = "tokenizer.json"
 
@@ -24,6 +24,7 @@ class HFTokenizer:
     """Wraps ``tokenizers.Tokenizer`` from a ``tokenizer.json`` (path or bytes)."""
 
     kind = "hf_tokenizer"
+    filename = HF_TOKENIZER_FILENAME
 
     def __init__(self, data: Union[str, Path, bytes], context_length: int = 77, pad_id: int = None):
         from tokenizers import Tokenizer as FastTokenizer
@@ -77,6 +78,11 @@ class HFTokenizer:
 
     def decode(self, ids: Sequence[int]) -> str:
         return self.tok.decode([int(i) for i in ids if int(i) != self.pad_id], skip_special_tokens=True)
+
+    @property
+    def file_bytes(self) -> bytes:
+        """The tokenizer.json that rebuilds this tokenizer."""
+        return self.json_bytes
 
     def save(self, path: Union[str, Path]) -> None:
         atomic_write_bytes(Path(path), self.json_bytes)

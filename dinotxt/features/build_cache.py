@@ -4,7 +4,7 @@ The job of the stage (``dinotxt.features.extract``): ``cache.views`` seeded crop
 image (the run's training crops, or one eval crop), the frozen backbone's tokens of each
 (every token, or ``[CLS, pooled patches]`` for a head without blocks), stored in fp16 / bf16
 as one ``.bin`` + ``.json`` pair per source unit. The layout and what a cache depends on are
-in ``dinotxt.data.cache``, which training reads from.
+in ``dinotxt.data.feature_cache``, which training reads from.
 """
 from __future__ import annotations
 
@@ -19,11 +19,11 @@ import torch
 from omegaconf import DictConfig
 
 from ..config import ConfigError
-from ..data.cache import (FORMAT_VERSION, META_NAME, STORAGE, backbone_fingerprint, cache_spec, cache_views,
+from ..data.feature_cache import (FORMAT_VERSION, META_NAME, STORAGE, backbone_fingerprint, cache_spec, cache_views,
                           source_fingerprint, spec_difference, view_transform)
 from ..data.stream import raw_caption
 from ..data.units import DataUnit, UnitSample, data_units
-from ..fileio import atomic_output, atomic_write_json
+from ..utils.fileio import atomic_output, atomic_write_json
 from ..models.backbone import frozen_tokens
 from ..models.vision_head import pool_frozen_tokens
 from .extract import ExtractionJob, run_extraction
@@ -87,13 +87,14 @@ class CacheJob(ExtractionJob):
 
 
 def build_cache(cfg: DictConfig, device: Optional[str] = None, log: Optional[Callable[[str], None]] = None,
-                trust_code: bool = False) -> Dict[str, Any]:
+                trust_code: bool = False, backbone: Optional[torch.nn.Module] = None) -> Dict[str, Any]:
     """Run the frozen backbone of ``cfg`` over ``data.train`` once and write ``cache.path``
     (``trust_code``: the recipe may name its backbone by import path).
 
     ``device``: ``cpu`` or ``cuda``; by default the GPUs Lightning finds (``cache.devices`` of them).
     Resumes a partial cache with the same spec; refuses a folder holding a cache with another
-    spec. Returns a summary (samples, skipped, shards, bytes, seconds, images/s).
+    spec. Returns a summary (samples, skipped, shards, bytes, seconds, images/s). ``backbone``: the run's
+    frozen backbone when the caller already built it (training builds it once for the cache and the model).
     """
     from ..models.factory import create_backbone
 
@@ -107,7 +108,8 @@ def build_cache(cfg: DictConfig, device: Optional[str] = None, log: Optional[Cal
     spec = cache_spec(cfg)
     units = data_units(d.train, d, c.samples_per_shard)
     source = source_fingerprint(cfg)
-    backbone = create_backbone(cfg.model.backbone, trust_code=trust_code)
+    if backbone is None:
+        backbone = create_backbone(cfg.model.backbone, trust_code=trust_code)
     weights_hash = backbone_fingerprint(backbone)
     with torch.inference_mode():
         size = spec["backbone"]["img_size"]

@@ -5,7 +5,7 @@ never update the image encoder, so its output tokens are a pure function of the
 (augmented) image and can be computed once; open_clip's long-standing request to train
 on precomputed image features (its issue #99) is the same idea. This module is the reading
 side and what a cache depends on; ``dinotxt cache RECIPE`` writes it through the feature
-extraction stage (``dinotxt.features.cache``):
+extraction stage (``dinotxt.features.build_cache``):
 
     <cache.path>/
       cache.json        what the tokens depend on (backbone, a hash of its weights, image size,
@@ -39,7 +39,7 @@ from omegaconf import DictConfig, OmegaConf
 from ..config import ConfigError
 from ..models.vision_head import pooled_tokens_problem
 from ..models.weights import resolve_weights
-from ..transforms import IMAGENET_MEAN, IMAGENET_STD, eval_transform, train_transform
+from ..models.transforms import IMAGENET_MEAN, IMAGENET_STD, eval_transform, train_transform
 from .sources import expand_shards, is_manifest, shard_name, shard_sizes
 from .stream import ImageTextStream, extract_caption, mix_seed, seeded_transform
 

@@ -16,7 +16,7 @@ from typing import Iterable, List, Sequence, Union
 
 import torch
 
-from .fileio import atomic_write_bytes
+from ..utils.fileio import atomic_write_bytes
 
 
 def pack_ids(sequences: Sequence[List[int]], context_length: int, eot_id: int) -> torch.Tensor:
@@ -33,6 +33,9 @@ def pack_ids(sequences: Sequence[List[int]], context_length: int, eot_id: int) -
 
 class Tokenizer:
     """Wraps a SentencePiece model. ``tokenizer(texts) -> LongTensor (B, context_length)``."""
+
+    kind = "sentencepiece"
+    filename = "tokenizer.model"
 
     def __init__(self, model: Union[str, Path, bytes], context_length: int = 77):
         import sentencepiece as spm
@@ -64,6 +67,11 @@ class Tokenizer:
     def decode(self, ids: Sequence[int]) -> str:
         pieces = [int(i) for i in ids if 1 < int(i) < self.sot_id]
         return self.sp.decode(pieces)
+
+    @property
+    def file_bytes(self) -> bytes:
+        """The SentencePiece model file that rebuilds this tokenizer."""
+        return self.model_bytes
 
     def save(self, path: Union[str, Path]) -> None:
         atomic_write_bytes(Path(path), self.model_bytes)

@@ -15,7 +15,7 @@ import re
 from pathlib import Path
 from typing import Optional, Sequence, Tuple, Union
 
-from .log import error_line
+from ..utils.log import error_line
 
 HUB_PREFIX = "hf-hub:"
 LIBRARY_NAME = "dinotxt"

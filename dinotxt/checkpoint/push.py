@@ -10,7 +10,7 @@ What is uploaded (the folder ``stage_hub_folder`` writes, which ``--dry-run DIR`
     backbone.safetensors   only with --include-backbone: the frozen backbone's weights
 
 That folder is a dinotxt checkpoint: ``dinotxt.load("hf-hub:org/name")`` and
-``dinotxt.create_model_and_transforms("hf-hub:org/name")`` read it back (``dinotxt.hub``).
+``dinotxt.create_model_and_transforms("hf-hub:org/name")`` read it back (``dinotxt.checkpoint.hub``).
 The backbone's weights are never uploaded unless asked; the card then names the file the
 user must bring (``backbone_weights=PATH``), where it comes from and its SHA-256 when the
 file was at hand. The upload itself is ``huggingface_hub``'s ``create_repo`` + ``upload_folder``
@@ -27,10 +27,10 @@ from typing import Any, Dict, List, Optional, Union
 
 from omegaconf import DictConfig, OmegaConf
 
-from .checkpoint import BACKBONE_NAME, BACKBONE_PREFIX, CONFIG_NAME, WEIGHTS_NAME, read_checkpoint, read_single_file
-from .fileio import atomic_output, atomic_write_bytes, atomic_write_json, atomic_write_text
+from ..utils.fileio import atomic_output, atomic_write_bytes, atomic_write_json, atomic_write_text
 from .hub import HUB_PREFIX, check_repo_id
-from .log import error_line
+from .record import BACKBONE_NAME, CONFIG_NAME, WEIGHTS_NAME, backbone_state, read_record
+from ..utils.log import error_line
 
 PathLike = Union[str, Path]
 CARD_NAME = "README.md"
@@ -100,7 +100,7 @@ def sha256_of(path: PathLike, chunk: int = 1 << 24) -> str:
 def backbone_provenance(bcfg: DictConfig) -> Dict[str, Any]:
     """What the card says about the frozen backbone's weights: kind (random / file / packaged),
     file name, where it comes from, the license of those weights, and the file's SHA-256 when it is here."""
-    from .models.weights import PACKAGED_WEIGHTS, resolve_weights
+    from ..models.weights import PACKAGED_WEIGHTS, resolve_weights
 
     spec = bcfg.weights
     if not spec:
@@ -317,10 +317,9 @@ def stage_hub_folder(source: PathLike, out: PathLike, repo_id: str, include_back
     out = Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ValueError(f"{out} is not an empty folder; stage into a new one")
-    cfg, state, tok_bytes = read_checkpoint(ckpt)
+    record = read_record(ckpt, with_backbone=include_backbone and backbone_weights is None)
+    cfg, state, tok_bytes, train = record.config, record.state, record.tokenizer_bytes, record.train_config
     folder = ckpt if ckpt.is_dir() else None
-    full = OmegaConf.load(folder / CONFIG_NAME) if folder is not None else cfg
-    train = OmegaConf.select(full, "train", default=None)
     metrics = json.loads((run / METRICS_NAME).read_text()) if run is not None and (run / METRICS_NAME).is_file() else {}
     bcfg = cfg.model.backbone.copy()
     if backbone_weights is not None:
@@ -340,7 +339,7 @@ def stage_hub_folder(source: PathLike, out: PathLike, repo_id: str, include_back
     if metrics:
         atomic_write_json(out / METRICS_NAME, metrics)
     if include_backbone:
-        backbone = _backbone_state(ckpt, bcfg, trust_code)
+        backbone = backbone_state(record, backbone_weights, trust_code)
         with atomic_output(out / BACKBONE_NAME) as tmp:
             save_file({k: v.detach().cpu().contiguous() for k, v in backbone.items()}, str(tmp),
                       metadata={"format": "dinotxt-backbone", "name": str(bcfg.name)})
@@ -359,22 +358,6 @@ def stage_hub_folder(source: PathLike, out: PathLike, repo_id: str, include_back
     atomic_write_text(out / CARD_NAME, card)
     files[CARD_NAME] = (out / CARD_NAME).stat().st_size
     return {"folder": str(out), "files": files, "card": card, "backbone": provenance, "license": license_fields}
-
-
-def _backbone_state(ckpt: Path, bcfg: DictConfig, trust_code: bool):
-    """The frozen backbone's full state dict: from a single file that carries it, else rebuilt from its config."""
-    from .models.factory import create_backbone
-    from .models.weights import resolve_weights
-
-    if ckpt.is_file():
-        _, state, _ = read_single_file(ckpt)
-        carried = {k[len(BACKBONE_PREFIX):]: v for k, v in state.items() if k.startswith(BACKBONE_PREFIX)}
-        if carried and bcfg.weights is None:
-            return carried
-    if bcfg.weights and not resolve_weights(bcfg.weights).is_file():
-        raise FileNotFoundError(f"--include-backbone: the backbone weights are not at {bcfg.weights}; "
-                                "pass --backbone-weights PATH")
-    return create_backbone(bcfg, trust_code=trust_code).full_state_dict()
 
 
 def push_to_hub(source: PathLike, repo_id: str, include_backbone: bool = False, private: bool = False,
