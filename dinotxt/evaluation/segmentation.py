@@ -24,6 +24,7 @@ import torch
 
 from ..utils.fileio import atomic_write_json, atomic_write_text
 from ..inference.dense import DEFAULTS, DenseSettings, dense_classifier, segment_batch
+from ..inference.settings import EXAMPLE_OVERLAYS
 from .datasets import IGNORE_INDEX, SegmentationDataset
 
 log = logging.getLogger(__name__)
@@ -95,7 +96,7 @@ def per_class_table(metrics: Dict, title: str = "") -> str:
 @torch.no_grad()
 def evaluate_segmentation(model, tokenizer: Optional[Callable], dataset: SegmentationDataset,
                           settings: DenseSettings = DEFAULTS, limit: Optional[int] = None,
-                          out_dir: Optional[Union[str, Path]] = None, num_examples: int = 4,
+                          out_dir: Optional[Union[str, Path]] = None, num_examples: int = EXAMPLE_OVERLAYS,
                           classifier: Optional[torch.Tensor] = None, progress: bool = True) -> Dict:
     """Segment every image of ``dataset`` and score it against its label map.
 

@@ -36,7 +36,7 @@ from omegaconf import OmegaConf
 from ..config import ConfigError, choice, finalize, find_recipe, merge_config, parse_overrides, read_yaml
 from ..utils.fileio import atomic_write_json, atomic_write_text
 from ..inference.settings import DEFAULTS as DENSE
-from ..inference.settings import MODES, DenseSettings
+from ..inference.settings import EXAMPLE_OVERLAYS, MODES, DenseSettings
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +74,7 @@ class SuiteTaskConfig:
     reduce_zero_label: bool = False  # segmentation, custom layout: label 0 ignored, others - 1
     has_background: bool = False  # segmentation, custom layout: label 0 is background
     limit: Optional[int] = None  # segmentation: first N images only
-    num_examples: int = 2  # segmentation: example overlays written
+    num_examples: int = EXAMPLE_OVERLAYS  # segmentation: example overlays written
     batch_size: int = 64  # zeroshot / retrieval image batch
     num_workers: int = 0  # dataloader workers
 

@@ -2,7 +2,7 @@
 command line can show its defaults without loading the library)."""
 from __future__ import annotations
 
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, field, fields, replace
 from typing import Optional, Tuple, Union
 
 MODES = ("slide", "whole")
@@ -24,14 +24,18 @@ class DenseSettings:
         batch_size: windows (slide) or images (whole) per forward pass; memory only.
     """
 
-    mode: str = "slide"
-    short_side: Optional[int] = 512
-    window: int = 384
-    stride: int = 192
-    logit_scale: float = 1.0
-    background_threshold: Optional[float] = None
-    templates: Union[str, Tuple[str, ...]] = "imagenet"
-    batch_size: int = 8
+    mode: str = field(default="slide", metadata={"help": "slide windows (official) or one pass", "choices": MODES})
+    short_side: Optional[int] = field(default=512, metadata={
+        "help": "resize the image's short side to this (0 keeps it)", "type": int})
+    window: int = field(default=384, metadata={"help": "slide window side in pixels", "type": int})
+    stride: int = field(default=192, metadata={"help": "slide stride in pixels", "type": int})
+    logit_scale: float = field(default=1.0, metadata={"help": "cosine multiplier before the softmax", "type": float})
+    background_threshold: Optional[float] = field(default=None, metadata={
+        "help": "pixels whose best class probability is below this become background", "type": float})
+    templates: Union[str, Tuple[str, ...]] = field(default="imagenet", metadata={
+        "help": "imagenet (80) | ovseg (14) | simple | a file of templates with {}", "type": str})
+    batch_size: int = field(default=8, metadata={
+        "help": "windows (slide) or images (whole) per forward pass; memory only", "type": int})
 
     def __post_init__(self):
         if self.mode not in MODES:
@@ -56,6 +60,23 @@ class DenseSettings:
 
 
 DEFAULTS = DenseSettings()
+EXAMPLE_OVERLAYS = 4  # example overlays an evaluation report writes (prediction | ground truth)
 
 
-__all__ = ["MODES", "DenseSettings", "DEFAULTS"]
+def dense_flags():
+    """``(flag, dest, argparse keywords)`` of every setting: the command line declares its dense-inference
+    options from this dataclass, so a default or a help text is written once, here."""
+    for f in fields(DenseSettings):
+        meta = dict(f.metadata)
+        default = f.default
+        kwargs = {"dest": f.name, "default": default,
+                  "help": f"{meta.pop('help')} (default {'none' if default is None else default})", **meta}
+        yield "--" + f.name.replace("_", "-"), kwargs
+
+
+def settings_from(args) -> DenseSettings:
+    """The ``DenseSettings`` of parsed command-line arguments made with ``dense_flags``."""
+    return DenseSettings(**{name: getattr(args, name) for name in DenseSettings.names()})
+
+
+__all__ = ["MODES", "DenseSettings", "DEFAULTS", "EXAMPLE_OVERLAYS", "dense_flags", "settings_from"]
