@@ -1,7 +1,7 @@
 """Typed curation recipes (dino.txt curation, METHOD.md section 7).
 
 A recipe is a short YAML diff over the defaults below, merged with dinotxt's one config
-mechanism (``dinotxt.config.load_config``): defaults -> recipe -> command-line ``key=value``,
+mechanism (``dinotxt.config.compose``): defaults -> recipe -> command-line ``key=value``,
 choice fields checked at load. A mistyped key stops the run with a message naming
 the nearest valid key. The resolved recipe is written to ``<output_dir>/<name>/config.yaml``.
 """
@@ -12,19 +12,15 @@ from typing import Any, Dict, List, Optional
 
 from omegaconf import DictConfig, OmegaConf
 
-from dinotxt.config import ConfigError, choice, load_config
+from dinotxt.config import ConfigError, SourceConfig, choice, compose
 
 
 @dataclass
-class PoolConfig:
+class PoolConfig(SourceConfig):
     # webdataset shards ("dir/{00000..00099}.tar", a folder, a glob, a list; fsspec URLs and "pipe:COMMAND"
-    # too) or a .csv/.tsv/.parquet manifest with image_path, caption columns; the same readers as training (dinotxt.data)
+    # too) or a .csv/.tsv/.parquet manifest with image_path, caption columns; read as training reads its data
+    # (dinotxt.data; the reading fields come from dinotxt.config.SourceConfig)
     data: Any = None
-    image_keys: List[str] = field(default_factory=lambda: ["jpg", "jpeg", "png", "webp"])
-    caption_key: str = "txt"  # caption member extension inside a shard
-    caption_json_field: str = "caption"  # fallback: field of key.json
-    manifest_image_column: str = "image_path"
-    manifest_caption_column: str = "caption"
     manifest_rows_per_unit: int = 10000  # a manifest is processed (and resumed) in units of this many rows
 
 
@@ -200,9 +196,7 @@ def validate(cfg: DictConfig) -> None:
 
 def load_curation_config(recipe: Optional[str] = None, overrides: Optional[List[str]] = None) -> DictConfig:
     """Resolve defaults -> recipe -> command-line overrides into a validated CurationConfig."""
-    cfg = load_config(CurationConfig, recipe, overrides, default_name="curation")
-    validate(cfg)
-    return cfg
+    return compose(CurationConfig, recipe, overrides, default_name="curation", check=validate)
 
 
 __all__ = ["CurationConfig", "PoolConfig", "BackboneOverrides", "EmbedConfig", "DedupConfig", "ClusterConfig", "ImageBalanceConfig",

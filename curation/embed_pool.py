@@ -39,7 +39,8 @@ from omegaconf import OmegaConf
 from dinotxt.config import model_config
 from dinotxt.data.sources import shard_name
 from dinotxt.data.units import DataUnit
-from dinotxt.features.extract import SKIP_REASONS, ExtractionJob, run_extraction
+from dinotxt.data.stream import SKIP_REASONS
+from dinotxt.features.extract import ExtractionJob, run_extraction
 from dinotxt.utils.fileio import atomic_write_json
 from dinotxt.models.backbone import FrozenBackbone
 from dinotxt.models.factory import create_backbone

@@ -144,3 +144,25 @@ print("exit", code, bad)
                          env=dict(os.environ, PYTHONWARNINGS="ignore"))
     assert "exit 0 []" in run.stdout, run.stdout + run.stderr
     assert out.is_file() and "from 24 captions" in run.stdout
+
+
+def test_lightning_tips_and_expected_warnings_stay_off_the_console(tmp_path, caplog, recwarn):
+    """The litlogger advertisement and the warnings dinotxt causes on purpose (eval-mode backbone, Lightning's
+    pytree call) are dropped, each for a stated reason; Lightning's other messages still show."""
+    import logging
+    import warnings
+
+    import lightning as L
+
+    from dinotxt.utils.log import LIGHTNING_TIPS, LIGHTNING_WARNINGS, quiet_lightning
+
+    assert all(reason for _, reason in LIGHTNING_WARNINGS + LIGHTNING_TIPS)
+    quiet_lightning()
+    with caplog.at_level(logging.INFO):
+        L.Trainer(logger=L.pytorch.loggers.CSVLogger(str(tmp_path)), default_root_dir=str(tmp_path),
+                  enable_progress_bar=False, enable_model_summary=False, accelerator="cpu")
+    assert not [r for r in caplog.records if "litlogger" in r.getMessage()]
+    assert [r for r in caplog.records if "GPU available" in r.getMessage()]  # the rest still shows
+    warnings.warn("Found 35 module(s) in eval mode at the start of training.", UserWarning)
+    warnings.warn("`isinstance(treespec, LeafSpec)` is deprecated", DeprecationWarning)
+    assert not [w for w in recwarn if "eval mode" in str(w.message) or "LeafSpec" in str(w.message)]

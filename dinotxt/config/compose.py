@@ -19,7 +19,7 @@ import dataclasses
 import difflib
 import math
 from pathlib import Path
-from typing import Any, List, Optional, Union
+from typing import Any, Callable, List, Optional, Union
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
@@ -109,18 +109,41 @@ def finalize(cfg: DictConfig) -> DictConfig:
     return cfg
 
 
-def load_config(schema: type, recipe: Optional[Union[str, Path]] = None, overrides: Optional[List[str]] = None,
-                default_name: Optional[str] = None) -> DictConfig:
-    """Defaults (``schema``) -> recipe (a file, or a shipped recipe by name) -> ``key=value`` overrides. A
-    ``name`` field left unset becomes the recipe's file stem (or ``default_name``)."""
+def compose(schema: type, recipe: Optional[Union[str, Path]] = None, overrides: Optional[List[str]] = None,
+            default_name: Optional[str] = None, registry: Optional[str] = None,
+            check: Optional[Callable[[DictConfig], Any]] = None) -> DictConfig:
+    """The one way a config is made: defaults (``schema``) -> model registry entry -> recipe (a file, or a
+    shipped recipe by name) -> ``key=value`` overrides -> interpolations resolved and choices checked ->
+    ``check`` (the schema's own rules).
+
+    Args:
+        registry: the section holding a ``ModelConfig`` (``model`` for training): the registry file of its
+            ``arch`` (the one named last: command line, recipe, default) is the base the recipe edits.
+        default_name: a ``name`` field left unset becomes the recipe's file stem, else this.
+        check: called on the finished config; may raise ``ConfigError`` or return a corrected config.
+    """
     cfg = OmegaConf.structured(schema)
     recipe = find_recipe(recipe) if recipe else None
-    if recipe:
-        cfg = merge_config(cfg, read_yaml(recipe), str(recipe))
-    cfg = merge_config(cfg, parse_overrides(overrides or []), "command line")
+    recipe_cfg = read_yaml(recipe) if recipe else OmegaConf.create({})
+    cli_cfg = parse_overrides(overrides or [])
+    if registry is not None:
+        key = f"{registry}.arch"
+        arch = OmegaConf.select(cli_cfg, key) or OmegaConf.select(recipe_cfg, key) or OmegaConf.select(cfg, key)
+        cfg[registry] = model_config(arch)
+    cfg = merge_config(cfg, recipe_cfg, str(recipe) if recipe else "recipe")
+    cfg = merge_config(cfg, cli_cfg, "command line")
     if "name" in cfg and cfg.name is None:
         cfg.name = Path(recipe).stem if recipe else default_name
-    return finalize(cfg)
+    cfg = finalize(cfg)
+    if check is not None:
+        cfg = check(cfg) or cfg
+    return cfg
+
+
+def load_config(schema: type, recipe: Optional[Union[str, Path]] = None, overrides: Optional[List[str]] = None,
+                default_name: Optional[str] = None) -> DictConfig:
+    """Defaults (``schema``) -> recipe -> ``key=value`` overrides, for a schema without a registry layer."""
+    return compose(schema, recipe, overrides, default_name)
 
 
 def shipped_recipes() -> List[str]:
@@ -151,7 +174,7 @@ def find_recipe(recipe: Union[str, Path]) -> Path:
 
 
 def list_models() -> List[str]:
-    """Names of the registered model configs (files in dinotxt/configs/models)."""
+    """Names of the registered model configs (files in dinotxt/config/models)."""
     return sorted(p.stem for p in MODEL_CONFIG_DIR.glob("*.yaml"))
 
 
@@ -173,19 +196,8 @@ def model_config(arch: str, overrides: Any = None) -> DictConfig:
 
 
 def load_train_config(recipe: Optional[str] = None, overrides: Optional[List[str]] = None) -> DictConfig:
-    """Resolve defaults -> model registry entry -> recipe -> command-line overrides."""
-    cfg = OmegaConf.structured(TrainConfig)
-    recipe = find_recipe(recipe) if recipe else None
-    recipe_cfg = read_yaml(recipe) if recipe else OmegaConf.create({})
-    cli_cfg = parse_overrides(overrides or [])
-    # the architecture chosen last wins; its registry file is the base the recipe's model section edits
-    arch = OmegaConf.select(cli_cfg, "model.arch") or OmegaConf.select(recipe_cfg, "model.arch") or cfg.model.arch
-    cfg.model = model_config(arch)
-    cfg = merge_config(cfg, recipe_cfg, str(recipe) if recipe else "recipe")
-    cfg = merge_config(cfg, cli_cfg, "command line")
-    if cfg.name is None:
-        cfg.name = Path(recipe).stem if recipe else "run"
-    return check_train_config(finalize(cfg))
+    """Resolve defaults -> model registry entry -> recipe -> command-line overrides -> training checks."""
+    return compose(TrainConfig, recipe, overrides, default_name="run", registry="model", check=check_train_config)
 
 
 SIGLIP_INIT_LOGIT_BIAS = -10.0  # Zhai et al. 2023: b' = -10 (with t' = ln 10)

@@ -142,16 +142,22 @@ class WorldConfig:
 
 
 @dataclass
-class DataConfig:
-    # webdataset shards ("dir/{00000..00099}.tar", a directory, or a list; fsspec URLs such as
-    # "https://host/shard-{00000..00099}.tar", "s3://bucket/train/", "hf://datasets/...", and "pipe:COMMAND"
-    # too) or a manifest (.csv / .parquet with columns image_path, caption)
-    train: Any = None
+class SourceConfig:
+    # how the samples of a data source are read (dinotxt.data): training's data section and curation's pool
+    # section both take these fields
     image_keys: List[str] = field(default_factory=lambda: ["jpg", "jpeg", "png", "webp"])
     caption_key: str = "txt"  # caption file extension inside a shard
     caption_json_field: str = "caption"  # fallback: field of key.json holding the caption
     manifest_image_column: str = "image_path"
     manifest_caption_column: str = "caption"
+
+
+@dataclass
+class DataConfig(SourceConfig):
+    # webdataset shards ("dir/{00000..00099}.tar", a directory, or a list; fsspec URLs such as
+    # "https://host/shard-{00000..00099}.tar", "s3://bucket/train/", "hf://datasets/...", and "pipe:COMMAND"
+    # too) or a manifest (.csv / .parquet with columns image_path, caption)
+    train: Any = None
     batch_size: int = 256  # per device (with global_batch: the micro-batch each device embeds at once)
     # the contrastive batch of one optimizer step over all devices, reached by exact gradient caching
     # (GradCache, dinotxt/train/gradcache.py) from micro-batches of batch_size; a multiple of

@@ -32,6 +32,7 @@ from .sources import iter_tar_samples
 
 log = logging.getLogger(__name__)
 
+# why a sample is skipped and counted, everywhere a source is read (training, the cache, curation, embed)
 SKIP_REASONS = ("bad_image", "no_image", "no_caption", "corrupt_shard")
 _MASK64 = (1 << 64) - 1
 

@@ -105,6 +105,12 @@ class UnitSample:
     image: Optional[bytes]
     raw: Dict  # the tar members (for rewriting shards), or {"__path__": image path}
 
+    def missing(self) -> Optional[str]:
+        """The reason this sample is skipped before any decoding (``no_caption``, ``no_image``), or None."""
+        if self.caption is None:
+            return "no_caption"
+        return "no_image" if self.image is None else None
+
 
 def iter_unit(unit: DataUnit, fmt, errors: Dict[str, int]) -> Iterator[UnitSample]:
     """Samples of one unit in file order. A truncated shard ends early with ``errors['corrupt_shard']``

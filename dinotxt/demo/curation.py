@@ -132,12 +132,8 @@ def train_arm(root: Path, arm: str, shards: Path, uids: np.ndarray, seed: int, o
     # the frozen backbone runs once per subset and seed, into a feature cache (its crops are drawn from the seed)
     args = [f"data.train={shards}", f"output_dir={root}", f"name={name}", f"seed={seed}",
             f"cache.path={root / f'cache_{arm}_{digest}_s{seed}'}"] + list(overrides)
-    if not resume:
-        from ..config import load_train_config
-        from .run import prepare_feature_cache
-
-        prepare_feature_cache(load_train_config(str(find_recipe("curation/demo_train")), args))
-    # on --resume the saved config is kept and these (identical) overrides locate the run folder
+    # the run builds its feature cache first (the frozen backbone runs once); on --resume the saved config is
+    # kept and these (identical) overrides locate the run folder
     return run_training(str(find_recipe("curation/demo_train")), args, resume=resume)
 
 

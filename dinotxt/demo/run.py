@@ -89,27 +89,6 @@ def demo_segmentation(run_dir: Path) -> dict:
     return res
 
 
-def prepare_feature_cache(cfg) -> float:
-    """Run the frozen backbone ONCE over the training images (``cache.views`` seeded crops each) and
-    store its tokens, so the training steps only run the head and the text tower. A finished
-    cache from an earlier demo is reused (its spec and weights hash must match)."""
-    from ..features.build_cache import build_cache
-    from ..data.world import ensure_world
-
-    if not cfg.cache.path:
-        return 0.0
-    ensure_world(cfg.data.world)
-    start = time.time()
-    summary = build_cache(cfg)
-    if summary["written_now"]:
-        log.info(f"feature cache {summary['path']}: the frozen backbone ran once over {summary['samples']:,} "
-              f"training images x {summary['views']} views in {summary['seconds']:.0f} s "
-              f"({summary['images_per_s']:.0f} images/s); training reads its tokens from there")
-    else:
-        log.info(f"feature cache {summary['path']}: reusing the finished cache of an earlier demo")
-    return time.time() - start
-
-
 def demo_figures(run_dir: Path, eval_root: Path, templates: str, num: int = 8) -> List[Path]:
     """Two pictures a reader can check without running anything: held-out images with the predicted
     caption (green when right, red when wrong, then the truth), and segmentation overlays."""
@@ -155,7 +134,8 @@ def demo_figures(run_dir: Path, eval_root: Path, templates: str, num: int = 8) -
 
 def run_demo(overrides: List[str] = (), fresh: bool = False, backbone: str = "efficientnet-lite0") -> dict:
     """The demo on ``backbone`` (a key of ``BACKBONES``); ``overrides`` apply to recipes/demo.yaml after it."""
-    from ..train.run import run_training
+    from ..data.world import ensure_world
+    from ..train.run import resolve_run, train
 
     if backbone not in BACKBONES:
         raise ValueError(f"unknown demo backbone '{backbone}' (use {' or '.join(BACKBONES)})")
@@ -178,8 +158,10 @@ def run_demo(overrides: List[str] = (), fresh: bool = False, backbone: str = "ef
             resume = True
             log.info(f"continuing the interrupted demo run in {run_dir}")
     start = time.time()
-    cache_seconds = prepare_feature_cache(cfg)
-    metrics = run_training(str(recipe), list(overrides), resume=resume)
+    cfg = resolve_run(str(recipe), list(overrides), resume)  # a resumed run keeps its saved config
+    ensure_world(cfg.data.world)  # the demo's data: written once, reused by later demos
+    metrics = train(cfg, resume=resume)  # the frozen backbone runs once into the feature cache, then training
+    cache_seconds = metrics.get("cache_seconds", 0.0)
     zs = metrics["zeroshot"]
     attrs = attribute_accuracy(zs)
     metrics["zeroshot"].update(attrs)

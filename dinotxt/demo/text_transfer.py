@@ -42,7 +42,8 @@ def run_text_transfer(overrides: List[str] = (), fresh: bool = False) -> Dict:
     from ..evaluation.zeroshot import evaluate_zeroshot
     from ..models.pretrained_text import resolve_text_model
     from ..train.run import run_training
-    from .run import BACKBONES, prepare_feature_cache
+    from ..data.world import ensure_world
+    from .run import BACKBONES
 
     try:
         resolve_text_model(TEXT_MODEL)
@@ -54,7 +55,7 @@ def run_text_transfer(overrides: List[str] = (), fresh: bool = False) -> Dict:
     cfg = load_train_config(recipe, base)
     out = Path(cfg.output_dir) / "text_transfer"
     start = time.time()
-    prepare_feature_cache(cfg)  # the demo's cache: both arms read the same frozen image tokens
+    ensure_world(cfg.data.world)  # the demo's world; the first arm writes the feature cache both arms read
     eval_dir = str(cfg.eval.zeroshot_dir)
     folders = sorted(p.name for p in Path(eval_dir).iterdir() if p.is_dir())
     synonyms = [synonym_name(n) for n in folders]

@@ -33,7 +33,7 @@ from typing import Any, Dict, List, Optional, Tuple
 import torch
 from omegaconf import OmegaConf
 
-from ..config import ConfigError, choice, finalize, find_recipe, merge_config, parse_overrides, read_yaml
+from ..config import ConfigError, choice, compose, finalize, find_recipe, merge_config
 from ..utils.fileio import atomic_write_json, atomic_write_text
 from ..inference.settings import DEFAULTS as DENSE
 from ..inference.settings import EXAMPLE_OVERLAYS, MODES, DenseSettings
@@ -88,15 +88,16 @@ class SuiteConfig:
 
 
 def load_suite_config(path: str, overrides: Optional[List[str]] = None):
-    """Defaults <- recipe <- ``key=value`` overrides, every key checked (tasks one by one)."""
-    path = find_recipe(path)
-    raw = read_yaml(path)
-    if overrides:
-        raw = OmegaConf.merge(raw, parse_overrides(overrides))
-    cfg = finalize(merge_config(OmegaConf.structured(SuiteConfig), {k: v for k, v in raw.items() if k != "tasks"},
-                                str(path)))
-    tasks = raw.get("tasks") or []
-    if not isinstance(tasks, (list, type(OmegaConf.create([])))) or not len(tasks):
+    """Defaults <- recipe <- ``key=value`` overrides (``dinotxt.config.compose``), every key checked (tasks one
+    by one against ``SuiteTaskConfig``)."""
+    path = str(find_recipe(path))
+    return compose(SuiteConfig, path, overrides, check=lambda cfg: check_suite(cfg, path))
+
+
+def check_suite(cfg, path: str):
+    """Each task merged over its defaults and checked; the model names exactly one source; task names unique."""
+    tasks = cfg.tasks or []
+    if not len(tasks):
         raise ConfigError(f"{path} has no tasks: add a list 'tasks:' of {{task, dataset, root}} entries")
     resolved = []
     for i, t in enumerate(tasks):

@@ -26,10 +26,10 @@ from typing import Any, Dict, List
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from ..data.stream import decode_image
+from ..data.stream import SKIP_REASONS, decode_image
 from ..data.units import DataUnit, UnitSample, iter_unit
+from ..utils.log import quiet_lightning
 
-SKIP_REASONS = ("no_caption", "no_image", "bad_image", "corrupt_shard")
 
 
 class ExtractionJob:
@@ -91,11 +91,8 @@ class UnitBatches(IterableDataset):
         samples: List[Dict[str, Any]] = []
         crops: List[torch.Tensor] = []
         for sample in iter_unit(unit, self.fmt, errors):
-            if sample.caption is None:
-                skipped["no_caption"] += 1
-                continue
-            if sample.image is None:
-                skipped["no_image"] += 1
+            if sample.missing():
+                skipped[sample.missing()] += 1
                 continue
             try:
                 views = self.job.views(decode_image(sample.image), sample)
@@ -158,6 +155,7 @@ def run_extraction(job: ExtractionJob, backbone: torch.nn.Module, units: List[Da
                 outputs = torch.cat(buf["outputs"]) if buf["outputs"] else None
                 job.write(unit, buf["samples"], outputs, prediction["skipped"])
 
+    quiet_lightning()
     trainer = L.Trainer(accelerator=accelerator, devices=devices, num_nodes=num_nodes, precision=precision, logger=False,
                         enable_checkpointing=False, enable_model_summary=False, enable_progress_bar=False,
                         use_distributed_sampler=False, callbacks=[UnitWriter()], default_root_dir=None)
@@ -173,4 +171,4 @@ def run_extraction(job: ExtractionJob, backbone: torch.nn.Module, units: List[Da
     return trainer.is_global_zero
 
 
-__all__ = ["ExtractionJob", "UnitBatches", "run_extraction", "SKIP_REASONS"]
+__all__ = ["ExtractionJob", "UnitBatches", "run_extraction"]

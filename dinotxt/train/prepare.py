@@ -20,18 +20,22 @@ from ..utils.fileio import atomic_write_bytes
 log = logging.getLogger(__name__)
 
 
-def prepare_feature_cache(cfg: DictConfig, backbone: torch.nn.Module, trust_code: bool = False) -> None:
+def prepare_feature_cache(cfg: DictConfig, backbone: torch.nn.Module, trust_code: bool = False) -> Optional[dict]:
     """Build ``cache.path`` with the run's frozen ``backbone`` when the recipe trains on a cache that is not
-    complete yet (one process: with several, ``dinotxt cache RECIPE`` first, as the loader says)."""
+    complete yet (one process: with several, ``dinotxt cache RECIPE`` first, as the loader says). Returns the
+    cache's summary when it was built now, else None."""
     if not (cfg.cache.path and cfg.data.train) or cache_complete(cfg.cache.path):
-        return
+        return None
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        return
+        return None
     from ..features.build_cache import build_cache
 
     log.info(f"feature cache {cfg.cache.path}: not complete, building it first (the frozen backbone runs once "
              "over data.train; `dinotxt cache RECIPE` does the same on its own)")
-    build_cache(cfg, trust_code=trust_code, backbone=backbone)
+    summary = build_cache(cfg, trust_code=trust_code, backbone=backbone)
+    log.info(f"feature cache {summary['path']}: the frozen backbone ran once over {summary['samples']:,} training "
+             f"images x {summary['views']} views in {summary['seconds']:.0f} s; training reads its tokens from there")
+    return summary
 
 
 def prepare_tokenizer(cfg: DictConfig, run_dir: Path, init=None):

@@ -32,6 +32,7 @@ from ..data.world import ensure_world
 from ..evaluation.zeroshot import zeroshot_task
 from ..models.factory import create_backbone, create_model
 from ..utils.fileio import atomic_write_bytes
+from ..utils.log import quiet_lightning
 from .callbacks import PeriodicCheckpoint
 from .datamodule import ImageTextDataModule, StreamProgress
 from .diagnostics import diagnostics_callbacks
@@ -75,13 +76,13 @@ def resolve_run(recipe: Optional[str], overrides: List[str], resume: bool) -> Di
 
 def train(cfg: DictConfig, resume: bool = False, trust_code: bool = False) -> Dict:
     """Train a resolved config into ``output_dir/name`` and return its metrics."""
-    _quiet_expected_warnings()
+    quiet_lightning()
     run_dir = Path(cfg.output_dir) / cfg.name
     check_loggers(cfg.trainer)  # a missing wandb / mlflow stops the run before any work
     init = read_init_source(cfg.model.init_from)  # what model.init_from names, read before anything is built
     b = cfg.model.backbone
     backbone = create_backbone(b, trust_code=trust_code, trainable_blocks=b.trainable_blocks)  # built once
-    prepare_feature_cache(cfg, backbone, trust_code)  # skips when the cache is complete
+    cached = prepare_feature_cache(cfg, backbone, trust_code)  # skips when the cache is complete
     L.seed_everything(cfg.seed, workers=True, verbose=False)  # after the cache: the same run whether it was built now
 
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -104,6 +105,8 @@ def train(cfg: DictConfig, resume: bool = False, trust_code: bool = False) -> Di
     last = run_dir / "checkpoints" / "last.ckpt"
     trainer.fit(system, datamodule=datamodule, ckpt_path=str(last) if resume else None)
     metrics = run_metrics(cfg, trainer, system, datamodule, val_dir, zeroshot, tokenizer, time.time() - start)
+    if cached is not None:
+        metrics["cache_seconds"] = cached["seconds"]
     if trainer.is_global_zero:
         # the contrastive batch sets the InfoNCE's chance level; the sigmoid loss has no such line (it depends on the bias)
         batch = cfg.data.global_batch or cfg.data.batch_size * trainer.world_size
@@ -156,14 +159,6 @@ def build_trainer(cfg: DictConfig, run_dir: Path, datamodule: ImageTextDataModul
     if cfg.data.global_batch:  # the device count is known now: refuse a global batch they cannot split
         micro_batches_per_step(cfg.data.global_batch, cfg.data.batch_size, trainer.world_size)
     return trainer
-
-
-def _quiet_expected_warnings() -> None:
-    import warnings
-
-    # the frozen backbone is in eval mode on purpose (FrozenBackbone pins it)
-    warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode.*")
-    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
 
 
 __all__ = ["run_training", "resolve_run", "train", "build_model", "build_trainer"]

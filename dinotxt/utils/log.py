@@ -42,6 +42,35 @@ def setup_console(level: int = logging.INFO) -> None:
         logger.propagate = False
 
 
+# What Lightning says that does not concern a dinotxt user, each with the reason it is dropped
+# (``quiet_lightning``): (message pattern, reason)
+LIGHTNING_WARNINGS = [
+    (r".*module\(s\) in eval mode.*", "the frozen backbone is in eval mode on purpose (FrozenBackbone pins it)"),
+    (r".*isinstance\(treespec, LeafSpec\).*", "Lightning's own call of a torch API it has not caught up with"),
+    (r".*Couldn't infer the batch indices.*", "the extraction writer keys its outputs by unit, not by batch index"),
+]
+LIGHTNING_TIPS = [("litlogger", "an advertisement for a cloud logging service, not a message about the run")]
+
+
+class _DropTips(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not any(pattern in message for pattern, _ in LIGHTNING_TIPS)
+
+
+def quiet_lightning() -> None:
+    """Keep Lightning's warnings and tips that dinotxt causes on purpose off the user's console (the list
+    above says why each goes); everything else Lightning says still shows."""
+    import warnings
+
+    for pattern, _ in LIGHTNING_WARNINGS:
+        warnings.filterwarnings("ignore", message=pattern)
+    for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _DropTips) for f in logger.filters):
+            logger.addFilter(_DropTips())
+
+
 def error_line(e: BaseException) -> str:
     """The one line the command line prints for an error: its first line, or for an error raised in a
     DataLoader worker (which torch re-raises as "Caught X in DataLoader worker ... Original Traceback
