@@ -9,7 +9,7 @@ from dinotxt.data.world import class_names, render_sample
 from dinotxt.inference.dense import (dense_classifier, dense_probabilities, forwards_per_image, predict_labels, prepare_image,
                                   resized_short_side, segment, window_grid)
 from dinotxt.inference.settings import DenseSettings
-from dinotxt.inference.visualize import heatmap_sheet, label_palette, overlay_segmentation, save_image
+from dinotxt.inference.visualize import heatmap_sheet, class_palette, overlay_segmentation, save_image
 from numerics import assert_float64_equal
 
 
@@ -140,13 +140,13 @@ def test_overlay_is_readable(tmp_path):
     assert np.abs(shown[interior] - photo[interior]).mean() < 12
     for cls in set(np.unique(sample.labels)) - {0}:
         mask = big == cls
-        colour = label_palette(len(names))[cls].astype(int)
+        colour = class_palette(names)[cls].astype(int)
         mixed = shown[mask].mean(0)
         assert np.abs(mixed - colour).max() > 20 and np.abs(mixed - photo[mask].mean(0)).max() > 20
     # the legend lists the classes: its swatches carry the class colours
     legend = back[:, 128 * scale:]
     for cls in set(np.unique(sample.labels)) - {0}:
-        colour = label_palette(len(names))[cls]
+        colour = class_palette(names)[cls]
         assert (np.abs(legend - colour).max(-1) == 0).sum() > 50
 
 

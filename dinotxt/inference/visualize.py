@@ -4,13 +4,16 @@ and a confusion-matrix plot for segmentation evaluations.
 Overlays keep the photograph visible under translucent class colours, outline every region,
 write the class name on each large region and list the classes with their area in a legend
 panel, so a reader can check a prediction without the label map. Small images are enlarged
-first (nearest neighbour for labels) so the text stays legible.
+first (nearest neighbour for labels) so the text stays legible. A class whose name names a colour
+("red circle") is drawn in a shade of that colour, so the picture never contradicts its legend
+(``class_palette``).
 """
 from __future__ import annotations
 
 import colorsys
+import re
 from pathlib import Path
-from typing import List, Optional, Sequence, Union
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -31,6 +34,85 @@ def label_palette(num_classes: int) -> np.ndarray:
         val = 0.95 if i % 2 == 0 else 0.75
         colours.append([round(255 * c) for c in colorsys.hsv_to_rgb(hue, sat, val)])
     return np.asarray(colours, dtype=np.uint8).reshape(num_classes, 3)
+
+
+# colour words a class name may use, as (hue, saturation, value): a class named "red circle" is drawn in a
+# shade of red; the hue of each is what the word names (CSS / X11 colours, rounded)
+COLOUR_WORDS: Dict[str, Tuple[float, float, float]] = {
+    "red": (0 / 360, 0.85, 0.95), "crimson": (350 / 360, 0.85, 0.86), "scarlet": (8 / 360, 0.9, 0.95),
+    "orange": (30 / 360, 0.9, 0.97), "tangerine": (28 / 360, 0.9, 0.97),
+    "brown": (25 / 360, 0.75, 0.55), "gold": (48 / 360, 0.9, 0.95), "golden": (48 / 360, 0.9, 0.95),
+    "yellow": (56 / 360, 0.85, 0.95), "lime": (90 / 360, 0.8, 0.9),
+    "green": (125 / 360, 0.8, 0.75), "emerald": (140 / 360, 0.75, 0.75), "teal": (180 / 360, 0.9, 0.6),
+    "cyan": (185 / 360, 0.85, 0.9), "turquoise": (175 / 360, 0.7, 0.85), "azure": (210 / 360, 0.8, 0.95),
+    "blue": (225 / 360, 0.85, 0.9), "navy": (235 / 360, 0.9, 0.5),
+    "purple": (280 / 360, 0.75, 0.75), "violet": (270 / 360, 0.6, 0.9), "lavender": (270 / 360, 0.35, 0.95),
+    "magenta": (305 / 360, 0.85, 0.9), "pink": (335 / 360, 0.45, 1.0),
+    "white": (0.0, 0.0, 1.0), "grey": (0.0, 0.0, 0.55), "gray": (0.0, 0.0, 0.55), "black": (0.0, 0.0, 0.12),
+}
+# the k-th class naming one colour gets its k-th shade: (saturation, value) factors on the word's colour,
+# lighter and darker by turns, none of them the plain colour (so a region's tint shows on an object of it)
+_SHADES = [(0.6, 1.1), (1.15, 0.8), (0.75, 0.88), (0.8, 1.15), (0.45, 0.9), (1.15, 0.68)]
+# white, grey and black have no hue: their shades are values
+_GREY_SHADES = {"white": [1.0, 0.88, 0.94, 0.8, 0.97, 0.84], "grey": [0.55, 0.7, 0.4, 0.62, 0.47, 0.77],
+                "black": [0.12, 0.25, 0.05, 0.32, 0.18, 0.38]}
+_NEAR_HUE = 20 / 360  # a palette colour this close in hue to a named colour could be taken for it
+
+
+def colour_word(name: str) -> Optional[str]:
+    """The first colour word of a class name ("blue triangle" -> "blue"), or None when it names no colour."""
+    return next((w for w in re.findall(r"[a-z]+", name.lower()) if w in COLOUR_WORDS), None)
+
+
+def _hsv_colour(h: float, s: float, v: float) -> List[int]:
+    """An 8-bit RGB colour from hue (wrapped), saturation and value (clipped to [0, 1])."""
+    return [round(255 * c) for c in colorsys.hsv_to_rgb(h % 1.0, min(1.0, max(0.0, s)), min(1.0, max(0.0, v)))]
+
+
+def _shade(word: str, k: int) -> List[int]:
+    """The k-th shade of a colour word: distinct from its other shades, and still that colour."""
+    h, s, v = COLOUR_WORDS[word]
+    turn, k = divmod(k, len(_SHADES))
+    if s == 0.0:
+        values = _GREY_SHADES["grey" if word == "gray" else word]
+        return _hsv_colour(0.0, 0.0, values[k] - 0.03 * turn * (1 if values[k] > 0.5 else -1))
+    fs, fv = _SHADES[k]
+    shift = 0.02 * ((turn + 1) // 2) * (1 if turn % 2 else -1)  # past six shades: a slightly other hue
+    return _hsv_colour(h + shift, s * fs, v * fv)
+
+
+def _near_named(rgb: np.ndarray, words: set) -> bool:
+    """Whether a palette colour could be read as one of the colours the class names use."""
+    h, s, v = colorsys.rgb_to_hsv(*(c / 255 for c in rgb))
+    for word in words:
+        wh, ws, _ = COLOUR_WORDS[word]
+        if ws > 0 and s >= 0.25 and min(abs(h - wh), 1 - abs(h - wh)) < _NEAR_HUE:
+            return True
+    return False
+
+
+def class_palette(class_names: Sequence[str]) -> np.ndarray:
+    """(num_classes, 3) uint8 colours for these classes that never contradict their names.
+
+    A class whose name contains a colour word (``COLOUR_WORDS``: "red circle", "blue triangle") gets a
+    shade of that colour, a different shade for each class naming the same colour. The other classes
+    take the colours of ``label_palette`` in order, less those close in hue to a colour a name uses;
+    with no colour word in any name this is ``label_palette(len(class_names))``.
+    """
+    names = list(class_names)
+    words = [colour_word(n) for n in names]
+    used = {w for w in words if w is not None}
+    colours: List[List[int]] = []
+    seen: Dict[str, int] = {}
+    candidates = label_palette(len(names) + (64 if used else 0))
+    free = iter(c for c in candidates if not _near_named(c, used))
+    for word in words:
+        if word is None:
+            colours.append(list(next(free, candidates[len(colours)])))
+        else:
+            colours.append(_shade(word, seen.get(word, 0)))
+            seen[word] = seen.get(word, 0) + 1
+    return np.asarray(colours, dtype=np.uint8).reshape(len(names), 3)
 
 
 def _font(size: int) -> ImageFont.ImageFont:
@@ -85,53 +167,62 @@ def _anchor(mask: np.ndarray, free: np.ndarray, radius: int) -> Optional[tuple]:
     return int(x), int(y)
 
 
-def overlay_segmentation(image: Image.Image, labels: Union[np.ndarray, torch.Tensor], class_names: Sequence[str],
-                         alpha: float = 0.5, background_index: Optional[int] = None, max_legend: int = 24,
-                         title: Optional[str] = None) -> Image.Image:
-    """The image under translucent class colours, region outlines and names, plus a legend panel.
-
-    Args:
-        image: the photograph (resized to the label map if the sizes differ).
-        labels: (H, W) class indices into ``class_names``.
-        class_names: names of the label values.
-        alpha: opacity of the class colours (0 = image only).
-        background_index: a label value drawn without colour (default: a class named "background").
-        max_legend: legend rows shown (largest classes first); the rest are counted.
-        title: optional line above the legend.
-    """
-    labels = _as_numpy_labels(labels)
-    names = list(class_names)
+def _check_labels(labels: np.ndarray, names: List[str]) -> None:
+    """Every label value must index a class name."""
     if labels.size and (labels.min() < 0 or labels.max() >= len(names)):
         raise ValueError(f"label values span {labels.min()}..{labels.max()} but there are {len(names)} class names")
+
+
+def _find_background(names: List[str], background_index: Optional[int]) -> Optional[int]:
+    """The label drawn without colour: the one given, else a class named "background" (or "void")."""
     if background_index is None:
         background_index = next((i for i, n in enumerate(names) if n.lower() in BACKGROUND_NAMES), None)
+    return background_index
+
+
+def _fit_image(image: Image.Image, labels: np.ndarray):
+    """The photograph in RGB at the label map's size, both enlarged for legible text."""
     image = image.convert("RGB")
     if image.size != (labels.shape[1], labels.shape[0]):
         image = image.resize((labels.shape[1], labels.shape[0]), Image.BICUBIC)
-    image, labels = _enlarge(image, labels)
-    h, w = labels.shape
-    palette = label_palette(len(names))
+    return _enlarge(image, labels)
+
+
+def _tint(image: Image.Image, labels: np.ndarray, palette: np.ndarray, alpha: float,
+          background_index: Optional[int]) -> np.ndarray:
+    """(H, W, 3) float: the photograph blended with its classes' colours (the background left as is)."""
     photo = np.asarray(image, dtype=np.float32)
     tint = palette[labels].astype(np.float32)
     coloured = labels != background_index if background_index is not None else np.ones_like(labels, dtype=bool)
     out = photo.copy()
     out[coloured] = (1 - alpha) * photo[coloured] + alpha * tint[coloured]
-    # region outlines: a pixel whose right or lower neighbour has another label
+    return out
+
+
+def _outline(out: np.ndarray, labels: np.ndarray) -> Image.Image:
+    """Darken region outlines (a pixel whose right or lower neighbour has another label); the picture."""
     edge = np.zeros_like(labels, dtype=bool)
     edge[:, :-1] |= labels[:, :-1] != labels[:, 1:]
     edge[:-1, :] |= labels[:-1, :] != labels[1:, :]
     out[edge] = 0.35 * out[edge]
-    canvas = Image.fromarray(np.clip(out, 0, 255).astype(np.uint8))
-    draw = ImageDraw.Draw(canvas)
+    return Image.fromarray(np.clip(out, 0, 255).astype(np.uint8))
 
-    font_size = int(np.clip(min(h, w) / 24, 12, 26))
-    font = _font(font_size)
+
+def _classes_by_area(labels: np.ndarray):
+    """(class ids, pixel counts) of the label values present, largest first."""
     ids, counts = np.unique(labels, return_counts=True)
     order = np.argsort(-counts)
-    ids, counts = ids[order], counts[order]
+    return ids[order], counts[order]
+
+
+def _name_regions(canvas: Image.Image, labels: np.ndarray, names: List[str], palette: np.ndarray, ids, counts,
+                  background_index: Optional[int], font) -> None:
+    """Write each class's name, in its colour on black, on its region if it covers at least 1% of the image."""
+    h, w = labels.shape
+    draw = ImageDraw.Draw(canvas)
     free = np.ones_like(labels, dtype=bool)  # where a name may still go without covering another
     radius = max(4, min(h, w) // 16)
-    for cls, count in zip(ids, counts):  # names on regions covering at least 1% of the image
+    for cls, count in zip(ids, counts):
         if cls == background_index or count < 0.01 * labels.size:
             continue
         spot = _anchor(labels == cls, free, radius)
@@ -145,8 +236,12 @@ def overlay_segmentation(image: Image.Image, labels: Union[np.ndarray, torch.Ten
         draw.text((x0, y0), text, fill=tuple(int(v) for v in palette[cls]), font=font)
         free[max(0, y0 - th - 6):y0 + 2 * th + 10, max(0, x0 - tw // 2 - 6):x0 + tw + tw // 2 + 6] = False
 
-    # legend panel on the right: colour swatch, name, share of the image
-    rows = [(int(c), f"{names[c]}  {100 * n / labels.size:.1f}%") for c, n in zip(ids, counts)]
+
+def _with_legend(canvas: Image.Image, names: List[str], palette: np.ndarray, ids, counts, total: int,
+                 background_index: Optional[int], max_legend: int, title: Optional[str], font) -> Image.Image:
+    """The picture with a legend panel on its right: colour swatch, name and share of the image per class."""
+    w, h = canvas.size
+    rows = [(int(c), f"{names[c]}  {100 * n / total:.1f}%") for c, n in zip(ids, counts)]
     hidden = max(0, len(rows) - max_legend)
     rows = rows[:max_legend]
     header = title or "classes (area)"
@@ -168,6 +263,33 @@ def overlay_segmentation(image: Image.Image, labels: Union[np.ndarray, torch.Ten
     if hidden:
         d.text((w + 12, 8 + line * (len(rows) + 1) + 4), f"+{hidden} more classes", fill=(90, 90, 90), font=font)
     return sheet
+
+
+def overlay_segmentation(image: Image.Image, labels: Union[np.ndarray, torch.Tensor], class_names: Sequence[str],
+                         alpha: float = 0.5, background_index: Optional[int] = None, max_legend: int = 24,
+                         title: Optional[str] = None) -> Image.Image:
+    """The image under translucent class colours, region outlines and names, plus a legend panel.
+
+    Args:
+        image: the photograph (resized to the label map if the sizes differ).
+        labels: (H, W) class indices into ``class_names``.
+        class_names: names of the label values.
+        alpha: opacity of the class colours (0 = image only).
+        background_index: a label value drawn without colour (default: a class named "background").
+        max_legend: legend rows shown (largest classes first); the rest are counted.
+        title: optional line above the legend.
+    """
+    labels = _as_numpy_labels(labels)
+    names = list(class_names)
+    _check_labels(labels, names)
+    background_index = _find_background(names, background_index)
+    image, labels = _fit_image(image, labels)
+    palette = class_palette(names)
+    canvas = _outline(_tint(image, labels, palette, alpha, background_index), labels)
+    font = _font(int(np.clip(min(labels.shape) / 24, 12, 26)))
+    ids, counts = _classes_by_area(labels)
+    _name_regions(canvas, labels, names, palette, ids, counts, background_index, font)
+    return _with_legend(canvas, names, palette, ids, counts, labels.size, background_index, max_legend, title, font)
 
 
 def _colormap(values: np.ndarray, name: str = "inferno") -> np.ndarray:
