@@ -1,4 +1,5 @@
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -28,6 +29,20 @@ def tiny_backbone(arch: str, img_size: int = 56) -> dict:
 
 
 TINY_TEXT = {"width": 64, "depth": 2, "heads": 2, "vocab_size": 100, "context_length": 16}
+TINY_HEAD = {"num_blocks": 2, "drop_path": 0.0}
+# the tiny dino.txt model: dinotxt.create_model("dinotxt_demo", **TINY_MODEL)
+TINY_MODEL = dict(backbone=TINY_BACKBONE, text=TINY_TEXT, vision_head=TINY_HEAD)
+
+
+def tiny_batch(n: int = 8, seed: int = 1, dtype: torch.dtype = torch.float64):
+    """A batch for the tiny model from one seeded generator: ``n`` random 56-px images, then ``n`` captions of
+    10 token ids (1..98, the end-of-text id 99, the largest, at position 6; the padding after it is trimmed):
+    (images, ids)."""
+    g = torch.Generator().manual_seed(seed)
+    images = torch.randn(n, 3, 56, 56, generator=g, dtype=dtype)
+    ids = torch.randint(1, 99, (n, 10), generator=g)
+    ids[:, 6], ids[:, 7:] = 99, 0
+    return images, ids
 
 
 class Batches(torch.utils.data.IterableDataset):
@@ -55,8 +70,7 @@ def tiny_model():
     import dinotxt
 
     torch.manual_seed(0)
-    return dinotxt.create_model("dinotxt_demo", backbone=TINY_BACKBONE, text=TINY_TEXT,
-                                vision_head={"num_blocks": 2, "drop_path": 0.0})
+    return dinotxt.create_model("dinotxt_demo", **TINY_MODEL)
 
 
 @pytest.fixture(scope="session")
@@ -74,3 +88,60 @@ def trained_debug_run(tmp_path_factory):
                            env=dict(os.environ, PYTHONWARNINGS="ignore"))
     assert first.returncode == 0, first.stderr[-3000:]
     return work, recipe, first
+
+
+@pytest.fixture(scope="session")
+def curation_pool(tmp_path_factory):
+    """A tiny curation pool, written once per session: 240 demo-world pairs (48 px) in 4 webdataset shards
+    (64, 64, 64, 48), the ``train`` folder; read-only (tests/test_curation_*.py call it ``world``)."""
+    from curation_helpers import POOL_SIZE
+
+    from dinotxt.data.world import write_split
+
+    root = tmp_path_factory.mktemp("pool") / "train"
+    shards = write_split(root, POOL_SIZE, seed=0, size=48, samples_per_shard=64)
+    assert len(shards) == 4
+    return root
+
+
+@pytest.fixture(scope="session")
+def curation_reference(curation_pool, tmp_path_factory):
+    """One uninterrupted run of the curation debug recipe on the pool (shards written), in-process on one
+    OpenMP thread, once per session: (output_dir, report); never modified by the tests."""
+    from curation_helpers import _curate, single_thread
+
+    out = tmp_path_factory.mktemp("reference")
+    with single_thread():
+        report = _curate(out, world=curation_pool)
+    return out, report
+
+
+# ---- temporary files: everything the suite and the processes it starts write to "the temporary folder" goes
+# under pytest's own (basetemp/tmp), which pytest rotates. Without this, the system's folder kept, per test process
+# killed on purpose (SIGKILL, SIGTERM to a rank), a wandb-media and a wandb-artifacts folder (importing timm imports
+# wandb, which makes both and removes them at a normal exit only) and multiprocessing's pymp-*; and, from any
+# run, torch's torchinductor_<user> cache (tests/test_loggers.py checks).
+_SYSTEM_TEMP = {}
+
+
+@pytest.hookimpl(trylast=True)  # after pytest's tmp_path plugin has set up its factory
+def pytest_configure(config):
+    factory = getattr(config, "_tmp_path_factory", None)
+    if factory is None:  # -p no:tmpdir
+        return
+    folder = factory.getbasetemp() / "tmp"  # the basetemp itself is made under the system's folder
+    folder.mkdir(exist_ok=True)
+    _SYSTEM_TEMP.update(tempdir=tempfile.tempdir, TMPDIR=os.environ.get("TMPDIR"))
+    os.environ["TMPDIR"] = str(folder)  # the processes the tests start
+    tempfile.tempdir = str(folder)  # this one (tempfile reads TMPDIR once)
+
+
+def pytest_unconfigure(config):
+    if not _SYSTEM_TEMP:
+        return
+    tempfile.tempdir = _SYSTEM_TEMP["tempdir"]
+    if _SYSTEM_TEMP["TMPDIR"] is None:
+        os.environ.pop("TMPDIR", None)
+    else:
+        os.environ["TMPDIR"] = _SYSTEM_TEMP["TMPDIR"]
+    _SYSTEM_TEMP.clear()

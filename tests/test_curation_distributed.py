@@ -377,12 +377,9 @@ def _assert_same_outputs(a: Path, b: Path):
 
 
 @pytest.fixture(scope="module")
-def pool(tmp_path_factory):
-    from dinotxt.data.world import write_split
-
-    root = tmp_path_factory.mktemp("pool") / "train"
-    write_split(root, 240, seed=0, size=48, samples_per_shard=64)  # 4 shards: 64, 64, 64, 48
-    return root
+def pool(curation_pool):
+    """The tiny pool of tests/test_curation_*.py (conftest.py): 240 pairs in 4 shards of 64, 64, 64, 48."""
+    return curation_pool
 
 
 @pytest.fixture(scope="module")

@@ -6,11 +6,9 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from conftest import TINY_BACKBONE, TINY_TEXT
+from conftest import TINY_MODEL, tiny_batch
 from multiproc import init_gloo, run_ranks
 from numerics import assert_float64_equal, assert_grads_float64_equal
-
-MODEL = dict(backbone=TINY_BACKBONE, text=TINY_TEXT, vision_head={"num_blocks": 2, "drop_path": 0.0})
 
 
 class LossModule(nn.Module):
@@ -35,16 +33,7 @@ def _model():
     import dinotxt
 
     torch.manual_seed(0)
-    return dinotxt.create_model("dinotxt_demo", **MODEL).double()
-
-
-def _global_batch():
-    g = torch.Generator().manual_seed(1)
-    images = torch.randn(8, 3, 56, 56, generator=g, dtype=torch.float64)
-    ids = torch.randint(1, 99, (8, 10), generator=g)
-    ids[:, 6] = 99  # EOT (largest id); the trailing padding columns are trimmed
-    ids[:, 7:] = 0
-    return images, ids
+    return dinotxt.create_model("dinotxt_demo", **TINY_MODEL).double()
 
 
 def _ddp_worker(rank, world, port, out):
@@ -54,7 +43,7 @@ def _ddp_worker(rank, world, port, out):
     init_gloo(rank, world, port)
     try:
         ddp = DDP(LossModule(_model()))
-        images, ids = _global_batch()
+        images, ids = tiny_batch()  # the global batch: 8 pairs
         n = images.shape[0] // world
         local = slice(rank * n, (rank + 1) * n)
         loss = ddp({"image": images[local], "text": ids[local]})
@@ -77,7 +66,7 @@ def _ddp_worker(rank, world, port, out):
 @pytest.mark.slow
 def test_ddp_loss_and_model_gradients_equal_single_process_global_batch():
     model = _model()
-    images, ids = _global_batch()
+    images, ids = tiny_batch()  # the global batch: 8 pairs
     ref = LossModule(model)({"image": images, "text": ids})
     ref.backward()
     loss, grads, state = run_ranks(_ddp_worker, 2, timeout=240)[0]

@@ -13,14 +13,14 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from conftest import TINY_BACKBONE, TINY_TEXT, Batches
+from conftest import TINY_BACKBONE, TINY_HEAD, TINY_TEXT, Batches
 from multiproc import run_ranks
 from numerics import assert_close, assert_float64_equal, assert_grads_float64_equal
 
 ROOT = Path(__file__).parents[1]
 RECIPE = str(ROOT / "recipes" / "debug.yaml")
 HEADS = {  # the dino.txt head over all tokens, and the LiT head that trains on pooled cached tokens
-    "blocks": {"num_blocks": 2, "drop_path": 0.0},
+    "blocks": TINY_HEAD,
     "pooled": {"num_blocks": 0, "final_norm": False, "drop_path": 0.0},
 }
 

@@ -1,7 +1,13 @@
 """trainer.logger: csv | tensorboard | wandb | mlflow, one or several; W&B in offline mode, MLflow on a
 file store, both under tmp_path."""
 import csv
+import os
 import re
+import signal
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
 
 import pytest
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
@@ -109,3 +115,26 @@ def test_wandb_offline_and_mlflow_file_store_log_the_training_loss(tmp_path, mon
     assert found.info.run_name == "debug" and found.info.status == "FINISHED"
     assert [m.value for m in client.get_metric_history(found.info.run_id, "train/loss")] == losses
     assert found.data.params["optim/max_steps"] == "3"
+
+
+def test_a_killed_process_leaves_its_temporary_folders_under_pytests_own(tmp_path_factory):
+    """Importing wandb (timm imports it) makes two staging folders, wandb-media and wandb-artifacts, that only a
+    normal exit removes: every test process killed on purpose (SIGKILL, SIGTERM to a rank) left both in the system's
+    temporary folder, with multiprocessing's pymp-* and torch's torchinductor_<user>. The suite points TMPDIR at
+    pytest's own temporary folder (tests/conftest.py), which pytest rotates; here a process that makes all of them
+    and is killed leaves them there, and nowhere else."""
+    pytest.importorskip("wandb")
+    base = tmp_path_factory.getbasetemp().resolve()
+    assert base in Path(tempfile.gettempdir()).resolve().parents  # this process
+    code = ("import multiprocessing.util, os, signal, tempfile\n"
+            "import timm, wandb\n"
+            "multiprocessing.util.get_temp_dir()\n"
+            "print(tempfile.gettempdir(), flush=True)\n"
+            "os.kill(os.getpid(), signal.SIGKILL)\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                          env=dict(os.environ, PYTHONWARNINGS="ignore"))
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
+    folder = Path(proc.stdout.strip()).resolve()
+    assert base in folder.parents  # the killed process's temporary folder: pytest's
+    left = {next(folder.glob(pattern), None) for pattern in ("*wandb-media", "*wandb-artifacts", "pymp-*")}
+    assert None not in left and all(p.is_dir() for p in left)  # what it could not clean up stayed there

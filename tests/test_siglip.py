@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from conftest import TINY_BACKBONE, TINY_TEXT
+from conftest import TINY_MODEL, tiny_batch
 from multiproc import init_gloo, run_ranks
 from numerics import FP32_U, assert_close, assert_float64_equal, assert_grads_float64_equal
 
@@ -90,23 +90,14 @@ def _model(bias=-10.0):
     import dinotxt
 
     torch.manual_seed(0)
-    return dinotxt.create_model("dinotxt_demo", backbone=TINY_BACKBONE, text=TINY_TEXT,
-                                vision_head={"num_blocks": 2, "drop_path": 0.0}, init_logit_bias=bias).double()
-
-
-def _batch(n=8, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    images = torch.randn(n, 3, 56, 56, generator=g, dtype=torch.float64)
-    ids = torch.randint(1, 99, (n, 10), generator=g)
-    ids[:, 6], ids[:, 7:] = 99, 0
-    return images, ids
+    return dinotxt.create_model("dinotxt_demo", **TINY_MODEL, init_logit_bias=bias).double()
 
 
 def test_the_open_clip_idiom_is_the_training_loss_and_the_bias_is_a_trained_parameter():
     from dinotxt.train.step import contrastive_loss
 
     model = _model()
-    images, ids = _batch()
+    images, ids = tiny_batch()
     out = model(images, ids)
     assert set(out) == {"logit_scale", "logit_bias", "image_features", "text_features"}
     idiom = SigLipLoss()(**out)
@@ -145,7 +136,7 @@ def _ddp_worker(rank, world, port, out):
 
     init_gloo(rank, world, port)
     try:
-        images, ids = _batch()
+        images, ids = tiny_batch()
         n = images.shape[0] // world
         local = {"image": images[rank * n:(rank + 1) * n], "text": ids[rank * n:(rank + 1) * n]}
         results = {}
@@ -167,7 +158,7 @@ def test_ddp_sigmoid_loss_and_gradients_equal_one_process_on_the_global_batch():
     """Each rank scores its 4 images against the 8 gathered texts; the mean of the ranks' losses and the
     averaged gradients (the bias's included) are the single-process loss of the 8 x 8 pairs, dense and blocked."""
     model = _model()
-    images, ids = _batch()
+    images, ids = tiny_batch()
     ref = LossModule(model, None)({"image": images, "text": ids})
     ref.backward()
     expected = {k: p.grad for k, p in model.named_parameters() if p.grad is not None}
@@ -184,7 +175,7 @@ def test_gradient_caching_with_the_sigmoid_loss_equals_one_pass():
     from dinotxt.train.gradcache import gradcache_backward
     from dinotxt.train.step import contrastive_loss
 
-    images, ids = _batch(12)
+    images, ids = tiny_batch(12)
     for block in (None, 5):
         one, cached = _model(), _model()
         loss_fn = SigLipLoss(block)
@@ -201,7 +192,7 @@ def test_gradient_caching_of_the_infonce_on_a_model_with_a_bias_leaves_the_bias_
     """The InfoNCE does not depend on a bias: a biased model trains with it, the bias gets no gradient."""
     from dinotxt.train.gradcache import gradcache_backward
 
-    images, ids = _batch(8)
+    images, ids = tiny_batch(8)
     model = _model()
     gradcache_backward(model, ClipLoss(), [{"image": images[:4], "text": ids[:4]}, {"image": images[4:], "text": ids[4:]}],
                        seeds=[0, 1])

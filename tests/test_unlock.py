@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import dinotxt
-from conftest import TINY_TEXT
+from conftest import TINY_TEXT, tiny_batch
 from numerics import assert_float64_equal, assert_grads_float64_equal
 
 ROOT = Path(__file__).parents[1]
@@ -25,10 +25,7 @@ def _model(k=1, **backbone):
 
 
 def _batch(n=6, seed=1, dtype=torch.float32):
-    g = torch.Generator().manual_seed(seed)
-    images = torch.randn(n, 3, 56, 56, generator=g, dtype=dtype)
-    ids = torch.randint(1, 99, (n, 10), generator=g)
-    ids[:, 6], ids[:, 7:] = 99, 0
+    images, ids = tiny_batch(n, seed, dtype)
     return {"image": images, "text": ids}
 
 

@@ -71,6 +71,7 @@ def resolve_run(recipe: Optional[str], overrides: List[str], resume: bool) -> Di
             f"{run_dir} already holds a run; continue it with --resume, or pick a new folder with name=NEW_NAME"
         )
     check_batch_config(cfg)
+    check_loggers(cfg.trainer)  # a missing wandb / mlflow stops the run before anything is written
     return cfg
 
 
