@@ -29,7 +29,7 @@ from dinotxt.data.units import DataUnit, iter_unit
 from dinotxt.utils.fileio import add_tar_member, atomic_output
 
 from .ranks import Ranks
-from .store import (concatenate_npy, concatenate_tables, part_path, save_npy, save_table, uid_bucket,
+from .store import (concatenate_npy, load_array, concatenate_tables, part_path, save_npy, save_table, uid_bucket,
                     uid_bucket_count)
 
 
@@ -109,7 +109,7 @@ def write_subset_parts(ranks: Ranks, out_dir: Path, parts: Dict[int, np.ndarray]
             save_npy(part_path(out_dir / "rows", j), rows)
             save_npy(part_path(out_dir / "uids", j), np.sort(columns["uid"]))
             save_table(part_path(out_dir / "manifest", j, ".parquet"), columns)  # the chunk's done marker
-        counts[j] = len(np.load(part_path(out_dir / "rows", j), mmap_mode="r"))
+        counts[j] = len(load_array(part_path(out_dir / "rows", j), mmap_mode="r"))
     counts = ranks.all_reduce(counts)
     ranks.barrier()  # every chunk's parts are on disk
     uid_parts = [part_path(out_dir / "uids", j) for j in range(num_parts)]
@@ -152,7 +152,7 @@ def _subset_rows(out_dir: Path, offsets: np.ndarray, start: int, stop: int) -> n
     for j in range(first, len(offsets) - 1):
         if offsets[j] >= stop:
             break
-        rows = np.load(part_path(out_dir / "rows", j), mmap_mode="r")
+        rows = load_array(part_path(out_dir / "rows", j), mmap_mode="r")
         pieces.append(np.array(rows[max(0, start - offsets[j]):stop - offsets[j]]))
     return np.concatenate(pieces) if pieces else np.zeros(0, dtype=np.int64)
 

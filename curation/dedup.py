@@ -31,7 +31,7 @@ import numpy as np
 
 from .kmeans import fixed_add, fixed_search, to_gpus
 from .ranks import Ranks
-from .store import Grid
+from .store import Grid, load_array
 
 
 def _return_freed_memory() -> None:
@@ -202,12 +202,12 @@ def dedup_stage(ranks: Ranks, store, folder: Path, s: DedupSettings, uid_of: Cal
     for t in ranks.share(shards, count=False):
         out = folder / "edges" / f"{t:06d}.npy"
         if not out.is_file():
-            hits = [dict(np.load(folder / "hits" / f"{i:06d}_{t:06d}.npz")) for i in range(shards)]
+            hits = [dict(load_array(folder / "hits" / f"{i:06d}_{t:06d}.npz")) for i in range(shards)]
             save_npy(out, merge_hits(hits, s.neighbors))
     ranks.barrier()
 
     def groups():
-        edges = np.concatenate([np.load(folder / "edges" / f"{t:06d}.npy") for t in range(shards)], axis=1)
+        edges = np.concatenate([load_array(folder / "edges" / f"{t:06d}.npy") for t in range(shards)], axis=1)
         removed, stats = duplicate_groups(edges, uid_of)
         save_npy(folder / "removed.npy", removed)
         return removed, stats

@@ -46,7 +46,7 @@ from dinotxt.models.backbone import FrozenBackbone
 from dinotxt.models.factory import create_backbone
 
 from .ranks import Ranks
-from .store import load_table, save_npy, save_npz, save_table, shard_paths, uid_bucket, uid_bucket_count
+from .store import load_array, load_table, read_json, save_npy, save_npz, save_table, shard_paths, uid_bucket, uid_bucket_count
 from .text_encoders import FEATURE_BITS, HashedTfidfEncoder, encode_checked, load_text_encoder
 
 log = logging.getLogger(__name__)
@@ -195,7 +195,7 @@ def index_units(embed_dir: Path, units: List[DataUnit], ranks: Ranks) -> Dict:
             save_npy(path, np.sort(load_table(embed_dir / "meta" / f"{u:06d}.parquet", ["uid"])["uid"].astype(np.int64)))
 
     def rows() -> np.ndarray:
-        counts = np.array([json.loads((embed_dir / "meta" / f"{u.index:06d}.json").read_text())["rows"] for u in units],
+        counts = np.array([read_json(embed_dir / "meta" / f"{u.index:06d}.json")["rows"] for u in units],
                           dtype=np.int64)
         save_npy(embed_dir / "rows.npy", counts)
         return counts
@@ -216,7 +216,7 @@ def index_units(embed_dir: Path, units: List[DataUnit], ranks: Ranks) -> Dict:
 def _shared_id_message(uid: int, embed_dir: Path, units: List[DataUnit], parts: List[Path]) -> str:
     where = []
     for u, path in enumerate(parts):
-        ids = np.load(path, mmap_mode="r")
+        ids = load_array(path, mmap_mode="r")
         i = int(np.searchsorted(ids, uid))
         if i < len(ids) and ids[i] == uid:
             table = load_table(embed_dir / "meta" / f"{u:06d}.parquet", ["uid", "key", "source"])
@@ -246,14 +246,14 @@ def embed_texts(cfg, units: List[DataUnit], embed_dir: Path, text_dir: Path, tru
                 if not path.is_file():
                     ids, counts, rows = encoder.document_frequency(captions(u))
                     save_npz(path, {"ids": ids, "counts": counts, "rows": np.array([rows], np.int64)})
-                with np.load(path) as part:
+                with load_array(path) as part:
                     df[part["ids"]] += part["counts"]
                     n += int(part["rows"][0])
             df = ranks.all_reduce(df)
             n = int(ranks.all_reduce(np.array([n], np.int64))[0])
             encoder.set_document_frequency(df, n)
             ranks.on_zero(save_npy, idf_path, encoder.idf)
-        encoder.idf = np.load(idf_path)
+        encoder.idf = load_array(idf_path)
     width = encode_checked(encoder, ["a photo"], e.text_encoder).shape[1]  # every shard must have this width
     outs = shard_paths(text_dir, len(units))
     for u in ranks.share(len(units)):
@@ -280,9 +280,9 @@ class PoolIndex:
     def __init__(self, embed_dir: Path, units: List[DataUnit]):
         self.embed_dir, self.units = Path(embed_dir), units
         if (self.embed_dir / "rows.npy").is_file():
-            counts = np.load(self.embed_dir / "rows.npy")
+            counts = load_array(self.embed_dir / "rows.npy")
         else:  # embedded by an earlier version, which wrote no rows.npy
-            counts = np.array([json.loads((self.embed_dir / "meta" / f"{u.index:06d}.json").read_text())["rows"]
+            counts = np.array([read_json(self.embed_dir / "meta" / f"{u.index:06d}.json")["rows"]
                                for u in units], dtype=np.int64)
         self.offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
         self.n = int(self.offsets[-1])
@@ -324,5 +324,5 @@ class PoolIndex:
 def read_skipped(embed_dir: Path, units: List[DataUnit]) -> Dict[str, int]:
     total: Counter = Counter()
     for u in units:
-        total.update(json.loads((embed_dir / "meta" / f"{u.index:06d}.json").read_text())["skipped"])
+        total.update(read_json(embed_dir / "meta" / f"{u.index:06d}.json")["skipped"])
     return {k: int(total.get(k, 0)) for k in SKIP_REASONS}

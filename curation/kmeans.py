@@ -42,7 +42,7 @@ import torch
 
 from .ranks import Ranks
 from .selection import distance_keys, smallest_per_cluster
-from .store import ArrayView, Grid
+from .store import ArrayView, Grid, load_array
 
 
 @dataclass
@@ -426,7 +426,7 @@ def _save_phase(path: Optional[Path], centroids: np.ndarray, items: int) -> None
 def _load_phase(path: Optional[Path], k: int, n: int, dim: int) -> Optional[np.ndarray]:
     if path is None or not path.is_file():
         return None
-    with np.load(path) as z:
+    with load_array(path) as z:
         centroids, items = z["centroids"], int(z["items"][0])
     if centroids.shape != (k, dim) or items != n:
         raise ValueError(f"{path} holds {centroids.shape[0]} centroids of width {centroids.shape[1]} for {items} items, "

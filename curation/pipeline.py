@@ -41,7 +41,7 @@ from dinotxt.utils.fileio import atomic_write_text
 from .config import load_curation_config, per_level
 from .ranks import Ranks
 from .stages import Stage, fingerprint, run_stage
-from .store import EmbeddingStore, Grid, KeptRows, part_path, read_parts, save_npy, shard_paths
+from .store import EmbeddingStore, Grid, KeptRows, load_array, part_path, read_parts, save_npy, shard_paths
 
 log = logging.getLogger(__name__)
 
@@ -150,7 +150,7 @@ class Curation:
 
     def kept(self) -> KeptRows:
         """The pool rows left after de-duplication (position -> pool row), from the rows it removed."""
-        return KeptRows(len(self.pool), np.load(self.out / "dedup" / "removed.npy"))
+        return KeptRows(len(self.pool), load_array(self.out / "dedup" / "removed.npy"))
 
     def grid(self) -> Grid:
         """The fixed chunks of the de-duplicated pool (``cluster.chunk_size`` rows): the stages' work items."""
@@ -235,7 +235,7 @@ class Curation:
                     kept = self.kept()
                     data = self.image_store(kept) if c.embeddings == "image" else self.text_store(kept)
                 else:  # levels >= 2 cluster the level below's centroids: small, on rank 0 alone
-                    data = ArrayView(np.load(self.out / "cluster" / f"level{i}" / "centroids.npy"))
+                    data = ArrayView(load_array(self.out / "cluster" / f"level{i}" / "centroids.npy"))
                 result = kmeans_level(data, int(levels[i]), opts, int(steps), size, self.cfg.seed, i + 1,
                                       checkpoint=folder, log=self.log, ranks=ranks)
                 sizes = np.zeros(len(result.centroids), dtype=np.int64)
@@ -267,7 +267,7 @@ class Curation:
         for i in range(1, len(self.cfg.cluster.levels)):
             folder = self.out / "cluster" / f"level{i + 1}"
             chunks = len(Grid(self.cfg.cluster.levels[i - 1], self.cfg.cluster.chunk_size))
-            levels.append(KMeansLevel(np.load(folder / "centroids.npy"), read_parts(folder / "assignment", chunks),
+            levels.append(KMeansLevel(load_array(folder / "centroids.npy"), read_parts(folder / "assignment", chunks),
                                       read_parts(folder / "dist2", chunks)))
         return levels
 
@@ -284,7 +284,7 @@ class Curation:
                              f"has {n:,} after de-duplication; lower it (an int, or a fraction such as 0.5)")
         level1 = self.out / "cluster" / "level1"
         k1 = int(self.cfg.cluster.levels[0])
-        leaves = {j: (np.load(part_path(level1 / "assignment", j)), np.load(part_path(level1 / "dist2", j)),
+        leaves = {j: (load_array(part_path(level1 / "assignment", j)), load_array(part_path(level1 / "dist2", j)),
                       grid.bounds(j)[0]) for j in ranks.share(len(grid))}
         upper = self.upper_levels()
         picked = balanced_selection(ranks, leaves, upper, k1, target, b.strategy, self.cfg.seed)
@@ -315,7 +315,7 @@ class Curation:
         out, c = self.out / "curated", self.cfg.combine
         files = [out / "uids.npy", out / "manifest.parquet"] + self._chunk_parts(out / "manifest", ".parquet")
         if c.write_shards and files[0].is_file():
-            shards = -(-len(np.load(files[0], mmap_mode="r")) // c.samples_per_shard)
+            shards = -(-len(load_array(files[0], mmap_mode="r")) // c.samples_per_shard)
             files += [out / "shards" / f"{i:06d}.tar" for i in range(shards)]
         return files
 
@@ -325,8 +325,8 @@ class Curation:
         c, grid = self.cfg.combine, self.grid()
         parts = {}
         for j in self.ranks.share(len(grid)):
-            image = np.load(part_path(self.out / "image_balance" / "rows", j)) if self.cfg.image_balance.enabled else None
-            text = np.load(part_path(self.out / "text_balance" / "rows", j)) if self.cfg.text_balance.enabled else None
+            image = load_array(part_path(self.out / "image_balance" / "rows", j)) if self.cfg.image_balance.enabled else None
+            text = load_array(part_path(self.out / "text_balance" / "rows", j)) if self.cfg.text_balance.enabled else None
             parts[j] = combine_selections(image, text, c.mode)
         stats = write_subset_parts(self.ranks, self.out / "curated", parts, len(grid), self.pool, self.units,
                                    self.cfg.pool, c.write_shards, c.samples_per_shard)
@@ -350,7 +350,7 @@ class Curation:
         curated = self.out / "curated"
 
         def in_final(j: int) -> np.ndarray:  # which of chunk j's rows were curated
-            rows, final = kept[slice(*grid.bounds(j))], np.load(part_path(curated / "rows", j))
+            rows, final = kept[slice(*grid.bounds(j))], load_array(part_path(curated / "rows", j))
             return np.isin(rows, final, assume_unique=True)
         cluster_counts = []
         if cfg.image_balance.enabled:
@@ -359,7 +359,7 @@ class Curation:
             k1 = int(cfg.cluster.levels[0])
             before, after = np.zeros(k1, np.int64), np.zeros(k1, np.int64)
             for j in range(len(grid)):
-                a = np.load(part_path(self.out / "cluster" / "level1" / "assignment", j))
+                a = load_array(part_path(self.out / "cluster" / "level1" / "assignment", j))
                 before += np.bincount(a, minlength=k1)
                 after += np.bincount(a[in_final(j)], minlength=k1)
             from .sampling import upper_sizes
@@ -377,10 +377,10 @@ class Curation:
             report["kept"]["text_balance"] = int(stats["text_balance"]["selected"])
             folder = self.out / "text_balance"
             names = (folder / "entries.txt").read_text().splitlines()
-            before = np.load(folder / "counts.npy")
+            before = load_array(folder / "counts.npy")
             after = np.zeros(len(names), np.int64)
             for j in range(len(grid)):
-                with np.load(part_path(folder / "matches", j, ".npz")) as z:
+                with load_array(part_path(folder / "matches", j, ".npz")) as z:
                     offsets, entries = z["offsets"], z["entries"]
                 pair_of = np.repeat(np.arange(len(offsets) - 1), np.diff(offsets))
                 after += np.bincount(entries[in_final(j)[pair_of]], minlength=len(names))

@@ -10,6 +10,7 @@ Writers go through ``dinotxt.utils.fileio.atomic_output``: a file is either comp
 """
 from __future__ import annotations
 
+import json
 from collections import OrderedDict
 from pathlib import Path
 from typing import Iterator, List, Optional, Sequence, Tuple, Union
@@ -17,8 +18,46 @@ from typing import Iterator, List, Optional, Sequence, Tuple, Union
 import numpy as np
 
 from dinotxt.utils.fileio import atomic_output
+from dinotxt.utils.log import error_line
 
 PathLike = Union[str, Path]
+
+DAMAGED = "delete it (or the stage's folder) and rerun the same command to write it again"
+
+
+def load_array(path: PathLike, mmap_mode: Optional[str] = None):
+    """``np.load`` of a file a stage wrote (never pickles); a missing or damaged file is one line naming it."""
+    try:
+        return np.load(path, mmap_mode=mmap_mode, allow_pickle=False)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path} is missing: {DAMAGED}") from None
+    except (OSError, ValueError, EOFError) as e:  # empty, truncated, foreign bytes, a folder in its place
+        raise ValueError(f"{path} is not a readable array file ({error_line(e)}): {DAMAGED}") from None
+
+
+def read_table(path: PathLike, columns: Optional[Sequence[str]] = None):
+    """A parquet file a stage wrote, as an Arrow table; a missing or damaged file is one line naming it."""
+    import pyarrow.parquet as pq
+
+    if Path(path).is_dir():
+        raise ValueError(f"{path} is a folder where a parquet table should be: {DAMAGED}")
+    try:
+        return pq.read_table(str(path), columns=list(columns) if columns else None)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path} is missing: {DAMAGED}") from None
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{path} is not a readable parquet table ({error_line(e)}): {DAMAGED}") from None
+
+
+def read_json(path: PathLike):
+    """A JSON record a stage wrote; a missing or damaged file is one line naming it."""
+    try:
+        return json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path} is missing: {DAMAGED}") from None
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{path} is not a readable JSON record ({error_line(e)}): {DAMAGED}") from None
+
 
 
 def save_npy(path: PathLike, array: np.ndarray) -> None:
@@ -53,7 +92,7 @@ def concatenate_tables(parts: Sequence[PathLike], path: PathLike) -> int:
     with atomic_output(path) as tmp:
         try:
             for p in parts:
-                table = pq.read_table(str(p))
+                table = read_table(p)
                 if not table.num_rows:  # an empty part's text columns have no type; it adds nothing
                     empty = table if empty is None else empty
                     continue
@@ -73,7 +112,7 @@ def load_table(path: PathLike, columns: Optional[Sequence[str]] = None) -> dict:
     """A parquet table as ``{name: numpy array or list}`` (numbers as arrays, strings as lists)."""
     import pyarrow.parquet as pq
 
-    table = pq.read_table(str(path), columns=list(columns) if columns else None)
+    table = read_table(path, columns)
     out = {}
     for name in table.column_names:
         col = table.column(name)
@@ -144,12 +183,15 @@ _OPEN_MAPS = 256
 def npy_header(path: PathLike):
     """(shape, dtype) of a ``.npy`` file from its header, without reading or mapping the data."""
     fmt = np.lib.format
-    with open(path, "rb") as f:
-        version = fmt.read_magic(f)
-        read = {(1, 0): fmt.read_array_header_1_0, (2, 0): fmt.read_array_header_2_0}.get(version)
-        if read is None:
-            raise ValueError(f"{path} is a .npy file of version {version}, which this reader does not know")
-        shape, _, dtype = read(f)
+    try:
+        with open(path, "rb") as f:
+            version = fmt.read_magic(f)
+            read = {(1, 0): fmt.read_array_header_1_0, (2, 0): fmt.read_array_header_2_0}.get(version)
+            if read is None:
+                raise ValueError(f"a .npy file of version {version}, which this reader does not know")
+            shape, _, dtype = read(f)
+    except (OSError, ValueError, EOFError) as e:
+        raise ValueError(f"{path} is not a readable array file ({error_line(e)}): {DAMAGED}") from None
     return shape, np.dtype(dtype)
 
 
@@ -170,7 +212,7 @@ class EmbeddingStore:
         shapes, dtypes = [], set()
         for p in self.paths:  # the headers only: a pool of 10^5 shards is not 10^5 memory maps
             if not p.is_file():
-                raise FileNotFoundError(f"embedding shard not found: {p}")
+                raise FileNotFoundError(f"embedding shard {p} is missing: {DAMAGED}")
             shape, dtype = npy_header(p)
             if len(shape) != 2:
                 raise ValueError(f"embedding shard {p} has shape {shape}; expected (rows, dim)")
@@ -204,7 +246,7 @@ class EmbeddingStore:
         (Linux allows 65,530 maps per process)."""
         arr = self._maps.pop(s, None)
         if arr is None:
-            arr = np.load(self.paths[s], mmap_mode="r")
+            arr = load_array(self.paths[s], mmap_mode="r")
             if len(self._maps) >= _OPEN_MAPS:
                 self._maps.popitem(last=False)
         self._maps[s] = arr
@@ -304,7 +346,7 @@ def missing_parts(folder: PathLike, count: int, suffix: str = ".npy") -> List[in
 def read_parts(folder: PathLike, count: int) -> np.ndarray:
     """The ``count`` per-item ``.npy`` parts of a folder, concatenated in item order (for small outputs,
     the report and tests; large ones are read part by part)."""
-    parts = [np.load(part_path(folder, j)) for j in range(count)]
+    parts = [load_array(part_path(folder, j)) for j in range(count)]
     return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
 
 
@@ -324,7 +366,7 @@ def uid_bucket(parts: Sequence[PathLike], b: int, buckets: int) -> np.ndarray:
     hi = -(1 << 63) + ((b + 1) << 64) // buckets  # exclusive; 2**63 for the last bucket
     pieces = []
     for path in parts:
-        ids = np.load(path, mmap_mode="r")
+        ids = load_array(path, mmap_mode="r")
         start = int(np.searchsorted(ids, lo, side="left"))
         stop = len(ids) if hi >= 1 << 63 else int(np.searchsorted(ids, hi, side="left"))
         if stop > start:
@@ -334,12 +376,12 @@ def uid_bucket(parts: Sequence[PathLike], b: int, buckets: int) -> np.ndarray:
 
 def concatenate_npy(parts: Sequence[PathLike], path: PathLike, dtype=np.int64) -> int:
     """Write the 1-D ``.npy`` parts, in order, as ONE ``.npy`` (streamed through a memory map, atomically)."""
-    sizes = [int(np.load(p, mmap_mode="r").shape[0]) for p in parts]
+    sizes = [int(load_array(p, mmap_mode="r").shape[0]) for p in parts]
     with atomic_output(path) as tmp:
         out = np.lib.format.open_memmap(tmp, mode="w+", dtype=dtype, shape=(sum(sizes),))
         start = 0
         for p, size in zip(parts, sizes):
-            out[start:start + size] = np.load(p, mmap_mode="r")
+            out[start:start + size] = load_array(p, mmap_mode="r")
             start += size
         out.flush()
         del out

@@ -32,6 +32,7 @@ import numpy as np
 
 from .captions import caption_words, padded, word_ngrams
 from .ranks import Ranks
+from .store import load_array
 
 # A short English stop-word list: mined entries must carry content, not "of the".
 STOPWORDS = frozenset("""a an the and or but if of at by for with about against between into through during before
@@ -235,7 +236,7 @@ def text_balance_stage(ranks: Ranks, folder: Path, num_chunks: int, chunk_rows: 
             offsets = np.cumsum([0] + [len(m) for m in found]).astype(np.int64)
             save_npz(path, {"offsets": offsets,
                             "entries": np.fromiter((e for m in found for e in m), np.int64, int(offsets[-1]))})
-        with np.load(path) as z:
+        with load_array(path) as z:
             counts += np.bincount(z["entries"], minlength=len(entries))
             unmatched += int((np.diff(z["offsets"]) == 0).sum())
     counts = ranks.all_reduce(counts)
@@ -246,12 +247,12 @@ def text_balance_stage(ranks: Ranks, folder: Path, num_chunks: int, chunk_rows: 
         path = part_path(folder / "rows", j)
         if not path.is_file():
             rows = chunk_rows(j)
-            with np.load(part_path(folder / "matches", j, ".npz")) as z:
+            with load_array(part_path(folder / "matches", j, ".npz")) as z:
                 offsets, found = z["offsets"], z["entries"]
             keep = balance_matches(offsets, found, columns(rows, ("uid",))["uid"], counts, t.t, seed,
                                    t.keep_unmatched)
             save_npy(path, rows[keep])
-        selected += len(np.load(path, mmap_mode="r"))
+        selected += len(load_array(path, mmap_mode="r"))
     selected = int(ranks.all_reduce(np.array([selected], np.int64))[0])
     if ranks.is_zero:
         log(f"text_balance: {len(entries):,} entries ({source}); {unmatched:,} captions match none; "

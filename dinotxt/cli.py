@@ -20,7 +20,7 @@
 
 Every CHECKPOINT / --checkpoint is a folder, a single file or hf-hub:org/name[@revision].
 User errors (bad config, missing files, wrong checkpoints) print one line and exit 2;
-set DINOTXT_DEBUG=1 to see the traceback instead. Progress goes through the ``dinotxt`` logger
+``--debug`` (anywhere on the line, or DINOTXT_DEBUG=1) shows the traceback instead. Progress goes through the ``dinotxt`` logger
 (INFO on stdout; ``--quiet`` anywhere on the line keeps warnings only). Nothing here imports
 torch before a command runs, so ``dinotxt --help`` answers at once.
 """
@@ -447,6 +447,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="dinotxt", description="Align text to a frozen vision encoder (dino.txt / LiT).")
     opt = shared_options()
     p.add_argument("-q", "--quiet", action="store_true", help="show warnings and results only, not progress messages")
+    p.add_argument("--debug", action="store_true", help="show an error's traceback instead of its one line "
+                                                        "(or set DINOTXT_DEBUG=1); accepted anywhere on the line")
     sub = p.add_subparsers(dest="command", required=True)
 
     t = sub.add_parser("train", help="train an aligner from a recipe YAML", parents=[opt["trust"]])
@@ -638,7 +640,8 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     argv = list(sys.argv[1:] if argv is None else argv)
     quiet = any(a in ("--quiet", "-q") for a in argv)  # accepted anywhere on the line
-    argv = [a for a in argv if a not in ("--quiet", "-q")]
+    debug = "--debug" in argv or bool(os.environ.get("DINOTXT_DEBUG"))  # errors as tracebacks
+    argv = [a for a in argv if a not in ("--quiet", "-q", "--debug")]
     setup_console(logging.WARNING if quiet else logging.INFO)
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
@@ -647,7 +650,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         args.overrides = list(args.overrides) + extra
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
-    if os.environ.get("DINOTXT_DEBUG"):
+    if debug:
         return args.func(args)
     from curation.ranks import ProcessGroupError
 
@@ -655,12 +658,16 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     try:
         return args.func(args)
-    except (ConfigError, FileNotFoundError, ValueError, ImportError, FloatingPointError, ProcessGroupError) as e:
+    except (ConfigError, OSError, ValueError, ImportError, FloatingPointError, ProcessGroupError) as e:
         print(f"dinotxt: error: {error_line(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("dinotxt: interrupted; finished checkpoints are kept (continue with --resume)", file=sys.stderr)
         return 130
+    except Exception as e:  # not a message of ours: one line, and how to see where it came from
+        print(f"dinotxt: error: {type(e).__name__}: {error_line(e)} (rerun with --debug for the traceback)",
+              file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

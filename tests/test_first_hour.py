@@ -72,3 +72,90 @@ print("RESULT", codes, bad)
     for name in ("overlay.png", "overlay_heatmaps.png", "segments.png", "seg/metrics.json", "model.safetensors",
                  "official/export.json", "tok.model"):
         assert (out / name).is_file(), name
+
+
+# ---------------------------------------------------------------------------- a bad file is one line
+
+CORRUPTIONS = ["missing", "empty", "truncated", "random", "wrong_type"]
+
+
+def _corrupt(path, how: str) -> None:
+    data = path.read_bytes()
+    if how in ("missing", "wrong_type"):
+        path.unlink()
+        if how == "wrong_type":
+            path.mkdir()  # a folder where the file should be
+    else:
+        path.write_bytes({"empty": b"", "truncated": data[: len(data) // 2],
+                          "random": bytes(range(256)) * max(1, len(data) // 1024)}[how])
+
+
+def _one_line(capsys, code, *names):
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert code == 2 and len(err) == 1 and err[0].startswith("dinotxt: error: "), (code, err)
+    assert any(name in err[0] for name in names), err[0]
+    return err[0]
+
+
+@pytest.fixture(scope="module")
+def shared_checkpoint(tmp_path_factory):
+    from dinotxt.checkpoint.export import export_safetensors
+    from dinotxt.data.world import write_split
+
+    root = tmp_path_factory.mktemp("bad_checkpoint")
+    folder = _checkpoint(root)
+    single = export_safetensors(folder, root / "single.safetensors")["out"]
+    write_split(root / "eval", 4, seed=1, size=32, samples_per_shard=4, max_objects=1, image_folder=True)
+    return folder, single, root / "eval" / "classes"
+
+
+@pytest.mark.parametrize("how", CORRUPTIONS)
+@pytest.mark.parametrize("name", ["config.yaml", "model.safetensors", "tokenizer.model", "single file"])
+def test_a_damaged_checkpoint_file_is_one_line_naming_it(shared_checkpoint, tmp_path, capsys, name, how):
+    """Each file of a checkpoint (and a single-file checkpoint), missing, empty, cut, random or a folder: both a
+    command that builds the model and one that only reads the files stop with one line and exit 2."""
+    import shutil
+
+    from dinotxt.cli import main
+
+    folder, single, images = shared_checkpoint
+    if name == "single file":
+        target = shutil.copy(single, tmp_path / "model_copy.safetensors")
+        arg, damaged = str(target), target
+    else:
+        arg = str(shutil.copytree(folder, tmp_path / "ckpt"))
+        damaged = tmp_path / "ckpt" / name
+    _corrupt(damaged if name != "single file" else tmp_path / "model_copy.safetensors", how)
+    for command in (["eval", "zeroshot", "--checkpoint", arg, "--data", str(images), "--templates", "simple",
+                     "--num-workers", "0"],
+                    ["export", arg, "--format", "official", "--out", str(tmp_path / "out")]):
+        _one_line(capsys, main(command), str(damaged) if how != "missing" or name == "single file" else arg)
+
+
+@pytest.mark.parametrize("how", CORRUPTIONS)
+@pytest.mark.parametrize("name", ["embed/image/000000.npy", "embed/meta/000000.parquet", "dedup/removed.npy",
+                                  "cluster/level1/centroids.npy"])
+def test_a_damaged_curation_file_is_one_line_naming_it(curation_reference, tmp_path, capsys, name, how):
+    """A stage's output missing, empty, cut, random or a folder, read by the stages after it (their done
+    records removed so they run again): one line naming the file and what to do, exit 2. (What a rerun writes
+    again instead, a stage's done.json, config.yaml, the embed stage's rows.npy index, is not an error.)"""
+    import shutil
+
+    from curation_helpers import RECIPE
+    from dinotxt.cli import main
+
+    out, _ = curation_reference
+    work = shutil.copytree(out, tmp_path / "out")
+    run = next(p for p in work.iterdir() if p.is_dir())
+    order = ["embed", "embed_text", "dedup", "cluster/level1", "cluster/level2", "image_balance", "text_balance",
+             "curated", "report"]
+    stage = next(s for s in order if name.startswith(s + "/"))
+    for later in order[order.index(stage) + 1:]:
+        (run / later / "done.json").unlink(missing_ok=True)
+    _corrupt(run / name, how)
+    from omegaconf import OmegaConf
+
+    data = OmegaConf.load(run / "config.yaml").pool.data
+    code = main(["-q", "curate", RECIPE, f"pool.data={data}", f"output_dir={work}", "combine.write_shards=false",
+                 "report.plots=false"])
+    _one_line(capsys, code, str(run / name))

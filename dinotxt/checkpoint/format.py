@@ -29,6 +29,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from ..text import TOKENIZER_FILES, tokenizer_kind
 from ..utils.fileio import atomic_output, atomic_write_bytes
+from ..utils.log import error_line
 from .record import (BACKBONE_PREFIX, CONFIG_NAME, SINGLE_FILE_FORMAT, TOKENIZER_TENSOR, WEIGHTS_NAME,
                      CheckpointRecord, backbone_weights, read_record)
 
@@ -152,7 +153,11 @@ def build_from_record(record: CheckpointRecord, device: Union[str, torch.device]
                                         **OmegaConf.to_container(b.kwargs))
         # the weights travel in the checkpoint; a config written from this model records the original file
         model.backbone.weights_file, model.backbone.rebuild_problem = recorded, None
-    model.load_trainable_state_dict(record.state)
+    try:
+        model.load_trainable_state_dict(record.state)
+    except (ValueError, RuntimeError, KeyError) as e:
+        weights = record.path if record.single_file else record.path / WEIGHTS_NAME
+        raise ValueError(f"{weights}: {error_line(e)}") from None
     model.eval().to(device)
     if tokenizer.vocab_size > mcfg.text.vocab_size:
         raise ValueError(f"tokenizer has {tokenizer.vocab_size} ids but the text tower only {mcfg.text.vocab_size}")

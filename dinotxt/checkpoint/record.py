@@ -11,12 +11,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, Optional, Union
+from typing import Any, Dict, Optional, Union
 
 import torch
 from omegaconf import DictConfig, OmegaConf
 
 from ..text import TOKENIZER_FILES, build_tokenizer
+from ..utils.log import error_line
 
 PathLike = Union[str, Path]
 StateDict = Dict[str, torch.Tensor]
@@ -47,6 +48,7 @@ class CheckpointRecord:
     tokenizer_bytes: bytes
     backbone_state: Optional[StateDict] = None
     metadata: Dict[str, str] = field(default_factory=dict)
+    built_tokenizer: Any = field(default=None, repr=False)  # the tokenizer, rebuilt once when the record is read
 
     @property
     def single_file(self) -> bool:
@@ -74,7 +76,11 @@ class CheckpointRecord:
 
     def tokenizer(self, context_length: Optional[int] = None):
         """The checkpoint's tokenizer (``dinotxt.text``), ``context_length`` tokens per text."""
-        return build_tokenizer(self.tokenizer_kind, self.tokenizer_bytes, int(context_length or self.context_length))
+        length = int(context_length or self.context_length)
+        built = self.built_tokenizer
+        if built is not None and int(built.context_length) == length:
+            return built
+        return build_tokenizer(self.tokenizer_kind, self.tokenizer_bytes, length)
 
     def where(self) -> str:
         """The name to quote in a message about this checkpoint's config."""
@@ -103,6 +109,38 @@ def _tokenizer_section(cfg: DictConfig) -> DictConfig:
         or cfg.model.text.context_length})
 
 
+def read_config_file(path: Path) -> DictConfig:
+    """A checkpoint's ``config.yaml``; a file that is not YAML is one line naming it."""
+    try:
+        return OmegaConf.load(path)
+    except Exception as e:  # yaml's scanner / parser errors, undecodable bytes, a folder in its place
+        raise ValueError(f"{path} is not a readable YAML config ({error_line(e)}); was it written by dinotxt?") from None
+
+
+def _checked_config(cfg, where: str) -> DictConfig:
+    """The config of a checkpoint with its model section checked against the schema (an unknown key or a value
+    of the wrong type is one line naming the file) and its tokenizer section filled."""
+    from ..config import ModelConfig, merge_config
+
+    if not isinstance(cfg, DictConfig) or not isinstance(cfg.get("model"), DictConfig):
+        raise ValueError(f"{where} has no 'model' section; was it written by dinotxt?")
+    cfg.model = merge_config(OmegaConf.structured(ModelConfig), cfg.model, where)
+    cfg.tokenizer = _tokenizer_section(cfg)
+    return cfg
+
+
+def check_tokenizer(kind: str, data: bytes, context_length: int, where: str):
+    """The tokenizer a checkpoint's file rebuilds; a file that does not rebuild one is one line naming it."""
+    if not data:
+        raise ValueError(f"{where} is empty: the checkpoint's {kind} tokenizer file is damaged")
+    try:
+        return build_tokenizer(kind, data, context_length)
+    except ImportError:
+        raise
+    except Exception as e:  # sentencepiece's RuntimeError, a bad gzip, a bad tokenizer.json
+        raise ValueError(f"{where} is not a valid {kind} tokenizer file ({error_line(e)})") from None
+
+
 def _load_tensors(path: Path) -> StateDict:
     from safetensors.torch import load_file
 
@@ -112,18 +150,23 @@ def _load_tensors(path: Path) -> StateDict:
         raise ValueError(f"cannot read {path}: {e}") from None
 
 
+def _check_file(folder: Path, name: str, missing: str) -> None:
+    if (folder / name).is_dir():
+        raise IsADirectoryError(f"{folder / name} is a folder where the checkpoint's file should be: the checkpoint "
+                                "is damaged")
+    if not (folder / name).is_file():
+        raise FileNotFoundError(missing)
+
+
 def _read_folder(folder: Path, tensors: bool, with_backbone: bool):
-    if not (folder / WEIGHTS_NAME).is_file() or not (folder / CONFIG_NAME).is_file():
-        if not folder.exists():
-            raise FileNotFoundError(f"{folder} is not a dinotxt checkpoint: it does not exist")
-        raise FileNotFoundError(f"{folder} is not a dinotxt checkpoint: expected {WEIGHTS_NAME} and {CONFIG_NAME} in it")
-    cfg = OmegaConf.load(folder / CONFIG_NAME)
-    if not isinstance(cfg, DictConfig) or "model" not in cfg:
-        raise ValueError(f"{folder / CONFIG_NAME} has no 'model' section; was it written by dinotxt?")
-    cfg.tokenizer = _tokenizer_section(cfg)
+    if not folder.exists():
+        raise FileNotFoundError(f"{folder} is not a dinotxt checkpoint: it does not exist")
+    for name in (WEIGHTS_NAME, CONFIG_NAME):
+        _check_file(folder, name, f"{folder} is not a dinotxt checkpoint: expected {WEIGHTS_NAME} and {CONFIG_NAME} in it")
+    cfg = _checked_config(read_config_file(folder / CONFIG_NAME), str(folder / CONFIG_NAME))
     tok_path = folder / str(cfg.tokenizer.file)
-    if not tok_path.is_file():
-        raise FileNotFoundError(f"{folder} is not a complete dinotxt checkpoint: {cfg.tokenizer.file} is missing")
+    _check_file(folder, str(cfg.tokenizer.file), f"{folder} is not a complete dinotxt checkpoint: "
+                                                 f"{cfg.tokenizer.file} is missing")
     state = _load_tensors(folder / WEIGHTS_NAME) if tensors else {}
     backbone = None
     if tensors and with_backbone and (folder / BACKBONE_NAME).is_file():
@@ -146,8 +189,11 @@ def _read_single_file(path: Path, tensors: bool, with_backbone: bool):
         raise
     except Exception:
         raise ValueError(f"{path} is not a dinotxt checkpoint: {NOT_A_CHECKPOINT}") from None
-    cfg = OmegaConf.create(meta["config"])
-    cfg.tokenizer = _tokenizer_section(cfg)
+    try:
+        cfg = OmegaConf.create(meta["config"])
+    except Exception as e:
+        raise ValueError(f"{path}: the config in its metadata is not valid YAML ({error_line(e)})") from None
+    cfg = _checked_config(cfg, f"{path} (its config)")
     state, backbone = {}, None
     if tensors:
         state = _load_tensors(path)
@@ -175,7 +221,10 @@ def read_record(checkpoint: PathLike, cache_dir: Optional[PathLike] = None, tens
         path = path.parent
     reader = _read_single_file if path.is_file() else _read_folder
     cfg, state, tok_bytes, backbone, meta = reader(path, tensors, with_backbone)
-    return CheckpointRecord(source, path, cfg, state, tok_bytes, backbone, meta)
+    record = CheckpointRecord(source, path, cfg, state, tok_bytes, backbone, meta)
+    where = f"{path}[{TOKENIZER_TENSOR}]" if record.single_file else str(path / record.tokenizer_file)
+    record.built_tokenizer = check_tokenizer(record.tokenizer_kind, tok_bytes, record.context_length, where)
+    return record
 
 
 def backbone_weights(mcfg: DictConfig, override: Optional[str] = None, carried: bool = False,

@@ -38,6 +38,8 @@ def atomic_output(path: PathLike) -> Iterator[Path]:
             np.save(tmp, array)          # note: pass a file object to np.save, or it appends .npy
     """
     path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(f"{path} is a folder where dinotxt writes a file: move it away or write elsewhere")
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = temporary_sibling(path)
     try:
