@@ -322,7 +322,8 @@ class PoolIndex:
 
 
 def read_skipped(embed_dir: Path, units: List[DataUnit]) -> Dict[str, int]:
+    """The samples the embed stage skipped, by reason (the reasons that occurred)."""
     total: Counter = Counter()
     for u in units:
         total.update(read_json(embed_dir / "meta" / f"{u.index:06d}.json")["skipped"])
-    return {k: int(total.get(k, 0)) for k in SKIP_REASONS}
+    return {k: int(total[k]) for k in SKIP_REASONS if total.get(k)}

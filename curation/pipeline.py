@@ -41,7 +41,7 @@ from dinotxt.utils.fileio import atomic_write_text
 from .config import load_curation_config, per_level
 from .ranks import Ranks
 from .stages import Stage, fingerprint, run_stage
-from .store import EmbeddingStore, Grid, KeptRows, load_array, part_path, read_parts, save_npy, shard_paths
+from .store import EmbeddingStore, Grid, KeptRows, load_array, read_json, part_path, read_parts, save_npy, shard_paths
 
 log = logging.getLogger(__name__)
 
@@ -438,6 +438,11 @@ class Curation:
             c = report["concepts"]
             print(f"{'metadata entry entropy':<30} pool {c['pool']['normalized_entropy']:.3f} -> "
                   f"curated {c['curated']['normalized_entropy']:.3f}")
+        embedded = read_json(self.out / "embed" / "done.json").get("stats", {})
+        skipped = {k: v for k, v in (embedded.get("skipped") or {}).items() if v}
+        print(f"{'skipped while embedding':<30} "
+              + (", ".join(f"{k} {v:,}" for k, v in sorted(skipped.items())) or "none")
+              + (" (not in the pool above)" if skipped else ""))
         print("-" * 60)
         print(f"uids: {self.out}/curated/uids.npy   manifest: {self.out}/curated/manifest.parquet")
         if self.cfg.combine.write_shards:

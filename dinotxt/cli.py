@@ -53,8 +53,29 @@ def _cmd_train(args) -> int:
     from .train.run import run_training
 
     metrics = run_training(args.recipe, args.overrides, resume=args.resume, trust_code=args.trust_code)
-    print(json.dumps(metrics, indent=2))
+    print(run_table(metrics))
     return 0
+
+
+def run_table(metrics: dict) -> str:
+    """The end of a training run in a few lines (everything else is in the run's metrics.json)."""
+    rows = [("steps", f"{metrics['steps']:,}"),
+            ("training time", f"{metrics['train_seconds']:.0f} s"
+             + (f" ({metrics['train_seconds'] / metrics['steps']:.2f} s/step)" if metrics.get("steps") else "")),
+            ("final training loss", f"{metrics['final_train_loss']:.3f}"),
+            ("temperature 1/t", f"{metrics['logit_scale']:.1f}")]
+    if metrics.get("cache_seconds"):
+        rows.append(("feature cache built", f"{metrics['cache_seconds']:.0f} s"))
+    skipped = metrics.get("skipped_samples") or {}
+    rows.append(("skipped samples", ", ".join(f"{k} {v:,}" for k, v in sorted(skipped.items())) or "none"))
+    zs = metrics.get("zeroshot")
+    if zs:
+        rows.append(("zero-shot top-1 / top-5", f"{100 * zs['top1']:.1f}% / {100 * zs['top5']:.1f}% "
+                     f"(chance {100 * zs['chance_top1']:.1f}%, {zs['num_images']:,} images, {zs['num_classes']} classes)"))
+    width = max(len(k) for k, _ in rows)
+    lines = [f"{k:<{width}}  {v}" for k, v in rows]
+    lines.append(f"{'run folder':<{width}}  {metrics['run_dir']} (all metrics: metrics.json)")
+    return "\n".join(lines)
 
 
 def _cmd_cache(args) -> int:

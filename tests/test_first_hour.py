@@ -159,3 +159,73 @@ def test_a_damaged_curation_file_is_one_line_naming_it(curation_reference, tmp_p
     code = main(["-q", "curate", RECIPE, f"pool.data={data}", f"output_dir={work}", "combine.write_shards=false",
                  "report.plots=false"])
     _one_line(capsys, code, str(run / name))
+
+
+# ---------------------------------------------------------------------------- what a run says
+
+def test_the_step_timer_says_the_time_per_step_and_the_run_length(monkeypatch, caplog):
+    """After the first steps (the first one left out), one line: seconds per step, the whole run, what is left."""
+    import logging
+    from types import SimpleNamespace
+
+    import dinotxt.train.callbacks as callbacks
+
+    clock = iter([0.0, 10.0, 12.0, 14.0, 16.0, 18.0, 20.0, 22.0])
+    monkeypatch.setattr(callbacks.time, "monotonic", lambda: next(clock))
+    timer = callbacks.StepTimer(steps=5)
+    trainer = SimpleNamespace(global_step=0, max_steps=3000, is_global_zero=True)
+    with caplog.at_level(logging.INFO, logger="dinotxt"):
+        for step in range(1, 8):
+            trainer.global_step = step
+            timer.on_train_batch_end(trainer, None, None, None, step)
+    said = [r.getMessage() for r in caplog.records if "per step" in r.getMessage()]
+    assert timer.reported == 2.0 and len(said) == 1, said
+    assert said[0].startswith("2.00 s per step (measured over steps 3-7): 3,000 steps take about 1.7 h"), said[0]
+    assert callbacks.duration(42) == "42 s" and callbacks.duration(12 * 60) == "12 min"
+
+
+def test_a_missing_manifest_image_is_missing_file_not_bad_image(tmp_path):
+    from PIL import Image
+
+    from dinotxt.data.stream import ImageTextStream
+
+    Image.new("RGB", (8, 8)).save(tmp_path / "a.jpg")
+    rows = [(str(tmp_path / "a.jpg"), "a red square"), (str(tmp_path / "gone.jpg"), "a blue star")]
+    (tmp_path / "broken.jpg").write_bytes(b"not an image")
+    rows.append((str(tmp_path / "broken.jpg"), "a green circle"))
+    stream = ImageTextStream(manifest=rows, seed=0, shuffle_buffer=1)
+    reasons = [stream.decode({"__path__": p, "__caption__": c, "__key__": str(i)}, 0)[1]
+               for i, (p, c) in enumerate(rows)]
+    assert reasons == [None, "missing_file", "bad_image"]
+
+
+def test_a_cache_of_other_data_is_refused_before_anything_is_written_with_the_override(tmp_path, capsys):
+    """The feature cache is keyed by what it was built from: a second dataset on the same cache.path stops
+    before a tokenizer is trained or a run folder made, and the message gives the exact cache.path to use."""
+    from dinotxt.cli import main
+    from dinotxt.data.world import write_split
+
+    for name, seed in (("a", 0), ("b", 1)):
+        write_split(tmp_path / name, 16, seed=seed, size=32, samples_per_shard=16)
+    common = ["debug", f"output_dir={tmp_path / 'runs'}", f"cache.path={tmp_path / 'cache'}", "optim.max_steps=1",
+              "data.world.generate=false", "eval.zeroshot_dir=null", "trainer.val_every_n_steps=0",
+              "eval.diagnostics=null", "data.batch_size=8", "data.num_workers=0", "model.backbone.img_size=28"]
+    assert main(["-q", "cache", *common, f"data.train={tmp_path / 'a'}"]) == 0
+    capsys.readouterr()
+    code = main(["-q", "train", *common, f"data.train={tmp_path / 'b'}", "name=second"])
+    line = _one_line(capsys, code, "built from other data")
+    override = line.split("train with ")[1].split(" ")[0]
+    assert override.startswith(f"cache.path={tmp_path / 'cache'}_") and not (tmp_path / "runs" / "second").exists()
+    assert main(["-q", "train", *common, f"data.train={tmp_path / 'b'}", "name=second", override]) == 0
+
+
+def test_a_run_that_stops_on_bad_data_leaves_no_run_folder(tmp_path, capsys):
+    from dinotxt.cli import main
+
+    (tmp_path / "shards").mkdir()
+    (tmp_path / "shards" / "000000.tar").write_bytes(b"\0" * 10240)  # an empty tar: no samples
+    code = main(["-q", "train", "debug", f"output_dir={tmp_path / 'runs'}", f"data.train={tmp_path / 'shards'}",
+                 "data.world.generate=false", "eval.zeroshot_dir=null", "trainer.val_every_n_steps=0",
+                 "eval.diagnostics=null", "cache.path=null", "tokenizer.path=null", "data.num_workers=0"])
+    assert code != 0
+    assert not (tmp_path / "runs" / "debug").exists()

@@ -40,7 +40,7 @@ from ..config import ConfigError
 from ..models.vision_head import pooled_tokens_problem
 from ..models.weights import resolve_weights
 from ..models.transforms import IMAGENET_MEAN, IMAGENET_STD, eval_transform, train_transform
-from .sources import expand_shards, is_manifest, shard_name, shard_sizes
+from .sources import expand_shards, is_manifest, is_pipe, is_url, shard_name, shard_sizes
 from .stream import ImageTextStream, extract_caption, mix_seed, seeded_transform
 
 FORMAT_VERSION = 1
@@ -134,6 +134,10 @@ def backbone_fingerprint(backbone: torch.nn.Module) -> str:
 
 
 def source_fingerprint(cfg: DictConfig) -> Optional[Dict[str, Any]]:
+    """What the cached tokens were computed from: each shard's file name, size and, for a local file, a hash of
+    its first 4 KiB (the first member's tar header and bytes: two datasets whose shards have the same names
+    and padded sizes still differ), or the manifest's name and size. Not paths: the same shards moved, or
+    served over HTTP, still fit."""
     spec = cfg.data.train
     if spec is None:
         return None
@@ -141,10 +145,32 @@ def source_fingerprint(cfg: DictConfig) -> Optional[Dict[str, Any]]:
         p = Path(spec)
         if not p.is_file():
             raise FileNotFoundError(f"manifest not found: {p}")
-        return {"manifest": p.name, "bytes": p.stat().st_size}
+        return {"manifest": p.name, "bytes": p.stat().st_size, "head": _head_hash(p)}
     shards = expand_shards(spec)
-    # names and sizes, not paths: the same shards moved, or served over HTTP, still fit (pipe: sizes are None)
-    return {"shards": [{"file": shard_name(s), "bytes": size} for s, size in zip(shards, shard_sizes(shards))]}
+    return {"shards": [{"file": shard_name(s), "bytes": size,
+                        **({} if is_pipe(s) or is_url(s) else {"head": _head_hash(Path(s))})}
+                       for s, size in zip(shards, shard_sizes(shards))]}
+
+
+def _head_hash(path: Path, size: int = 4096) -> str:
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read(size)).hexdigest()[:16]
+
+
+def source_difference(recorded: Any, wanted: Any) -> Optional[Tuple[str, Any, Any]]:
+    """``spec_difference`` of two source fingerprints; a cache recorded before heads were hashed is compared
+    on names and sizes."""
+    def strip(source):
+        if not isinstance(source, dict):
+            return source
+        out = {k: v for k, v in source.items() if k != "head"}
+        if "shards" in out:
+            out["shards"] = [{k: v for k, v in s.items() if k != "head"} for s in out["shards"]]
+        return out
+
+    if isinstance(recorded, dict) and "head" not in json.dumps(recorded):
+        recorded, wanted = strip(recorded), strip(wanted)
+    return spec_difference(recorded, wanted, "source.")
 
 
 def spec_difference(recorded: Any, wanted: Any, prefix: str = "") -> Optional[Tuple[str, Any, Any]]:
@@ -231,20 +257,30 @@ class FeatureCache:
         raise KeyError(f"sample {key!r} is not in the feature cache {self.root}")
 
     def check_fits(self, cfg: DictConfig, backbone: Optional[torch.nn.Module] = None) -> None:
-        """Raise ConfigError if this cache was not built for the run ``cfg`` (and its live backbone)."""
+        """Raise ConfigError if this cache was not built for the run ``cfg`` (and its live backbone); the message
+        gives the exact ``cache.path=...`` of a cache that would fit."""
+        fresh = f"cache.path={sibling_cache_path(self.root, cfg)} (built first, automatically), or delete {self.root}"
         found = spec_difference({k: v for k, v in self.spec.items() if k not in _TRAIN_MAY_DIFFER},
                                 {k: v for k, v in cache_spec(cfg).items() if k not in _TRAIN_MAY_DIFFER})
         if found:
             field, recorded, wanted = found
             raise ConfigError(f"feature cache {self.root} was built with {field}={recorded!r} but this run has "
-                              f"{wanted!r}; rebuild it with `dinotxt cache RECIPE` into a new cache.path")
+                              f"{wanted!r}: train with {fresh}")
         source = source_fingerprint(cfg)
-        if source is not None and source != self.meta["source"]:
-            raise ConfigError(f"feature cache {self.root} was built from other data than data.train={cfg.data.train}; "
-                              "rebuild it, or set data.train=null to train on the cache alone")
+        if source is not None and source_difference(self.meta["source"], source):
+            raise ConfigError(f"feature cache {self.root} was built from other data ({self.meta.get('data')}) than "
+                              f"data.train={cfg.data.train}: train with {fresh}; or data.train=null to train on the "
+                              "cache alone")
         if backbone is not None and backbone_fingerprint(backbone) != self.meta["weights_hash"]:
             raise ConfigError(f"feature cache {self.root} was computed by a backbone with other weights than this "
-                              "run's (their hashes differ); rebuild the cache")
+                              f"run's (their hashes differ): train with {fresh}")
+
+
+def sibling_cache_path(root: Path, cfg: DictConfig) -> str:
+    """A cache folder next to ``root`` named by what the run's tokens depend on (spec and data), so a second
+    dataset or backbone gets its own cache: ``<root>_<8 hex digits>``."""
+    key = json.dumps({"spec": cache_spec(cfg), "source": source_fingerprint(cfg)}, sort_keys=True, default=str)
+    return f"{root}_{hashlib.sha256(key.encode()).hexdigest()[:8]}"
 
 
 # --------------------------------------------------------------------------- training stream

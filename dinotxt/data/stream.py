@@ -21,6 +21,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import os
 import random
 from collections import Counter
 from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
@@ -33,7 +34,7 @@ from .sources import iter_tar_samples
 log = logging.getLogger(__name__)
 
 # why a sample is skipped and counted, everywhere a source is read (training, the cache, curation, embed)
-SKIP_REASONS = ("bad_image", "no_image", "no_caption", "corrupt_shard")
+SKIP_REASONS = ("bad_image", "no_image", "missing_file", "no_caption", "corrupt_shard")
 _MASK64 = (1 << 64) - 1
 
 
@@ -210,6 +211,8 @@ class ImageTextStream(IterableDataset):
         caption = extract_caption(sample, self.caption_key, self.caption_json_field, random.Random(seed))
         if caption is None:
             return None, "no_caption"
+        if "__path__" in sample and not os.path.isfile(sample["__path__"]):
+            return None, "missing_file"  # a manifest row whose image is not there
         try:
             image = sample_image(sample, self.image_keys)
         except Exception:  # PIL raises many types for broken files; all mean "skip it"
@@ -235,9 +238,11 @@ class ImageTextStream(IterableDataset):
             decoded, reason = self.decode(sample, mix_seed(self.seed, reader, position))
             if decoded is None:
                 errors[reason] += 1
-                if errors[reason] <= 3 or errors[reason] % 1000 == 0:
-                    log.info(f"skipping sample {sample.get('__key__')!r}: {reason} "
-                          f"({errors[reason]} so far on reader {reader})")
+                if errors[reason] <= 3:  # the first few by name; the run's count is the one the datamodule keeps
+                    key = sample.get("__key__") or sample.get("__path__")
+                    more = f" (further {reason} samples of reader {reader} are counted, not named)" \
+                        if errors[reason] == 3 else ""
+                    log.warning(f"skipping sample {key!r}: {reason}{more}")
                 continue
             delta = {k: errors[k] - reported[k] for k in SKIP_REASONS}
             reported.update(delta)

@@ -106,10 +106,13 @@ class UnitSample:
     raw: Dict  # the tar members (for rewriting shards), or {"__path__": image path}
 
     def missing(self) -> Optional[str]:
-        """The reason this sample is skipped before any decoding (``no_caption``, ``no_image``), or None."""
+        """The reason this sample is skipped before any decoding (``no_caption``, ``no_image``, ``missing_file``:
+        a manifest row whose image file cannot be read), or None."""
         if self.caption is None:
             return "no_caption"
-        return "no_image" if self.image is None else None
+        if self.image is None:
+            return "missing_file" if "__path__" in self.raw else "no_image"
+        return None
 
 
 def iter_unit(unit: DataUnit, fmt, errors: Dict[str, int]) -> Iterator[UnitSample]:

@@ -20,7 +20,7 @@ from omegaconf import DictConfig
 
 from ..config import ConfigError
 from ..data.feature_cache import (FORMAT_VERSION, META_NAME, STORAGE, backbone_fingerprint, cache_spec, cache_views,
-                          source_fingerprint, spec_difference, view_transform)
+                          source_difference, source_fingerprint, spec_difference, view_transform)
 from ..data.stream import raw_caption
 from ..data.units import DataUnit, UnitSample, data_units
 from ..utils.fileio import atomic_output, atomic_write_json
@@ -122,7 +122,7 @@ def build_cache(cfg: DictConfig, device: Optional[str] = None, log: Optional[Cal
     meta_path = root / META_NAME
     if meta_path.is_file():
         old = json.loads(meta_path.read_text())
-        found = spec_difference(old.get("spec"), spec) or spec_difference(old.get("source"), source, "source.")
+        found = spec_difference(old.get("spec"), spec) or source_difference(old.get("source"), source)
         if found:
             field, recorded, wanted = found
             raise ConfigError(f"{root} holds a feature cache built with {field}={recorded!r}, but the recipe asks for "

@@ -14,6 +14,7 @@ checkpoints never fall inside an accumulation cycle.
 """
 from __future__ import annotations
 
+import logging
 from collections import Counter
 from itertools import islice
 from typing import Dict, Iterator, List, Optional
@@ -30,6 +31,16 @@ from ..data.sources import expand_shards, is_manifest, read_manifest
 from ..data.stream import ImageTextStream, collate_image_text
 from ..models.transforms import eval_transform, train_transform
 from .gradcache import merge_micro_batches, micro_batches_per_step
+
+log = logging.getLogger(__name__)
+
+
+def _worth_saying(before: int, total: int) -> bool:
+    """Say the running count at 1-10, then each time it passes a power of ten times 1, 2 or 5."""
+    if total <= 10:
+        return True
+    marks = [m * 10 ** e for e in range(1, 12) for m in (1, 2, 5)]
+    return any(before < mark <= total for mark in marks)
 
 
 class ImageTextDataModule(L.LightningDataModule):
@@ -64,7 +75,13 @@ class ImageTextDataModule(L.LightningDataModule):
         """A consumed training batch: its readers' positions and its skip counts."""
         for reader, pos in batch["positions"].items():
             self.positions[int(reader)] = max(self.positions.get(int(reader), 0), int(pos))
-        self.skipped.update({k: v for k, v in batch["skipped"].items() if v})
+        new = {k: v for k, v in batch["skipped"].items() if v}
+        before = sum(self.skipped.values())
+        self.skipped.update(new)
+        total = sum(self.skipped.values())
+        if new and _worth_saying(before, total):  # the count metrics.json ends with, as it grows
+            counts = ", ".join(f"{k} {v:,}" for k, v in sorted(self.skipped.items()))
+            log.warning(f"skipped {total:,} samples so far on this rank ({counts})")
         self.batches += int(batch.get("loader_batches", 1))  # loader batches: the readers take turns per batch
 
     def train_dataloader(self):

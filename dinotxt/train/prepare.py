@@ -20,6 +20,30 @@ from ..utils.fileio import atomic_write_bytes
 log = logging.getLogger(__name__)
 
 
+def check_inputs(cfg: DictConfig, backbone: torch.nn.Module) -> None:
+    """What the run reads, checked before anything is written: the training data exists (shards expand, a
+    manifest is there), the zero-shot folder exists, and a finished feature cache fits this run's backbone,
+    transform and data (else the message names the ``cache.path`` that would)."""
+    from pathlib import Path
+
+    from ..data.feature_cache import FeatureCache
+    from ..data.sources import expand_shards, is_manifest
+
+    spec = cfg.data.train
+    if spec is not None and is_manifest(spec) and not Path(spec).is_file():
+        raise FileNotFoundError(f"data.train={spec}: manifest not found")
+    if spec is not None and not is_manifest(spec):
+        expand_shards(spec)  # raises on missing shards
+    if cfg.eval.zeroshot_dir and not Path(cfg.eval.zeroshot_dir).is_dir():
+        raise FileNotFoundError(f"eval.zeroshot_dir={cfg.eval.zeroshot_dir} is not a folder (one sub-folder of "
+                                "images per class); point it at one, or set eval.zeroshot_dir=null")
+    if cfg.cache.path and cache_complete(cfg.cache.path):
+        FeatureCache(cfg.cache.path).check_fits(cfg, backbone)
+    elif not cfg.data.train:
+        raise ConfigError("no training data: set data.train to the shards or manifest to train on"
+                          + (f" (the feature cache {cfg.cache.path} is not complete)" if cfg.cache.path else ""))
+
+
 def prepare_feature_cache(cfg: DictConfig, backbone: torch.nn.Module, trust_code: bool = False) -> Optional[dict]:
     """Build ``cache.path`` with the run's frozen ``backbone`` when the recipe trains on a cache that is not
     complete yet (one process: with several, ``dinotxt cache RECIPE`` first, as the loader says). Returns the
@@ -109,4 +133,4 @@ def fit_config_to_tokenizer(cfg: DictConfig, tokenizer, init=None) -> DictConfig
     return cfg
 
 
-__all__ = ["prepare_feature_cache", "prepare_tokenizer", "tokenizer_choice", "fit_config_to_tokenizer"]
+__all__ = ["check_inputs", "prepare_feature_cache", "prepare_tokenizer", "tokenizer_choice", "fit_config_to_tokenizer"]

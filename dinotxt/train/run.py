@@ -15,8 +15,10 @@ to bottom: the parts are built once, each preparation step skips when its output
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import shutil
 import time
 from pathlib import Path
 from typing import Dict, List, Optional
@@ -33,12 +35,12 @@ from ..evaluation.zeroshot import zeroshot_task
 from ..models.factory import create_backbone, create_model
 from ..utils.fileio import atomic_write_bytes
 from ..utils.log import quiet_lightning
-from .callbacks import PeriodicCheckpoint
+from .callbacks import PeriodicCheckpoint, StepTimer
 from .datamodule import ImageTextDataModule, StreamProgress
 from .diagnostics import diagnostics_callbacks
 from .gradcache import check_batch_config, micro_batches_per_step
 from .loggers import build_loggers, check_loggers
-from .prepare import fit_config_to_tokenizer, prepare_feature_cache, prepare_tokenizer
+from .prepare import check_inputs, fit_config_to_tokenizer, prepare_feature_cache, prepare_tokenizer
 from .strategy import build_strategy
 from .summary import plot_loss_curve, run_metrics
 from .system import DinoTxtSystem
@@ -83,47 +85,61 @@ def train(cfg: DictConfig, resume: bool = False, trust_code: bool = False) -> Di
     init = read_init_source(cfg.model.init_from)  # what model.init_from names, read before anything is built
     b = cfg.model.backbone
     backbone = create_backbone(b, trust_code=trust_code, trainable_blocks=b.trainable_blocks)  # built once
+    check_inputs(cfg, backbone)  # data, zero-shot folder, a finished cache: before anything is written
     cached = prepare_feature_cache(cfg, backbone, trust_code)  # skips when the cache is complete
     L.seed_everything(cfg.seed, workers=True, verbose=False)  # after the cache: the same run whether it was built now
 
+    with run_folder(run_dir):  # a run that stops before its first checkpoint leaves no folder behind
+        tokenizer = prepare_tokenizer(cfg, run_dir, init)  # skips when the run folder holds it
+        cfg = fit_config_to_tokenizer(cfg, tokenizer, init)
+        OmegaConf.set_readonly(cfg, True)  # resolved: nothing below changes it
+        atomic_write_bytes(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True).encode())
+
+        val_dir, zeroshot = cfg.eval.zeroshot_dir, None
+        if val_dir:
+            val_dir, zeroshot = zeroshot_task(val_dir, tokenizer, cfg.eval.classnames, cfg.eval.templates)
+        datamodule = ImageTextDataModule(cfg, tokenizer, val_dir if cfg.trainer.val_every_n_steps > 0 else None)
+        model = build_model(cfg, backbone, init, datamodule)
+        system = DinoTxtSystem(model, cfg.optim, cfg.seed, cfg.trainer.backbone_autocast, zeroshot,
+                               loss_block_size=cfg.loss.block_size, grad_cache=bool(cfg.data.global_batch),
+                               loss_kind=cfg.loss.kind)
+        trainer = build_trainer(cfg, run_dir, datamodule, tokenizer, validates=bool(val_dir))
+
+        start = time.time()
+        last = run_dir / "checkpoints" / "last.ckpt"
+        trainer.fit(system, datamodule=datamodule, ckpt_path=str(last) if resume else None)
+        metrics = run_metrics(cfg, trainer, system, datamodule, val_dir, zeroshot, tokenizer, time.time() - start)
+        if cached is not None:
+            metrics["cache_seconds"] = cached["seconds"]
+        if trainer.is_global_zero:
+            # the batch sets the InfoNCE's chance level; the sigmoid loss has none (it depends on the bias)
+            batch = cfg.data.global_batch or cfg.data.batch_size * trainer.world_size
+            plot_loss_curve(run_dir, batch if cfg.loss.kind == "infonce" else None)
+            atomic_write_bytes(run_dir / "metrics.json", json.dumps(metrics, indent=2).encode())
+        metrics["run_dir"] = str(run_dir)
+        return metrics
+
+
+@contextlib.contextmanager
+def run_folder(run_dir: Path):
+    """Create ``run_dir``; when what runs inside fails before the run's first checkpoint, remove it again if
+    this run created it (a bad shard, a wrong setting): finished work is never removed."""
+    created = not run_dir.exists()
     run_dir.mkdir(parents=True, exist_ok=True)
-    tokenizer = prepare_tokenizer(cfg, run_dir, init)  # skips when the run folder holds it
-    cfg = fit_config_to_tokenizer(cfg, tokenizer, init)
-    OmegaConf.set_readonly(cfg, True)  # resolved: nothing below changes it
-    atomic_write_bytes(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True).encode())
-
-    val_dir, zeroshot = cfg.eval.zeroshot_dir, None
-    if val_dir:
-        val_dir, zeroshot = zeroshot_task(val_dir, tokenizer, cfg.eval.classnames, cfg.eval.templates)
-    datamodule = ImageTextDataModule(cfg, tokenizer, val_dir if cfg.trainer.val_every_n_steps > 0 else None)
-    model = build_model(cfg, backbone, init, datamodule)
-    system = DinoTxtSystem(model, cfg.optim, cfg.seed, cfg.trainer.backbone_autocast, zeroshot,
-                           loss_block_size=cfg.loss.block_size, grad_cache=bool(cfg.data.global_batch),
-                           loss_kind=cfg.loss.kind)
-    trainer = build_trainer(cfg, run_dir, datamodule, tokenizer, validates=bool(val_dir))
-
-    start = time.time()
-    last = run_dir / "checkpoints" / "last.ckpt"
-    trainer.fit(system, datamodule=datamodule, ckpt_path=str(last) if resume else None)
-    metrics = run_metrics(cfg, trainer, system, datamodule, val_dir, zeroshot, tokenizer, time.time() - start)
-    if cached is not None:
-        metrics["cache_seconds"] = cached["seconds"]
-    if trainer.is_global_zero:
-        # the contrastive batch sets the InfoNCE's chance level; the sigmoid loss has no such line (it depends on the bias)
-        batch = cfg.data.global_batch or cfg.data.batch_size * trainer.world_size
-        plot_loss_curve(run_dir, batch if cfg.loss.kind == "infonce" else None)
-        atomic_write_bytes(run_dir / "metrics.json", json.dumps(metrics, indent=2).encode())
-    metrics["run_dir"] = str(run_dir)
-    return metrics
+    try:
+        yield run_dir
+    except BaseException:
+        if created and not (run_dir / "checkpoints" / "last.ckpt").exists() and not (run_dir / "checkpoint").exists():
+            shutil.rmtree(run_dir, ignore_errors=True)
+        raise
 
 
 def build_model(cfg: DictConfig, backbone, init, datamodule: ImageTextDataModule):
     """The aligned model around the run's frozen backbone, initialised from ``model.init_from`` (on resume the
-    checkpoint's weights replace it), checked against the feature cache it trains on, compiled when asked."""
+    checkpoint's weights replace it), compiled when asked."""
     model = create_model(cfg.model, frozen_backbone=backbone)
     apply_init(model, init)
-    if datamodule.cache is not None:  # refuse features of another backbone, image size, transform or data
-        datamodule.cache.check_fits(cfg, model.backbone)
+    if datamodule.cache is not None:  # check_inputs made sure it fits
         log.info(f"training on the feature cache {cfg.cache.path} ({len(datamodule.cache.names)} shards, "
                  f"{datamodule.cache.views} view(s), tokens={datamodule.cache.spec['tokens']}): the backbone runs only "
                  "for validation")
@@ -151,6 +167,7 @@ def build_trainer(cfg: DictConfig, run_dir: Path, datamodule: ImageTextDataModul
         num_sanity_val_steps=0, limit_val_batches=1.0 if val_every else 0,
         logger=build_loggers(cfg, run_dir) or False,  # trainer.logger: csv, tensorboard, wandb, mlflow
         callbacks=[TQDMProgressBar(refresh_rate=max(1, t.log_every_n_steps // 5)),
+                   StepTimer(),  # the measured time per step and the run's expected length
                    StreamProgress(datamodule),  # before the checkpoint: a checkpoint includes its batch
                    PeriodicCheckpoint(run_dir, t.checkpoint_every_n_steps, tokenizer, cfg)]
                   + diagnostics_callbacks(cfg, tokenizer, run_dir, validates=bool(val_every)),

@@ -22,6 +22,16 @@ class _Stdout(logging.StreamHandler):
     def stream(self, value):  # StreamHandler.__init__ assigns it; the property decides
         pass
 
+    def emit(self, record: logging.LogRecord) -> None:
+        tqdm = sys.modules.get("tqdm")
+        if tqdm is not None and getattr(tqdm.tqdm, "_instances", None):  # a progress bar is on the line
+            try:
+                tqdm.tqdm.write(self.format(record), file=sys.stdout)  # above the bar, not glued to it
+                return
+            except Exception:
+                pass
+        super().emit(record)
+
 
 class _Format(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
