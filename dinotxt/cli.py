@@ -72,6 +72,17 @@ def run_table(metrics: dict) -> str:
     if zs:
         rows.append(("zero-shot top-1 / top-5", f"{100 * zs['top1']:.1f}% / {100 * zs['top5']:.1f}% "
                      f"(chance {100 * zs['chance_top1']:.1f}%, {zs['num_images']:,} images, {zs['num_classes']} classes)"))
+    held = metrics.get("holdout")
+    if held and held.get("last"):
+        last, best = held["last"], held["best"]
+        rows.append((f"held-out pairs ({held['pairs']:,})",
+                     f"loss {last['loss']:.3f}, R@1 image->text {100 * last['i2t_R@1']:.1f}% / text->image "
+                     f"{100 * last['t2i_R@1']:.1f}%; best at step {best['step']:,} (checkpoint_best/)"))
+        if held.get("parted"):
+            p = held["parted"]
+            rows.append(("warning", f"validation loss rose from {p['val_loss'][0]:.3f} (step {p['step']:,}) to "
+                                    f"{p['val_loss'][1]:.3f} while training loss fell from {p['train_loss'][0]:.3f} to "
+                                    f"{p['train_loss'][1]:.3f}: the text tower memorises the training captions"))
     width = max(len(k) for k, _ in rows)
     lines = [f"{k:<{width}}  {v}" for k, v in rows]
     lines.append(f"{'run folder':<{width}}  {metrics['run_dir']} (all metrics: metrics.json)")

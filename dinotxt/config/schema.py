@@ -165,6 +165,9 @@ class DataConfig(SourceConfig):
     global_batch: Optional[int] = None
     num_workers: int = 4
     shuffle_buffer: int = 2000
+    # pairs held out of training for validation (loss, retrieval R@1, the best checkpoint; dinotxt.data.holdout):
+    # a fraction, 0 for none, or auto: 5% (at most 1,000 pairs) when the data holds 1,000 to 100,000 pairs
+    holdout: Any = "auto"
     crop_scale: List[float] = field(default_factory=lambda: [0.08, 1.0])
     hflip: float = 0.5
     world: WorldConfig = field(default_factory=WorldConfig)  # write the procedural world first (world.generate)

@@ -29,6 +29,7 @@ from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
+from .holdout import in_holdout
 from .sources import iter_tar_samples
 
 log = logging.getLogger(__name__)
@@ -125,7 +126,8 @@ class ImageTextStream(IterableDataset):
                  image_keys: Sequence[str] = ("jpg", "jpeg", "png", "webp"), caption_key: str = "txt",
                  caption_json_field: str = "caption", seed: int = 0, shuffle_buffer: int = 2000,
                  rank: Optional[int] = None, world_size: Optional[int] = None,
-                 start_positions: Optional[Dict[int, int]] = None, reader_offset: int = 0):
+                 start_positions: Optional[Dict[int, int]] = None, reader_offset: int = 0,
+                 holdout: float = 0.0):
         super().__init__()
         if (shards is None) == (manifest is None):
             raise ValueError("give exactly one of shards or manifest")
@@ -141,6 +143,7 @@ class ImageTextStream(IterableDataset):
         self.rank, self.world_size = rank, world_size
         self.start_positions = dict(start_positions or {})
         self.reader_offset = int(reader_offset)
+        self.holdout = float(holdout)  # the fraction of pairs held out for validation (dinotxt.data.holdout)
 
     # ------------------------------------------------------------------ layout
     def _reader(self) -> Tuple[int, int]:
@@ -205,6 +208,21 @@ class ImageTextStream(IterableDataset):
                 raise RuntimeError(f"reader {reader}/{readers} got no samples from the data; check data.train")
             epoch += 1
 
+    def held_out(self, limit: Optional[int] = None) -> List[Dict]:
+        """The decoded held-out pairs of the whole source, in a fixed order (one pass, one reader; the
+        stream's transform, so give it the evaluation transform): the validation split."""
+        out: List[Dict] = []
+        errors: Counter = Counter()
+        for i, sample in enumerate(self._raw_epoch(0, 0, 1, errors)):
+            if not in_holdout(str(sample.get("__key__")), self.seed, self.holdout):
+                continue
+            decoded, _ = self.decode(sample, mix_seed(self.seed, 1_000_003, i))
+            if decoded is not None:
+                out.append(decoded)
+            if limit is not None and len(out) >= limit:
+                break
+        return out
+
     # ------------------------------------------------------------------ decoding
     def decode(self, sample: Dict, seed: int) -> Tuple[Optional[Dict], Optional[str]]:
         """(decoded sample, None) or (None, skip reason); every random draw comes from ``seed``."""
@@ -235,6 +253,8 @@ class ImageTextStream(IterableDataset):
             position += 1
             if position <= start:
                 continue
+            if self.holdout and in_holdout(str(sample.get("__key__")), self.seed, self.holdout):
+                continue  # a validation pair: never trained on
             decoded, reason = self.decode(sample, mix_seed(self.seed, reader, position))
             if decoded is None:
                 errors[reason] += 1

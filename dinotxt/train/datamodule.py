@@ -27,6 +27,7 @@ from omegaconf import DictConfig
 from torch.utils.data import DataLoader
 
 from ..data.folder import ImageFolderDataset
+from ..data.holdout import estimate_pairs, holdout_fraction
 from ..data.sources import expand_shards, is_manifest, read_manifest
 from ..data.stream import ImageTextStream, collate_image_text
 from ..models.transforms import eval_transform, train_transform
@@ -66,10 +67,14 @@ class ImageTextDataModule(L.LightningDataModule):
             from ..data.feature_cache import FeatureCache
 
             self.cache = FeatureCache(cfg.cache.path)
+            pairs = len(self.cache)
         elif is_manifest(d.train):
             self.manifest = read_manifest(d.train, d.manifest_image_column, d.manifest_caption_column)
+            pairs = len(self.manifest)
         else:
             self.shards = expand_shards(d.train)
+            pairs = estimate_pairs(self.shards)
+        self.holdout = holdout_fraction(d.holdout, pairs)  # the share of pairs kept for validation
 
     def record(self, batch: Dict) -> None:
         """A consumed training batch: its readers' positions and its skip counts."""
@@ -90,7 +95,7 @@ class ImageTextDataModule(L.LightningDataModule):
         world = self.trainer.world_size if self.trainer else 1
         common = dict(tokenizer=self.tokenizer, seed=self.cfg.seed, shuffle_buffer=d.shuffle_buffer, rank=rank,
                       world_size=world, start_positions=self.positions,
-                      reader_offset=self.batches % max(1, d.num_workers))
+                      reader_offset=self.batches % max(1, d.num_workers), holdout=self.holdout)
         if self.cache is not None:
             from ..data.feature_cache import CachedFeatureStream
 
@@ -108,6 +113,23 @@ class ImageTextDataModule(L.LightningDataModule):
         if not d.global_batch:
             return loader
         return StepBatches(loader, micro_batches_per_step(d.global_batch, d.batch_size, world))
+
+    def held_out_pairs(self) -> List[Dict]:
+        """The validation split (``data.holdout``): its pairs decoded with the evaluation transform (or read from
+        the feature cache) and tokenized; empty when nothing is held out."""
+        if not self.holdout:
+            return []
+        d = self.cfg.data
+        common = dict(tokenizer=self.tokenizer, seed=self.cfg.seed, shuffle_buffer=0, rank=0, world_size=1,
+                      holdout=self.holdout)
+        if self.cache is not None:
+            from ..data.feature_cache import CachedFeatureStream
+
+            return CachedFeatureStream(self.cache, **common).held_out()
+        return ImageTextStream(shards=self.shards, manifest=self.manifest,
+                               transform=eval_transform(self.cfg.model.backbone.img_size),
+                               image_keys=list(d.image_keys), caption_key=d.caption_key,
+                               caption_json_field=d.caption_json_field, **common).held_out()
 
     def val_dataloader(self) -> List[DataLoader]:
         if not self.val_dir:

@@ -35,7 +35,7 @@ from ..evaluation.zeroshot import zeroshot_task
 from ..models.factory import create_backbone, create_model
 from ..utils.fileio import atomic_write_bytes
 from ..utils.log import quiet_lightning
-from .callbacks import PeriodicCheckpoint, StepTimer
+from .callbacks import HoldoutValidation, PeriodicCheckpoint, StepTimer
 from .datamodule import ImageTextDataModule, StreamProgress
 from .diagnostics import diagnostics_callbacks
 from .gradcache import check_batch_config, micro_batches_per_step
@@ -100,10 +100,12 @@ def train(cfg: DictConfig, resume: bool = False, trust_code: bool = False) -> Di
             val_dir, zeroshot = zeroshot_task(val_dir, tokenizer, cfg.eval.classnames, cfg.eval.templates)
         datamodule = ImageTextDataModule(cfg, tokenizer, val_dir if cfg.trainer.val_every_n_steps > 0 else None)
         model = build_model(cfg, backbone, init, datamodule)
+        holdout = holdout_validation(cfg, datamodule, run_dir, tokenizer)  # None when no pairs are held out
         system = DinoTxtSystem(model, cfg.optim, cfg.seed, cfg.trainer.backbone_autocast, zeroshot,
                                loss_block_size=cfg.loss.block_size, grad_cache=bool(cfg.data.global_batch),
                                loss_kind=cfg.loss.kind)
-        trainer = build_trainer(cfg, run_dir, datamodule, tokenizer, validates=bool(val_dir))
+        trainer = build_trainer(cfg, run_dir, datamodule, tokenizer, validates=bool(val_dir),
+                                extra=[holdout] if holdout else [])
 
         start = time.time()
         last = run_dir / "checkpoints" / "last.ckpt"
@@ -111,6 +113,8 @@ def train(cfg: DictConfig, resume: bool = False, trust_code: bool = False) -> Di
         metrics = run_metrics(cfg, trainer, system, datamodule, val_dir, zeroshot, tokenizer, time.time() - start)
         if cached is not None:
             metrics["cache_seconds"] = cached["seconds"]
+        if holdout is not None:
+            metrics["holdout"] = holdout.summary()
         if trainer.is_global_zero:
             # the batch sets the InfoNCE's chance level; the sigmoid loss has none (it depends on the bias)
             batch = cfg.data.global_batch or cfg.data.batch_size * trainer.world_size
@@ -149,8 +153,21 @@ def build_model(cfg: DictConfig, backbone, init, datamodule: ImageTextDataModule
     return model
 
 
+def holdout_validation(cfg: DictConfig, datamodule: ImageTextDataModule, run_dir: Path,
+                       tokenizer) -> Optional[HoldoutValidation]:
+    """Validation on the pairs ``data.holdout`` keeps out of training, at the zero-shot validation's steps (or
+    ten times over the run), keeping the best checkpoint; None when nothing is held out."""
+    pairs = datamodule.held_out_pairs()
+    if not pairs:
+        return None
+    every = cfg.trainer.val_every_n_steps if cfg.trainer.val_every_n_steps > 0 else max(1, cfg.optim.max_steps // 10)
+    log.info(f"validation: {len(pairs):,} pairs held out of training (data.holdout={cfg.data.holdout}; "
+             f"{100 * datamodule.holdout:.1f}% of the pairs), measured every {every} steps")
+    return HoldoutValidation(pairs, run_dir, every, tokenizer, cfg, batch_size=cfg.eval.batch_size)
+
+
 def build_trainer(cfg: DictConfig, run_dir: Path, datamodule: ImageTextDataModule, tokenizer,
-                  validates: bool) -> L.Trainer:
+                  validates: bool, extra: List = ()) -> L.Trainer:
     """Lightning's Trainer for the run: strategy, precision, schedule, validation, loggers and callbacks."""
     t = cfg.trainer
     precision = t.precision
@@ -170,7 +187,7 @@ def build_trainer(cfg: DictConfig, run_dir: Path, datamodule: ImageTextDataModul
                    StepTimer(),  # the measured time per step and the run's expected length
                    StreamProgress(datamodule),  # before the checkpoint: a checkpoint includes its batch
                    PeriodicCheckpoint(run_dir, t.checkpoint_every_n_steps, tokenizer, cfg)]
-                  + diagnostics_callbacks(cfg, tokenizer, run_dir, validates=bool(val_every)),
+                  + list(extra) + diagnostics_callbacks(cfg, tokenizer, run_dir, validates=bool(val_every)),
         enable_checkpointing=False, deterministic=t.deterministic, default_root_dir=str(run_dir),
         enable_model_summary=False,
     )
