@@ -124,7 +124,8 @@ def _cmd_eval_zeroshot(args) -> int:
 
     device = args.device or ("cuda" if __import__("torch").cuda.is_available() else "cpu")
     model, transform, tokenizer = load(args.checkpoint, device=device, backbone_weights=args.backbone_weights,
-                               trust_code=args.trust_code)
+                                       trust_code=args.trust_code, image_size=args.image_size,
+                                       crop_fraction=args.crop_fraction)
     res = evaluate_zeroshot(model, transform, tokenizer, args.data, args.classnames, args.templates,
                             args.batch_size, args.num_workers, device, dataset=args.dataset, groups=args.groups)
     print(f"{'dataset':<28}{'images':>8}{'classes':>9}{'top-1':>8}{'top-5':>8}{'mean recall':>13}{'chance':>8}")
@@ -517,6 +518,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "when it exists, as the spurious world writes it)")
     z.add_argument("--batch-size", type=int, default=64)
     z.add_argument("--num-workers", type=int, default=2)
+    z.add_argument("--image-size", type=int, default=None,
+                   help="evaluation crop in pixels (default: the model's own protocol, e.g. 224, or 512 for the "
+                        "DINOv3 release)")
+    z.add_argument("--crop-fraction", type=float, default=None,
+                   help="the crop's share of the resized short side (default: the model's, 0.875 = resize 256 / "
+                        "crop 224; the DINOv3 release: 1.0)")
     z.add_argument("--json", action="store_true", help="also print the metrics as JSON")
     z.set_defaults(func=_cmd_eval_zeroshot)
 

@@ -105,7 +105,8 @@ def read_single_file(path: PathLike):
 
 
 def load(checkpoint: PathLike, device: Union[str, torch.device] = "cpu", backbone_weights: Optional[str] = None,
-         trust_code: bool = False, cache_dir: Optional[PathLike] = None):
+         trust_code: bool = False, cache_dir: Optional[PathLike] = None, image_size: Optional[int] = None,
+         crop_fraction: Optional[float] = None):
     """Load a dinotxt checkpoint folder, single file or ``hf-hub:org/name[@revision]``. Returns
     ``(model, transform, tokenizer)``.
 
@@ -114,10 +115,12 @@ def load(checkpoint: PathLike, device: Union[str, torch.device] = "cpu", backbon
     checkpoint carries are used when it has them. A checkpoint whose backbone is
     an import path ``package.module:factory`` is refused unless ``trust_code=True``: the
     checkpoint's author chose that code (``dinotxt.utils.plugins``). ``cache_dir``: the Hugging
-    Face cache for ``hf-hub:`` names (default: ``huggingface_hub``'s own).
+    Face cache for ``hf-hub:`` names (default: ``huggingface_hub``'s own). The returned transform is the
+    model's own zero-shot protocol (its config's ``zeroshot``: image size and crop fraction), or
+    ``image_size`` / ``crop_fraction`` when given.
     """
     record = read_record(checkpoint, cache_dir, with_backbone=backbone_weights is None)
-    return build_from_record(record, device, backbone_weights, trust_code)
+    return build_from_record(record, device, backbone_weights, trust_code, image_size, crop_fraction)
 
 
 def load_single_file(path: PathLike, device: Union[str, torch.device] = "cpu",
@@ -127,12 +130,13 @@ def load_single_file(path: PathLike, device: Union[str, torch.device] = "cpu",
 
 
 def build_from_record(record: CheckpointRecord, device: Union[str, torch.device] = "cpu",
-                      override: Optional[str] = None, trust_code: bool = False):
+                      override: Optional[str] = None, trust_code: bool = False, image_size: Optional[int] = None,
+                      crop_fraction: Optional[float] = None):
     """``(model, transform, tokenizer)`` of a checkpoint record: the model rebuilt from its config, the
     trainable weights loaded strictly, the frozen backbone from the weights it carries or the file it names."""
     from ..models.backbone import FrozenBackbone, names_code
     from ..models.factory import create_model
-    from ..models.transforms import eval_transform
+    from ..models.transforms import model_eval_transform
     from ..utils.plugins import UntrustedCodeError
 
     mcfg = record.model_config.copy()
@@ -161,7 +165,7 @@ def build_from_record(record: CheckpointRecord, device: Union[str, torch.device]
     model.eval().to(device)
     if tokenizer.vocab_size > mcfg.text.vocab_size:
         raise ValueError(f"tokenizer has {tokenizer.vocab_size} ids but the text tower only {mcfg.text.vocab_size}")
-    return model, eval_transform(mcfg.backbone.img_size), tokenizer
+    return model, model_eval_transform(mcfg, image_size, crop_fraction), tokenizer
 
 
 __all__ = ["save_checkpoint", "save_single_file", "read_checkpoint", "read_single_file", "load", "load_single_file",

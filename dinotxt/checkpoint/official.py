@@ -242,7 +242,7 @@ def load_official(
     """
     from ..text.clip_bpe import ClipTokenizer
     from ..config import model_config
-    from ..models.transforms import eval_transform
+    from ..models.transforms import model_eval_transform
     from ..models.weights import dinov3_needs_qkv_bias
     from ..models.factory import create_model
 
@@ -275,7 +275,7 @@ def load_official(
     tokenizer = ClipTokenizer(bpe, context_length=cfg.text.context_length)
     if tokenizer.vocab_size != cfg.text.vocab_size:
         raise ValueError(f"the CLIP tokenizer has {tokenizer.vocab_size} ids but the text tower {cfg.text.vocab_size}")
-    return model, eval_transform(cfg.backbone.img_size), tokenizer
+    return model, model_eval_transform(cfg), tokenizer
 
 
 __all__ = ["KEY_MAPS", "RELEASES", "Release", "get_release", "load_official", "official_state_dicts",

@@ -96,6 +96,15 @@ class TextConfig:
 
 
 @dataclass
+class ZeroShotProtocolConfig:
+    # the evaluation transform belongs to the model (METHOD.md section 4): short side resized to
+    # image_size / crop_fraction (bicubic), centre crop of image_size. The dino.txt paper (DINOv2 release):
+    # 224 / 0.875 (resize 256, crop 224); the DINOv3 release's notebook: 512 / 1.0
+    image_size: Optional[int] = None  # None: the backbone's img_size
+    crop_fraction: float = 0.875
+
+
+@dataclass
 class ModelConfig:
     # the registry entry (dinotxt/config/models/) a training config starts from; for a model's own
     # config, the entry it was built from ("" for a model assembled by hand)
@@ -111,6 +120,7 @@ class ModelConfig:
     # start from released or earlier weights (dinotxt/checkpoint/init_from.py): a dinotxt checkpoint, the two
     # official DINOv2-release head files (a list), the official DINOv3 file, or an official text encoder alone
     init_from: Any = None
+    zeroshot: ZeroShotProtocolConfig = field(default_factory=ZeroShotProtocolConfig)
 
 
 # ------------------------------------------------------------------------ training

@@ -46,7 +46,8 @@ SAMPLES_PER_TAR = 10_000  # CLIP_benchmark's own converter default (max_count)
 
 
 def load_dinotxt(model_name: str = MODEL_TYPE, pretrained: Optional[str] = None, cache_dir: Optional[str] = None,
-                 device: Union[str, torch.device] = "cpu", backbone_weights: Optional[str] = None, **_: object):
+                 device: Union[str, torch.device] = "cpu", backbone_weights: Optional[str] = None,
+                 image_size: Optional[int] = None, crop_fraction: Optional[float] = None, **_: object):
     """``(model, transform, tokenizer)`` of a dinotxt model, CLIP_benchmark's loader signature.
 
     Args:
@@ -57,6 +58,7 @@ def load_dinotxt(model_name: str = MODEL_TYPE, pretrained: Optional[str] = None,
         cache_dir: the Hugging Face cache for ``hf-hub:`` names (CLIP_benchmark: ``--model_cache_dir``).
         device: where the model goes.
         backbone_weights: the frozen backbone's weights file, if it moved since training.
+        image_size, crop_fraction: the evaluation transform, when not the model's own protocol.
     """
     from ..checkpoint import load
     from ..checkpoint.factory import create_model_from_pretrained, get_tokenizer, is_official_name
@@ -66,7 +68,8 @@ def load_dinotxt(model_name: str = MODEL_TYPE, pretrained: Optional[str] = None,
         return model.eval(), transform, get_tokenizer(model_name, pretrained)
     if not pretrained:
         raise ValueError("pass the dinotxt checkpoint as pretrained= (CLIP_benchmark: --pretrained DIR or hf-hub:org/name)")
-    model, transform, tokenizer = load(pretrained, device=device, backbone_weights=backbone_weights, cache_dir=cache_dir)
+    model, transform, tokenizer = load(pretrained, device=device, backbone_weights=backbone_weights, cache_dir=cache_dir,
+                                       image_size=image_size, crop_fraction=crop_fraction)
     return model.eval(), transform, tokenizer
 
 

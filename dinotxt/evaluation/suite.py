@@ -52,6 +52,9 @@ class SuiteModelConfig:
     loader: Optional[str] = None  # "package.module:function" returning (model, transform, tokenizer)
     loader_kwargs: Dict[str, Any] = field(default_factory=dict)  # keyword arguments of the loader
     device: str = "auto"  # auto (cuda when available) | cpu | cuda | cuda:1 ...
+    # checkpoint: the zero-shot transform when not the model's own protocol (its config's zeroshot section)
+    image_size: Optional[int] = None
+    crop_fraction: Optional[float] = None
 
 
 @dataclass
@@ -134,7 +137,8 @@ def load_model(mcfg, trust_code: bool = False) -> Tuple[Any, Any, Any, str]:
         from ..checkpoint import load
 
         model, transform, tokenizer = load(mcfg.checkpoint, device=device, backbone_weights=mcfg.backbone_weights,
-                                           trust_code=trust_code)
+                                           trust_code=trust_code, image_size=mcfg.image_size,
+                                           crop_fraction=mcfg.crop_fraction)
         return model, transform, tokenizer, f"dinotxt checkpoint {mcfg.checkpoint}"
     if mcfg.open_clip:
         import open_clip

@@ -10,7 +10,8 @@ the head CLS token and plays no part here).
 - Image: short side resized to 512 (bicubic), ImageNet normalisation.
 - ``slide`` (the official protocol): 384 x 384 windows at stride 192 on mmsegmentation's
   grid (the last window in a row or column is flush with the border; a side shorter than
-  the window gives one window of that side). ``whole``: a single pass over the image.
+  the window gives one window of that side). ``whole`` (the DINOv3 notebook's): a single pass over the
+  image; its patch cosines are bilinearly upsampled ONCE to the label size and argmax'ed.
 - Each window is resized UP to the next multiple of the patch size (384 -> 392 at patch 14), its normalised head patch
   tokens give a cosine map against the class embeddings, the map is bilinearly upsampled
   back to the window, softmaxed over classes, accumulated into the image and divided by
@@ -127,14 +128,15 @@ def prepare_image(image: ImageLike, short_side: Optional[int] = DEFAULTS.short_s
 
 
 @torch.no_grad()
-def window_probabilities(model, windows: torch.Tensor, classifier: torch.Tensor, logit_scale: float = 1.0) -> torch.Tensor:
-    """Class probabilities (B, C, h, w) of a batch of same-size windows (B, 3, h, w).
+def patch_logits(model, windows: torch.Tensor, classifier: torch.Tensor, logit_scale: float = 1.0) -> torch.Tensor:
+    """Class scores (B, C, h', w') at patch resolution of a batch of same-size windows (B, 3, h, w):
+    ``logit_scale`` x the cosine of each normalised head patch token with each class embedding.
 
     Args:
         model: anything with ``encode_patches(images, normalize=True) -> (B, h', w', D)`` and ``patch_size``.
-        windows: normalised image windows.
+        windows: normalised image windows (resized up to the next multiple of the patch size first).
         classifier: (C, D) L2-normalised class embeddings of the patch half ``text[:, D:]``.
-        logit_scale: multiplies the cosine map before the softmax (1 = the plain cosine of the protocol).
+        logit_scale: multiplies the cosine map (1 = the plain cosine of the protocol).
     """
     h, w = windows.shape[-2:]
     patch = model.patch_size
@@ -144,9 +146,17 @@ def window_probabilities(model, windows: torch.Tensor, classifier: torch.Tensor,
     if patches.shape[-1] != classifier.shape[-1]:
         raise ValueError(f"patch tokens have width {patches.shape[-1]} but class embeddings {classifier.shape[-1]}: "
                          "build the classifier with zero_shot_classifier(..., half='patch')")
-    # the scale is applied at patch resolution: bilinear upsampling is linear, so this equals
-    # scaling the full-size map, at a fraction of the cost
-    logits = logit_scale * torch.einsum("bhwd,cd->bchw", patches, classifier.to(patches.device, patches.dtype))
+    return logit_scale * torch.einsum("bhwd,cd->bchw", patches, classifier.to(patches.device, patches.dtype))
+
+
+@torch.no_grad()
+def window_probabilities(model, windows: torch.Tensor, classifier: torch.Tensor, logit_scale: float = 1.0) -> torch.Tensor:
+    """Class probabilities (B, C, h, w) of a batch of same-size windows (B, 3, h, w): the patch scores
+    (``patch_logits``) bilinearly upsampled to the window, softmaxed over classes (the slide protocol).
+    The scale is applied at patch resolution: bilinear upsampling is linear, so this equals scaling the
+    full-size map, at a fraction of the cost."""
+    h, w = windows.shape[-2:]
+    logits = patch_logits(model, windows, classifier, logit_scale)
     return F.interpolate(logits, size=(h, w), mode="bilinear", align_corners=False).softmax(dim=1)
 
 
@@ -250,8 +260,11 @@ def segment_batch(model, images: Sequence[ImageLike], classifier: torch.Tensor, 
     names = check_class_names(class_names)
     prepared = [prepare_image(image, settings.short_side) for image in images]
     param = next(model.parameters())
+    if settings.background_threshold is not None:
+        names = ["background"] + names
+    sizes = [tuple(output_sizes[k]) if output_sizes is not None else original for k, (_, original) in enumerate(prepared)]
+    maps: List[Optional[torch.Tensor]] = [None] * len(prepared)
     if settings.mode == "whole":  # images of the same prepared size go through the model together
-        probs_list: List[Optional[torch.Tensor]] = [None] * len(prepared)
         groups: Dict[Tuple[int, ...], List[int]] = {}
         for k, (x, _) in enumerate(prepared):
             groups.setdefault(tuple(x.shape), []).append(k)
@@ -259,20 +272,21 @@ def segment_batch(model, images: Sequence[ImageLike], classifier: torch.Tensor, 
             for i in range(0, len(members), settings.batch_size):
                 chunk = members[i:i + settings.batch_size]
                 batch = torch.cat([prepared[k][0] for k in chunk]).to(param.device, param.dtype)
-                for k, p in zip(chunk, window_probabilities(model, batch, classifier, settings.logit_scale)):
-                    probs_list[k] = p
-    else:
-        probs_list = [dense_probabilities(model, x, classifier, settings) for x, _ in prepared]
-    if settings.background_threshold is not None:
-        names = ["background"] + names
+                for k, logits in zip(chunk, patch_logits(model, batch, classifier, settings.logit_scale)):
+                    maps[k] = logits  # at patch resolution: ONE upsample to the label size below
     results = []
-    for k, ((_, original), probs) in enumerate(zip(prepared, probs_list)):
-        size = tuple(output_sizes[k]) if output_sizes is not None else original
-        if tuple(probs.shape[-2:]) != size:
-            probs = F.interpolate(probs[None], size=size, mode="bilinear", align_corners=False)[0]
+    for k, (x, _) in enumerate(prepared):
+        if settings.mode == "whole":
+            # the notebook's whole mode: patch scores, one bilinear upsample to the label size, argmax
+            # (softmax only turns them into the probabilities that thresholds and heat maps read)
+            probs = F.interpolate(maps[k][None], size=sizes[k], mode="bilinear", align_corners=False)[0].softmax(0)
+        else:
+            probs = dense_probabilities(model, x, classifier, settings)
+            if tuple(probs.shape[-2:]) != sizes[k]:
+                probs = F.interpolate(probs[None], size=sizes[k], mode="bilinear", align_corners=False)[0]
         labels = predict_labels(probs, settings.background_threshold).cpu()
         results.append(SegmentationResult(labels, probs.cpu() if keep_scores else None, names))
-        probs_list[k] = None  # free each image's maps as soon as its labels exist
+        maps[k] = None  # free each image's maps as soon as its labels exist
     return results
 
 

@@ -50,6 +50,7 @@ class DinoTxt(nn.Module):
         self.init_logit_bias = None if init_logit_bias is None else float(init_logit_bias)
         self.logit_bias = None if init_logit_bias is None else nn.Parameter(torch.tensor(float(init_logit_bias)))
         self.arch = ""  # the registry entry it was built from (informational; set by create_model)
+        self.zeroshot = {"image_size": None, "crop_fraction": 0.875}  # its evaluation transform (config zeroshot)
 
     @property
     def config(self):
@@ -63,7 +64,8 @@ class DinoTxt(nn.Module):
         return OmegaConf.merge(OmegaConf.structured(ModelConfig), {
             "arch": self.arch, "backbone": self.backbone.config_dict(), "vision_head": self.vision_head.config_dict(),
             "text": self.text.config_dict(), "init_logit_scale": self.init_logit_scale,
-            "max_logit_scale": self.max_logit_scale, "init_logit_bias": self.init_logit_bias})
+            "max_logit_scale": self.max_logit_scale, "init_logit_bias": self.init_logit_bias,
+            "zeroshot": dict(self.zeroshot)})
 
     @property
     def embed_dim(self) -> int:

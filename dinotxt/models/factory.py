@@ -40,6 +40,7 @@ def create_model(arch: Union[str, DictConfig, dict], backbone_module: Optional[n
     text = create_text_tower(cfg.text)
     model = DinoTxt(backbone, head, text, cfg.init_logit_scale, cfg.max_logit_scale, cfg.init_logit_bias)
     model.arch = str(cfg.arch)
+    model.zeroshot = OmegaConf.to_container(cfg.zeroshot)
     return model
 
 

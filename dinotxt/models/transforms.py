@@ -1,5 +1,6 @@
 """Image transforms of METHOD.md: train = RandomResizedCrop (bicubic) + flip; eval =
-resize 256/224 of the crop (bicubic) + center crop; both with ImageNet mean/std."""
+resize size / crop_fraction (bicubic) + center crop of size (the model's zero-shot protocol,
+``model_eval_transform``); both with ImageNet mean/std."""
 from __future__ import annotations
 
 from typing import Sequence
@@ -30,3 +31,15 @@ def eval_transform(size: int = 224, resize_ratio: float = 256 / 224) -> T.Compos
         T.ToTensor(),
         T.Normalize(IMAGENET_MEAN, IMAGENET_STD),
     ])
+
+
+def model_eval_transform(model_cfg, image_size=None, crop_fraction=None) -> T.Compose:
+    """The evaluation transform a model config records (``zeroshot.image_size`` / ``crop_fraction``; image size
+    defaults to the backbone's), each overridable (``dinotxt eval zeroshot --image-size --crop-fraction``)."""
+    protocol = model_cfg.get("zeroshot") if hasattr(model_cfg, "get") else None
+    size = image_size or (protocol.image_size if protocol is not None and protocol.image_size else None) \
+        or int(model_cfg.backbone.img_size)
+    fraction = crop_fraction or (float(protocol.crop_fraction) if protocol is not None else 224 / 256)
+    if not 0.0 < float(fraction) <= 1.0:
+        raise ValueError(f"crop fraction {fraction} must lie in (0, 1]: the crop is that share of the resized side")
+    return eval_transform(int(size), 1.0 / float(fraction))

@@ -30,7 +30,7 @@ from ..data.folder import ImageFolderDataset
 from ..data.holdout import estimate_pairs, holdout_fraction
 from ..data.sources import expand_shards, is_manifest, read_manifest
 from ..data.stream import ImageTextStream, collate_image_text
-from ..models.transforms import eval_transform, train_transform
+from ..models.transforms import eval_transform, model_eval_transform, train_transform
 from .gradcache import merge_micro_batches, micro_batches_per_step
 
 log = logging.getLogger(__name__)
@@ -134,7 +134,7 @@ class ImageTextDataModule(L.LightningDataModule):
     def val_dataloader(self) -> List[DataLoader]:
         if not self.val_dir:
             return []
-        ds = ImageFolderDataset(self.val_dir, eval_transform(self.cfg.model.backbone.img_size))
+        ds = ImageFolderDataset(self.val_dir, model_eval_transform(self.cfg.model))
         return DataLoader(ds, batch_size=self.cfg.eval.batch_size, num_workers=min(2, self.cfg.data.num_workers))
 
     def state_dict(self) -> Dict:

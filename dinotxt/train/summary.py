@@ -27,10 +27,10 @@ def run_metrics(cfg: DictConfig, trainer, system, datamodule, val_dir: Optional[
             res = {k: v for k, v in last.items() if k not in ("step", "world_size")}  # validated at the last step
         else:  # on one process, over the whole folder
             from ..evaluation.zeroshot import evaluate_zeroshot
-            from ..models.transforms import eval_transform
+            from ..models.transforms import model_eval_transform
 
             model.eval()
-            res = evaluate_zeroshot(model, eval_transform(cfg.model.backbone.img_size), tokenizer, val_dir,
+            res = evaluate_zeroshot(model, model_eval_transform(cfg.model), tokenizer, val_dir,
                                     zeroshot.classnames, zeroshot.templates, cfg.eval.batch_size, num_workers=0)
         metrics["zeroshot"] = {**res, "templates": cfg.eval.templates}
     return metrics

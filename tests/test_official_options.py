@@ -1,0 +1,65 @@
+"""The official trainer's protocol and options (issue 26): the evaluation transform belongs to the model."""
+import pytest
+import torch
+from PIL import Image
+
+import dinotxt
+from dinotxt.config import model_config
+from dinotxt.models.transforms import model_eval_transform
+
+
+def _size_after(transform, w=640, h=480):
+    return tuple(transform(Image.new("RGB", (w, h))).shape[1:])
+
+
+def test_the_zero_shot_transform_belongs_to_the_model():
+    """The DINOv2 release (the paper): resize 256 / crop 224; the DINOv3 release's notebook: 512 / crop fraction 1."""
+    v2, v3 = model_config("dinotxt_vitl14_reg4"), model_config("dinotxt_vitl16_dinov3")
+    assert _size_after(model_eval_transform(v2)) == (224, 224)
+    assert _size_after(model_eval_transform(v3)) == (512, 512)
+    resize = lambda cfg, **kw: next(op for op in model_eval_transform(cfg, **kw).transforms  # noqa: E731
+                                    if type(op).__name__ == "Resize").size
+    assert resize(v2) == 256 and resize(v3) == 512
+    assert resize(v2, image_size=336, crop_fraction=1.0) == 336  # the command line's override
+    with pytest.raises(ValueError, match="crop fraction 1.5 must lie in"):
+        model_eval_transform(v2, crop_fraction=1.5)
+
+
+def test_a_checkpoint_records_its_protocol_and_load_returns_it(tmp_path):
+    from test_checkpoint import CAPTIONS, hand_built
+
+    tok = dinotxt.train_tokenizer(CAPTIONS * 4, vocab_size=64, context_length=16)
+    model = hand_built(tok)
+    model.zeroshot = {"image_size": 64, "crop_fraction": 1.0}
+    folder = dinotxt.save_checkpoint(tmp_path / "ckpt", model, tok)
+    loaded, transform, _ = dinotxt.load(folder)
+    assert loaded.zeroshot == {"image_size": 64, "crop_fraction": 1.0}
+    assert _size_after(transform) == (64, 64)
+    _, other, _ = dinotxt.load(folder, image_size=48, crop_fraction=0.5)
+    assert _size_after(other) == (48, 48)
+
+
+def test_whole_mode_is_the_notebooks_one_upsample_of_the_patch_cosines(tiny_model):
+    """DINOv3 notebook, whole mode: raw patch cosines, ONE bilinear upsample to the label size, argmax (no
+    softmax between two resizes): labels equal a float64 reference of exactly that."""
+    import torch.nn.functional as F
+
+    from dinotxt.inference.dense import segment_batch
+    from dinotxt.inference.settings import DenseSettings
+    from test_segmentation import random_classifier, random_image
+
+    model = tiny_model.double().eval()
+    clf = random_classifier(model, 5).double()
+    image = random_image(56, 84, seed=3)
+    label_size = (97, 131)  # not a multiple of the patch grid: the one resize matters
+    res = segment_batch(model, [image], clf, [str(i) for i in range(5)],
+                        DenseSettings(mode="whole", short_side=None), output_sizes=[label_size])[0]
+    from dinotxt.inference.dense import prepare_image
+
+    x, _ = prepare_image(image, None)
+    with torch.no_grad():
+        patches = model.encode_patches(x.double(), normalize=True)  # (1, h', w', D)
+        cos = torch.einsum("bhwd,cd->bchw", patches, clf)
+        reference = F.interpolate(cos, size=label_size, mode="bilinear", align_corners=False)[0].argmax(0)
+    assert torch.equal(res.labels, reference)
+    assert torch.allclose(res.scores.sum(0), torch.ones(label_size, dtype=res.scores.dtype))
