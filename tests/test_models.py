@@ -39,7 +39,7 @@ def test_config_read_off_the_modules_is_the_registry_config(arch):
 
     model = dinotxt.create_model(arch, backbone=tiny_backbone(arch), text=TINY_TEXT)
     expected = model_config(arch, {"backbone": tiny_backbone(arch), "text": TINY_TEXT})
-    resolve_model_dims(expected, model.backbone.embed_dim)
+    resolve_model_dims(expected, model.backbone.embed_dim, model.backbone.num_heads)
     assert OmegaConf.to_container(model.config) == OmegaConf.to_container(expected)
 
 

@@ -63,3 +63,21 @@ def test_whole_mode_is_the_notebooks_one_upsample_of_the_patch_cosines(tiny_mode
         reference = F.interpolate(cos, size=label_size, mode="bilinear", align_corners=False)[0].argmax(0)
     assert torch.equal(res.labels, reference)
     assert torch.allclose(res.scores.sum(0), torch.ones(label_size, dtype=res.scores.dtype))
+
+
+def test_the_head_takes_the_backbones_head_count():
+    """The official head is built with backbone.num_heads; width // 64 differs for a ViT-7B (4096 wide, 32
+    heads of 128): here a 256-wide backbone with 2 heads gives a head of 2 heads, not 4."""
+    model = dinotxt.create_model("dinotxt_demo", backbone={"img_size": 56, "kwargs": {
+        "embed_dim": 256, "depth": 1, "num_heads": 2}}, text={"width": 64, "depth": 1, "heads": 2})
+    assert model.backbone.num_heads == 2
+    assert model.vision_head.config_dict()["num_heads"] == 2
+    assert model.vision_head.block_list[0].attn.num_heads == 2
+
+
+def test_warmup_longer_than_training_is_refused():
+    from dinotxt.config import ConfigError, load_train_config
+
+    with pytest.raises(ConfigError, match=r"optim.warmup_steps=50 is longer than the run \(optim.max_steps=10\)"):
+        load_train_config("debug", ["optim.warmup_steps=50", "optim.max_steps=10"])
+    assert load_train_config("debug", ["optim.warmup_steps=10", "optim.max_steps=10"]).optim.warmup_steps == 10

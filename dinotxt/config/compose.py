@@ -204,9 +204,14 @@ SIGLIP_INIT_LOGIT_BIAS = -10.0  # Zhai et al. 2023: b' = -10 (with t' = ln 10)
 
 
 def check_train_config(cfg: DictConfig) -> DictConfig:
-    """Settings that only make sense together: the sigmoid loss and the logit bias, unlocked backbone
-    blocks and the feature cache. Fills SigLIP's bias when the sigmoid loss leaves it unset."""
+    """Settings that only make sense together: warmup within the run, the sigmoid loss and the logit bias,
+    unlocked backbone blocks and the feature cache. Fills SigLIP's bias when the sigmoid loss leaves it unset."""
     m = cfg.model
+    o = cfg.optim
+    if o.warmup_steps > o.max_steps:  # the official trainer refuses it too: the rate would never reach optim.lr
+        raise ConfigError(f"optim.warmup_steps={o.warmup_steps} is longer than the run (optim.max_steps={o.max_steps}): "
+                          f"the learning rate would never reach optim.lr={o.lr}; set optim.warmup_steps to at most "
+                          f"{o.max_steps}")
     if cfg.loss.kind == "sigmoid" and m.init_logit_bias is None:
         m.init_logit_bias = SIGLIP_INIT_LOGIT_BIAS
     elif cfg.loss.kind == "infonce" and m.init_logit_bias is not None:
@@ -226,10 +231,11 @@ def check_train_config(cfg: DictConfig) -> DictConfig:
     return cfg
 
 
-def resolve_model_dims(cfg: DictConfig, embed_dim: int) -> None:
-    """Fill derived model fields (head heads, text output width) from the backbone width."""
+def resolve_model_dims(cfg: DictConfig, embed_dim: int, backbone_heads: Optional[int] = None) -> None:
+    """Fill derived model fields from the backbone: the head's attention heads (the backbone's own count, as
+    the official head takes it; width // 64 for a backbone without heads, a CNN) and the text output width."""
     if cfg.vision_head.num_heads is None:
-        cfg.vision_head.num_heads = max(1, embed_dim // 64)
+        cfg.vision_head.num_heads = int(backbone_heads) if backbone_heads else max(1, embed_dim // 64)
     if cfg.text.output_dim is None:
         cfg.text.output_dim = embed_dim * (2 if cfg.vision_head.use_patch_tokens else 1)
 

@@ -136,8 +136,8 @@ def backbone_fingerprint(backbone: torch.nn.Module) -> str:
 def source_fingerprint(cfg: DictConfig) -> Optional[Dict[str, Any]]:
     """What the cached tokens were computed from: each shard's file name, size and, for a local file, a hash of
     its first 4 KiB (the first member's tar header and bytes: two datasets whose shards have the same names
-    and padded sizes still differ), or the manifest's name and size. Not paths: the same shards moved, or
-    served over HTTP, still fit."""
+    and padded sizes still differ; a URL's too, ``pipe:`` shards have neither size nor head), or the
+    manifest's name, size and head. Not paths: the same shards moved, or served over HTTP, still fit."""
     spec = cfg.data.train
     if spec is None:
         return None
@@ -147,14 +147,22 @@ def source_fingerprint(cfg: DictConfig) -> Optional[Dict[str, Any]]:
             raise FileNotFoundError(f"manifest not found: {p}")
         return {"manifest": p.name, "bytes": p.stat().st_size, "head": _head_hash(p)}
     shards = expand_shards(spec)
-    return {"shards": [{"file": shard_name(s), "bytes": size,
-                        **({} if is_pipe(s) or is_url(s) else {"head": _head_hash(Path(s))})}
+    return {"shards": [{"file": shard_name(s), "bytes": size, **({} if is_pipe(s) else {"head": _head_hash(s)})}
                        for s, size in zip(shards, shard_sizes(shards))]}
 
 
-def _head_hash(path: Path, size: int = 4096) -> str:
-    with open(path, "rb") as f:
-        return hashlib.sha256(f.read(size)).hexdigest()[:16]
+def _head_hash(path, size: int = 4096) -> str:
+    """A hash of a file's first ``size`` bytes: a local path, or a URL read with fsspec (one small read)."""
+    if is_url(str(path)):
+        from .sources import _filesystem
+
+        fs, inner = _filesystem(str(path))
+        with fs.open(inner, "rb") as f:
+            head = f.read(size)
+    else:
+        with open(path, "rb") as f:
+            head = f.read(size)
+    return hashlib.sha256(head).hexdigest()[:16]
 
 
 def source_difference(recorded: Any, wanted: Any) -> Optional[Tuple[str, Any, Any]]:

@@ -165,6 +165,10 @@ class FrozenBackbone(nn.Module):
             )
         if not self.embed_dim or not self.patch_size:
             raise ValueError(f"backbone '{name}' must expose embed_dim and patch_size")
+        blocks = getattr(encoder, "blocks", None)
+        attn = getattr(blocks[0], "attn", None) if blocks is not None and len(blocks) else None
+        # the official head takes the backbone's head count (a ViT-7B: 32 heads of 128, not width // 64)
+        self.num_heads = int(getattr(attn, "num_heads", 0) or getattr(encoder, "num_heads", 0) or 0) or None
         if weights is not None:
             source = str(weights) if isinstance(weights, (str, Path)) else "state dict"
             if state is None:

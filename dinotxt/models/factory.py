@@ -31,7 +31,7 @@ def create_model(arch: Union[str, DictConfig, dict], backbone_module: Optional[n
     backbone = frozen_backbone
     if backbone is None:
         backbone = create_backbone(cfg.backbone, backbone_module, trust_code, cfg.backbone.trainable_blocks)
-    resolve_model_dims(cfg, backbone.embed_dim)
+    resolve_model_dims(cfg, backbone.embed_dim, getattr(backbone, "num_heads", None))
     h = cfg.vision_head
     head = VisionHead(backbone.embed_dim, backbone.num_prefix_tokens, h.num_blocks, h.num_heads, h.mlp_ratio,
                       h.drop_path, h.layer_scale_init, h.pooling, h.gem_p, h.use_patch_tokens, h.final_norm, h.attn_impl,
