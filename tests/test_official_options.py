@@ -81,3 +81,50 @@ def test_warmup_longer_than_training_is_refused():
     with pytest.raises(ConfigError, match=r"optim.warmup_steps=50 is longer than the run \(optim.max_steps=10\)"):
         load_train_config("debug", ["optim.warmup_steps=50", "optim.max_steps=10"])
     assert load_train_config("debug", ["optim.warmup_steps=10", "optim.max_steps=10"]).optim.warmup_steps == 10
+
+
+def _official_text(tower, ids, pooler):
+    """The official text tower's forward (dinov3/eval/text: text_transformer.py, text_tower.py,
+    layers/block.py CausalSelfAttentionBlock), written out in float64 from the module's weights: the whole
+    context (padding too), LayerScale on both branches, then the pooled token projected."""
+    import torch.nn.functional as F
+
+    bb = tower.backbone
+    x = bb.token_embedding.weight[ids] + bb.positional_embedding[: ids.shape[1]]
+    L, C = ids.shape[1], x.shape[-1]
+    mask = torch.full((L, L), float("-inf"), dtype=x.dtype).triu(1)
+    for blk in bb.blocks:
+        h = F.layer_norm(x, (C,), blk.attention_norm.weight, blk.attention_norm.bias, 1e-5)
+        q, k, v = (h @ blk.attention.qkv.weight.t()).chunk(3, dim=-1)
+        heads = blk.attention.num_heads
+        split = lambda t: t.reshape(t.shape[0], L, heads, C // heads).transpose(1, 2)  # noqa: E731
+        att = ((split(q) @ split(k).transpose(-1, -2)) / (C // heads) ** 0.5 + mask).softmax(-1) @ split(v)
+        a = att.transpose(1, 2).reshape(x.shape) @ blk.attention.proj.weight.t() + blk.attention.proj.bias
+        x = x + (a * blk.ls1.gamma if hasattr(blk.ls1, "gamma") else a)
+        h = F.layer_norm(x, (C,), blk.ffn_norm.weight, blk.ffn_norm.bias, 1e-5)
+        f = F.gelu(h @ blk.feed_forward.fc1.weight.t() + blk.feed_forward.fc1.bias) @ blk.feed_forward.fc2.weight.t() \
+            + blk.feed_forward.fc2.bias
+        x = x + (f * blk.ls2.gamma if hasattr(blk.ls2, "gamma") else f)
+    x = F.layer_norm(x, (C,), bb.ln_final.weight, bb.ln_final.bias, 1e-5)
+    pooled = {"first": x[:, 0], "last": x[:, -1], "argmax": x[torch.arange(len(ids)), ids.argmax(-1)]}[pooler]
+    return pooled @ tower.head.linear_projection.weight.t()
+
+
+@pytest.mark.parametrize("pooler", ["argmax", "first", "last"])
+def test_text_pooler_dropout_and_layerscale_equal_the_official_tower(pooler):
+    from dinotxt.models.text_tower import TextTower
+
+    torch.manual_seed(0)
+    tower = TextTower(vocab_size=50, context_length=12, width=32, depth=2, heads=4, output_dim=16, pooler=pooler,
+                      dropout=0.1, ls_init=0.5).double().eval()  # eval: dropout off, as at inference
+    with torch.no_grad():
+        for blk in tower.backbone.blocks:  # LayerScale away from its init, so the test sees it
+            blk.ls1.gamma.uniform_(0.2, 2.0)
+            blk.ls2.gamma.uniform_(0.2, 2.0)
+    ids = torch.tensor([[48, 5, 7, 49, 0, 0, 0, 0], [48, 9, 3, 4, 6, 2, 49, 0]])  # EOT = 49, then padding
+    with torch.no_grad():
+        ours, theirs = tower(ids), _official_text(tower, ids, pooler)
+    torch.testing.assert_close(ours, theirs, rtol=1e-12, atol=1e-12)  # float64: exact up to rounding
+    tower.train()
+    assert not torch.equal(tower(ids), tower(ids))  # dropout is on in training
+    assert tower.config_dict()["pooler"] == pooler and tower.config_dict()["ls_init"] == 0.5

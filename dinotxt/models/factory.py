@@ -58,7 +58,8 @@ def create_text_tower(t: DictConfig) -> nn.Module:
             text = PretrainedTextTower.from_folder(t.pretrained, t.output_dim, t.pooling, t.context_length,
                                                    t.freeze_layers, t.pad_id)
     else:
-        text = TextTower(t.vocab_size, t.context_length, t.width, t.depth, t.heads, t.mlp_ratio, t.output_dim)
+        text = TextTower(t.vocab_size, t.context_length, t.width, t.depth, t.heads, t.mlp_ratio, t.output_dim,
+                         t.pooler, t.dropout, t.ls_init)
     text.set_grad_checkpointing(t.grad_checkpointing)
     return text
 

@@ -14,43 +14,54 @@ The first D output dims align with the image CLS half, the last D with the patch
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .layers import Attention
+from .layers import Attention, LayerScale
+
+POOLERS = ("argmax", "first", "last")  # where the text embedding is read (the official tokens_pooler_type)
 
 
 class FeedForward(nn.Module):
-    def __init__(self, width: int, hidden: int):
+    def __init__(self, width: int, hidden: int, dropout: float = 0.0):
         super().__init__()
         self.fc1 = nn.Linear(width, hidden)
         self.fc2 = nn.Linear(hidden, width)
+        self.dropout = nn.Dropout(dropout)  # after the activation and after fc2, as the official Mlp
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(F.gelu(self.fc1(x)))  # exact (erf) GELU
+        return self.dropout(self.fc2(self.dropout(F.gelu(self.fc1(x)))))  # exact (erf) GELU
 
 
 class TextBlock(nn.Module):
-    def __init__(self, width: int, heads: int, mlp_ratio: float = 4.0):
+    def __init__(self, width: int, heads: int, mlp_ratio: float = 4.0, dropout: float = 0.0,
+                 ls_init: Optional[float] = None):
         super().__init__()
         self.attention_norm = nn.LayerNorm(width, eps=1e-5)
-        self.attention = Attention(width, heads, causal=True)
+        self.attention = Attention(width, heads, causal=True, dropout=dropout)
         self.ffn_norm = nn.LayerNorm(width, eps=1e-5)
-        self.feed_forward = FeedForward(width, int(width * mlp_ratio))
+        self.feed_forward = FeedForward(width, int(width * mlp_ratio), dropout)
+        # LayerScale on both branches when ls_init is set (the official ls_init_value; off in the release)
+        self.ls1 = LayerScale(width, ls_init) if ls_init else nn.Identity()
+        self.ls2 = LayerScale(width, ls_init) if ls_init else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.attention(self.attention_norm(x))
-        return x + self.feed_forward(self.ffn_norm(x))
+        x = x + self.ls1(self.attention(self.attention_norm(x)))
+        return x + self.ls2(self.feed_forward(self.ffn_norm(x)))
 
 
 class TextTransformer(nn.Module):
-    def __init__(self, vocab_size: int, context_length: int, width: int, depth: int, heads: int, mlp_ratio: float):
+    def __init__(self, vocab_size: int, context_length: int, width: int, depth: int, heads: int, mlp_ratio: float,
+                 dropout: float = 0.0, ls_init: Optional[float] = None):
         super().__init__()
         self.context_length = context_length
         self.token_embedding = nn.Embedding(vocab_size, width)
         self.positional_embedding = nn.Parameter(torch.empty(context_length, width))
-        self.blocks = nn.ModuleList(TextBlock(width, heads, mlp_ratio) for _ in range(depth))
+        self.dropout = nn.Dropout(dropout)  # on the embeddings, as the official tower
+        self.blocks = nn.ModuleList(TextBlock(width, heads, mlp_ratio, dropout, ls_init) for _ in range(depth))
         self.ln_final = nn.LayerNorm(width, eps=1e-5)
         self.grad_checkpointing = False
 
@@ -58,7 +69,7 @@ class TextTransformer(nn.Module):
         L = ids.shape[1]
         if L > self.context_length:
             raise ValueError(f"text has {L} tokens; the context length is {self.context_length}")
-        x = self.token_embedding(ids) + self.positional_embedding[:L]
+        x = self.dropout(self.token_embedding(ids) + self.positional_embedding[:L])
         for block in self.blocks:
             if self.grad_checkpointing and self.training:
                 x = torch.utils.checkpoint.checkpoint(block, x, use_reentrant=False)
@@ -68,14 +79,22 @@ class TextTransformer(nn.Module):
 
 
 class TextHead(nn.Module):
-    def __init__(self, width: int, output_dim: int):
+    def __init__(self, width: int, output_dim: int, pooler: str = "argmax"):
         super().__init__()
+        if pooler not in POOLERS:
+            raise ValueError(f"text pooler '{pooler}' is not one of {', '.join(POOLERS)}")
+        self.pooler = pooler
         self.linear_projection = nn.Linear(width, output_dim, bias=False)
 
     def forward(self, tokens: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-        # project only the EOT token of each row: identical to projecting all tokens, then pooling
-        eot = tokens[torch.arange(tokens.shape[0], device=tokens.device), ids.argmax(dim=-1)]
-        return self.linear_projection(eot)
+        # project only the pooled token of each row: identical to projecting all tokens, then pooling
+        if self.pooler == "first":
+            pooled = tokens[:, 0]
+        elif self.pooler == "last":  # the last position of the full context (its padding included)
+            pooled = tokens[:, -1]
+        else:  # the end-of-text token, the largest id
+            pooled = tokens[torch.arange(tokens.shape[0], device=tokens.device), ids.argmax(dim=-1)]
+        return self.linear_projection(pooled)
 
 
 class TextTower(nn.Module):
@@ -90,14 +109,16 @@ class TextTower(nn.Module):
     """
 
     def __init__(self, vocab_size: int = 49408, context_length: int = 77, width: int = 1280, depth: int = 24,
-                 heads: int = 20, mlp_ratio: float = 4.0, output_dim: int = 2048):
+                 heads: int = 20, mlp_ratio: float = 4.0, output_dim: int = 2048, pooler: str = "argmax",
+                 dropout: float = 0.0, ls_init: Optional[float] = None):
         super().__init__()
         self.vocab_size = vocab_size
         self.context_length = context_length
         self.width, self.depth, self.heads, self.mlp_ratio = width, depth, heads, float(mlp_ratio)
         self.output_dim = output_dim
-        self.backbone = TextTransformer(vocab_size, context_length, width, depth, heads, mlp_ratio)
-        self.head = TextHead(width, output_dim)
+        self.pooler, self.dropout, self.ls_init = pooler, float(dropout), ls_init
+        self.backbone = TextTransformer(vocab_size, context_length, width, depth, heads, mlp_ratio, dropout, ls_init)
+        self.head = TextHead(width, output_dim, pooler)
         self.init_weights()
 
     def init_weights(self) -> None:
@@ -125,14 +146,17 @@ class TextTower(nn.Module):
         """The ``TextConfig`` fields that rebuild this tower."""
         return {"vocab_size": self.vocab_size, "context_length": self.context_length, "width": self.width,
                 "depth": self.depth, "heads": self.heads, "mlp_ratio": self.mlp_ratio, "output_dim": self.output_dim,
-                "grad_checkpointing": bool(self.backbone.grad_checkpointing)}
+                "grad_checkpointing": bool(self.backbone.grad_checkpointing), "pooler": self.pooler,
+                "dropout": self.dropout, "ls_init": self.ls_init}
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         if ids.numel() and int(ids.max()) >= self.vocab_size:
             raise ValueError(
                 f"token id {int(ids.max())} >= text vocab_size {self.vocab_size}: the tokenizer does not match this model"
             )
-        return self.head(self.backbone(trim_padding(ids)), ids)
+        # padding after the end-of-text token cannot reach the first or the EOT token (causal attention): it is
+        # dropped; the "last" pooler reads the context's last position, which sees the padding
+        return self.head(self.backbone(ids if self.pooler == "last" else trim_padding(ids)), ids)
 
 
 def trim_padding(ids: torch.Tensor) -> torch.Tensor:
