@@ -128,3 +128,39 @@ def test_text_pooler_dropout_and_layerscale_equal_the_official_tower(pooler):
     tower.train()
     assert not torch.equal(tower(ids), tower(ids))  # dropout is on in training
     assert tower.config_dict()["pooler"] == pooler and tower.config_dict()["ls_init"] == 0.5
+
+
+def test_sequential_order_reads_the_data_as_stored(tmp_path):
+    """data.order=sequential: the official sampler's order (no shard shuffle, no shuffle buffer)."""
+    from collections import Counter
+
+    from dinotxt.data.sources import iter_tar_samples
+    from dinotxt.data.stream import ImageTextStream
+    from dinotxt.data.world import write_split
+
+    shards = write_split(tmp_path / "w", 40, seed=0, size=32, samples_per_shard=10)
+    stored = [s["__key__"] for shard in shards for s in iter_tar_samples(shard, Counter())]
+    stream = iter(ImageTextStream(shards=shards, seed=5, shuffle_buffer=64, shuffle=False, rank=0, world_size=1))
+    assert [next(stream)["key"] for _ in range(40)] == stored
+    shuffled = iter(ImageTextStream(shards=shards, seed=5, shuffle_buffer=64, rank=0, world_size=1))
+    assert [next(shuffled)["key"] for _ in range(40)] != stored
+
+
+@pytest.mark.slow
+def test_frozen_temperature_kept_checkpoints_and_automatic_resume(tmp_path):
+    """optim.freeze_logit_scale keeps the temperature; trainer.keep_last_checkpoints keeps the newest N step
+    checkpoints; trainer.auto_resume continues a run folder that holds a checkpoint without --resume."""
+    from dinotxt.cli import main
+
+    args = ["-q", "train", "debug", f"output_dir={tmp_path}", f"data.world.root={tmp_path / 'world'}",
+            "data.world.num_train=64", "data.world.num_eval=24", "trainer.val_every_n_steps=0", "eval.diagnostics=null",
+            "data.num_workers=0", "optim.freeze_logit_scale=true", "trainer.keep_last_checkpoints=2",
+            "trainer.checkpoint_every_n_steps=1", "trainer.auto_resume=true"]
+    assert main([*args, "optim.max_steps=4"]) == 0
+    run = tmp_path / "debug"
+    assert sorted(p.name for p in (run / "checkpoints").glob("step_*.ckpt")) == ["step_0000003.ckpt",
+                                                                                  "step_0000004.ckpt"]
+    metrics = __import__("json").loads((run / "metrics.json").read_text())
+    assert metrics["logit_scale"] == pytest.approx(1 / 0.07, rel=1e-6)  # exp(init_logit_scale = ln(1/0.07))
+    assert main([*args, "optim.max_steps=6"]) == 0  # the same command, a longer schedule: it continues
+    assert __import__("json").loads((run / "metrics.json").read_text())["steps"] == 6

@@ -180,6 +180,9 @@ class DataConfig(SourceConfig):
     global_batch: Optional[int] = None
     num_workers: int = 4
     shuffle_buffer: int = 2000
+    # shuffled: shard (or manifest row) order drawn per epoch and a shuffle buffer; sequential: the data in its
+    # stored order, as the official sampler reads it (no shuffling at all)
+    order: str = choice("shuffled", "shuffled", "sequential")
     # pairs held out of training for validation (loss, retrieval R@1, the best checkpoint; dinotxt.data.holdout):
     # a fraction, 0 for none, or auto: 5% (at most 1,000 pairs) when the data holds 1,000 to 100,000 pairs
     holdout: Any = "auto"
@@ -201,6 +204,7 @@ class OptimConfig:
     # cosine schedule; None = optim.lr
     backbone_lr: Optional[float] = None
     grad_clip: Optional[float] = None
+    freeze_logit_scale: bool = False  # keep the temperature at model.init_logit_scale (the official option)
 
 
 @dataclass
@@ -238,6 +242,11 @@ class TrainerConfig:
     accumulate_grad_batches: int = 1
     log_every_n_steps: int = 50
     checkpoint_every_n_steps: int = 1000
+    # step checkpoints kept next to last.ckpt (checkpoints/step_NNNNNNN.ckpt, the newest N; 0: last.ckpt only)
+    keep_last_checkpoints: int = 0
+    # a run folder that holds a checkpoint continues from it without --resume (the official trainer's
+    # behaviour: a preempted SLURM job requeued with the same command picks up where it stopped)
+    auto_resume: bool = False
     val_every_n_steps: int = 1000
     compile: bool = False  # torch.compile the text tower and the vision head
     deterministic: bool = False

@@ -307,11 +307,12 @@ class CachedFeatureStream(ImageTextStream):
 
     def __init__(self, cache, tokenizer: Callable = None, seed: int = 0, shuffle_buffer: int = 2000,
                  rank: Optional[int] = None, world_size: Optional[int] = None,
-                 start_positions: Optional[Dict[int, int]] = None, reader_offset: int = 0, holdout: float = 0.0):
+                 start_positions: Optional[Dict[int, int]] = None, reader_offset: int = 0, holdout: float = 0.0,
+                 shuffle: bool = True):
         self.cache = cache if isinstance(cache, FeatureCache) else FeatureCache(cache)
         super().__init__(shards=self.cache.names, tokenizer=tokenizer, seed=seed, shuffle_buffer=shuffle_buffer,
                          rank=rank, world_size=world_size, start_positions=start_positions,
-                         reader_offset=reader_offset, holdout=holdout)
+                         reader_offset=reader_offset, holdout=holdout, shuffle=shuffle)
         self.field = "pooled" if self.cache.pooled else "tokens"
 
     def _iter_shard(self, name: str, errors: Counter) -> Iterator[Dict]:

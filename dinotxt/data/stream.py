@@ -127,7 +127,7 @@ class ImageTextStream(IterableDataset):
                  caption_json_field: str = "caption", seed: int = 0, shuffle_buffer: int = 2000,
                  rank: Optional[int] = None, world_size: Optional[int] = None,
                  start_positions: Optional[Dict[int, int]] = None, reader_offset: int = 0,
-                 holdout: float = 0.0):
+                 holdout: float = 0.0, shuffle: bool = True):
         super().__init__()
         if (shards is None) == (manifest is None):
             raise ValueError("give exactly one of shards or manifest")
@@ -144,6 +144,9 @@ class ImageTextStream(IterableDataset):
         self.start_positions = dict(start_positions or {})
         self.reader_offset = int(reader_offset)
         self.holdout = float(holdout)  # the fraction of pairs held out for validation (dinotxt.data.holdout)
+        self.shuffle = bool(shuffle)  # False: stored order, no shuffle buffer (data.order=sequential)
+        if not self.shuffle:
+            self.shuffle_buffer = 0
 
     # ------------------------------------------------------------------ layout
     def _reader(self) -> Tuple[int, int]:
@@ -165,13 +168,15 @@ class ImageTextStream(IterableDataset):
         rng = random.Random(self.seed * 1_000_003 + epoch)
         if self.manifest is not None:
             order = list(range(len(self.manifest)))
-            rng.shuffle(order)
+            if self.shuffle:
+                rng.shuffle(order)
             for i in order[reader::readers]:
                 path, caption = self.manifest[i]
                 yield {"__key__": path, "__path__": path, "__caption__": caption}
             return
         order = list(self.shards)
-        rng.shuffle(order)
+        if self.shuffle:
+            rng.shuffle(order)
         whole = len(order) // readers * readers
         for shard in order[:whole][reader::readers]:
             yield from self._iter_shard(shard, errors)

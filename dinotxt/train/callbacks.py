@@ -72,6 +72,25 @@ class PeriodicCheckpoint(Callback):
         if trainer.is_global_zero:
             os.replace(tmp, path)
             save_checkpoint(self.run_dir / "checkpoint", module.model, self.tokenizer, self.cfg)
+            self.keep_step_copy(path, trainer.global_step)
+
+    def keep_step_copy(self, last: Path, step: int) -> None:
+        """``trainer.keep_last_checkpoints``: a copy of last.ckpt named by its step (a hard link where the
+        filesystem allows), the newest N kept."""
+        keep = int(self.cfg.trainer.get("keep_last_checkpoints", 0) or 0)
+        if keep <= 0:
+            return
+        named = last.with_name(f"step_{step:07d}.ckpt")
+        tmp = named.with_name(f".{named.name}.tmp{os.getpid()}")
+        try:
+            os.link(last, tmp)
+        except OSError:
+            import shutil
+
+            shutil.copyfile(last, tmp)
+        os.replace(tmp, named)
+        for old in sorted(last.parent.glob("step_*.ckpt"))[:-keep]:
+            old.unlink()
 
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
         step = trainer.global_step

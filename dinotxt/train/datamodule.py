@@ -95,7 +95,8 @@ class ImageTextDataModule(L.LightningDataModule):
         world = self.trainer.world_size if self.trainer else 1
         common = dict(tokenizer=self.tokenizer, seed=self.cfg.seed, shuffle_buffer=d.shuffle_buffer, rank=rank,
                       world_size=world, start_positions=self.positions,
-                      reader_offset=self.batches % max(1, d.num_workers), holdout=self.holdout)
+                      reader_offset=self.batches % max(1, d.num_workers), holdout=self.holdout,
+                      shuffle=d.order == "shuffled")
         if self.cache is not None:
             from ..data.feature_cache import CachedFeatureStream
 

@@ -62,6 +62,9 @@ def resolve_run(recipe: Optional[str], overrides: List[str], resume: bool) -> Di
     cfg = load_train_config(recipe, overrides)
     run_dir = Path(cfg.output_dir) / cfg.name
     last = run_dir / "checkpoints" / "last.ckpt"
+    if not resume and cfg.trainer.auto_resume and last.is_file():
+        log.info(f"trainer.auto_resume: continuing the run in {run_dir} from its last checkpoint")
+        resume = True
     if resume:
         if not last.is_file():
             raise ConfigError(f"--resume: no checkpoint at {last}; start the run without --resume first")
@@ -78,9 +81,11 @@ def resolve_run(recipe: Optional[str], overrides: List[str], resume: bool) -> Di
 
 
 def train(cfg: DictConfig, resume: bool = False, trust_code: bool = False) -> Dict:
-    """Train a resolved config into ``output_dir/name`` and return its metrics."""
+    """Train a resolved config into ``output_dir/name`` and return its metrics (``resume``, or
+    ``trainer.auto_resume`` with a checkpoint in the folder: continue from ``checkpoints/last.ckpt``)."""
     quiet_lightning()
     run_dir = Path(cfg.output_dir) / cfg.name
+    resume = resume or bool(cfg.trainer.auto_resume and (run_dir / "checkpoints" / "last.ckpt").is_file())
     check_loggers(cfg.trainer)  # a missing wandb / mlflow stops the run before any work
     init = read_init_source(cfg.model.init_from)  # what model.init_from names, read before anything is built
     b = cfg.model.backbone

@@ -58,6 +58,8 @@ class DinoTxtSystem(L.LightningModule):
         super().__init__()
         self.model = model
         self.optim = optim
+        if optim.get("freeze_logit_scale"):  # the temperature stays at its init (official freeze_logit_scale)
+            model.logit_scale.requires_grad_(False)
         self.seed = int(seed)
         if loss_kind == "sigmoid" and model.logit_bias is None:
             raise ValueError("loss.kind=sigmoid needs a model with a logit_bias (model.init_logit_bias, SigLIP: -10)")
