@@ -164,3 +164,64 @@ def test_frozen_temperature_kept_checkpoints_and_automatic_resume(tmp_path):
     assert metrics["logit_scale"] == pytest.approx(1 / 0.07, rel=1e-6)  # exp(init_logit_scale = ln(1/0.07))
     assert main([*args, "optim.max_steps=6"]) == 0  # the same command, a longer schedule: it continues
     assert __import__("json").loads((run / "metrics.json").read_text())["steps"] == 6
+
+
+def _official_gram(backbone_patch_tokens, patch_tokens, idx, normalize):
+    """dinov3/eval/text/gram_loss.py's formula, written out in float64 with the step's subset ``idx``."""
+    import torch.nn.functional as F
+
+    p, b = patch_tokens[:, idx, :], backbone_patch_tokens[:, idx, :]
+    if normalize:
+        p, b = F.normalize(p, dim=-1), F.normalize(b, dim=-1)
+    return ((p @ p.transpose(-2, -1) - b @ b.transpose(-2, -1)) ** 2).mean()
+
+
+@pytest.mark.parametrize("normalize", [True, False])
+def test_gram_loss_value_and_gradient_equal_the_official_formula(normalize):
+    from dinotxt.train.gram import gram_loss, gram_subset
+
+    g = torch.Generator().manual_seed(0)
+    head = torch.randn(3, 20, 8, dtype=torch.float64, generator=g, requires_grad=True)
+    frozen = torch.randn(3, 20, 12, dtype=torch.float64, generator=g)
+    subset = gram_subset(20, 0.5, generator=torch.Generator().manual_seed(1))
+    assert len(subset) == 10 and len(set(subset.tolist())) == 10
+    ours = gram_loss(head.double(), frozen, subset, normalize)
+    # gram_loss computes in float32 (the training dtype); compare against float64 within float32's rounding
+    ref = _official_gram(frozen, head, subset, normalize)
+    torch.testing.assert_close(ours.double(), ref, rtol=1e-5, atol=1e-6)
+    (g_ours,) = torch.autograd.grad(ours, head)
+    (g_ref,) = torch.autograd.grad(_official_gram(frozen, head, subset, normalize), head)
+    torch.testing.assert_close(g_ours.double(), g_ref, rtol=1e-4, atol=1e-7)
+
+
+def test_gram_loss_settings_are_checked(tmp_path):
+    from dinotxt.config import ConfigError, load_train_config
+
+    with pytest.raises(ConfigError, match="the head needs blocks"):
+        load_train_config("debug", ["loss.gram.enabled=true", "model.vision_head.num_blocks=0"])
+    with pytest.raises(ConfigError, match="must lie in"):
+        load_train_config("debug", ["loss.gram.enabled=true", "loss.gram.patch_sampling_rate=0"])
+
+
+def test_a_training_step_with_the_gram_loss_adds_it_and_counts_its_flops(tiny_model):
+    from omegaconf import OmegaConf
+
+    from dinotxt.train.flops import train_step_flops
+    from dinotxt.train.loss import build_loss
+    from dinotxt.train.step import contrastive_and_gram_loss, contrastive_loss
+    from conftest import tiny_batch
+
+    model = tiny_model.train()
+    images, ids = tiny_batch(4, dtype=torch.float32)
+    batch = {"image": images, "text": ids}
+    gram = OmegaConf.create({"enabled": True, "weight": 2.0, "patch_sampling_rate": 0.5, "normalize_patch_tokens": True})
+    torch.manual_seed(0)  # drop path: the same masks in both passes
+    total, extra = contrastive_and_gram_loss(model, build_loss(), batch, gram)
+    torch.manual_seed(0)
+    plain = contrastive_loss(model, build_loss(), batch)
+    torch.testing.assert_close(total, plain + 2.0 * extra, rtol=1e-5, atol=1e-6)
+    total.backward()
+    assert model.vision_head.block_list[0].attn.qkv.weight.grad is not None
+    n = 16  # 56 px at patch 14: 16 patches; rate 0.5: 8
+    with_gram = train_step_flops(model, 4, 17, 10, gram_patches=n // 2)["loss"]
+    assert with_gram > train_step_flops(model, 4, 17, 10)["loss"]

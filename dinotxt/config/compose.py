@@ -212,6 +212,18 @@ def check_train_config(cfg: DictConfig) -> DictConfig:
         raise ConfigError(f"optim.warmup_steps={o.warmup_steps} is longer than the run (optim.max_steps={o.max_steps}): "
                           f"the learning rate would never reach optim.lr={o.lr}; set optim.warmup_steps to at most "
                           f"{o.max_steps}")
+    g = cfg.loss.gram
+    if g.enabled:
+        if not 0.0 < g.patch_sampling_rate <= 1.0:
+            raise ConfigError(f"loss.gram.patch_sampling_rate={g.patch_sampling_rate} must lie in (0, 1]")
+        if m.vision_head.num_blocks == 0:
+            raise ConfigError("loss.gram compares the head's output patch tokens with the backbone's: the head needs "
+                              "blocks (model.vision_head.num_blocks >= 1)")
+        if cfg.cache.path and cfg.cache.tokens == "pooled":
+            raise ConfigError("loss.gram needs every patch token: a pooled feature cache has none (cache.tokens=all)")
+        if cfg.data.global_batch:
+            raise ConfigError("loss.gram is not available with data.global_batch (gradient caching) yet: leave "
+                              "data.global_batch=null")
     if cfg.loss.kind == "sigmoid" and m.init_logit_bias is None:
         m.init_logit_bias = SIGLIP_INIT_LOGIT_BIAS
     elif cfg.loss.kind == "infonce" and m.init_logit_bias is not None:

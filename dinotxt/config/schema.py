@@ -208,6 +208,17 @@ class OptimConfig:
 
 
 @dataclass
+class GramConfig:
+    # the official trainer's Gram loss (dinotxt/train/gram.py; use_gram_loss, patch_sampling_rate,
+    # normalize_patch_tokens, gram_loss_weight): MSE between the Gram matrices of the head's output patch tokens
+    # and the frozen backbone's, on one random subset of patches per step; off, as in the released configuration
+    enabled: bool = False
+    weight: float = 1.0
+    patch_sampling_rate: float = 1.0
+    normalize_patch_tokens: bool = True
+
+
+@dataclass
 class LossConfig:
     # infonce: the symmetric InfoNCE over the global batch (CLIP / LiT / dino.txt, the official trainer's loss);
     # sigmoid: SigLIP's pairwise sigmoid loss with a learnable bias (model.init_logit_bias, default -10; SigLIP
@@ -216,6 +227,7 @@ class LossConfig:
     # None: the dense symmetric InfoNCE (a (B_device, B) logit matrix per direction); a number: the same loss
     # in tiles of block_size x block_size with a streaming log-sum-exp, memory O(B x block_size) (dinotxt/train/loss.py)
     block_size: Optional[int] = None
+    gram: GramConfig = field(default_factory=GramConfig)
 
 
 @dataclass

@@ -57,7 +57,7 @@ def backbone_forward_flops(backbone, num_tokens: int) -> int:
 
 
 def train_step_flops(model, batch_size: int, num_tokens: int, text_len: int, global_batch: Optional[int] = None,
-                     cached: bool = False) -> Dict[str, int]:
+                     cached: bool = False, gram_patches: int = 0) -> Dict[str, int]:
     """FLOPs of one training step of ``model`` (a ``DinoTxt``) on one process.
 
     Args:
@@ -66,8 +66,9 @@ def train_step_flops(model, batch_size: int, num_tokens: int, text_len: int, glo
         text_len: token columns the text tower runs (after ``trim_padding``).
         global_batch: contrastive batch over all ranks (default: ``batch_size``).
         cached: the backbone's tokens come from the feature cache (no backbone FLOPs).
+        gram_patches: patch positions of the Gram loss per step (``loss.gram``; 0: off).
     Returns:
-        ``{"backbone", "head", "text", "loss", "total"}`` FLOPs.
+        ``{"backbone", "head", "text", "loss", "total"}`` FLOPs (the Gram loss counted in ``loss``).
     """
     global_batch = global_batch or batch_size
     head = model.vision_head
@@ -86,6 +87,10 @@ def train_step_flops(model, batch_size: int, num_tokens: int, text_len: int, glo
         text_fwd += linear_flops(text.head, 1)  # projection of the EOT token only
     embed = model.embed_dim
     loss_fwd = 2 * 2 * batch_size * global_batch * embed  # image->text and text->image logits
+    if gram_patches:
+        from .gram import gram_flops
+
+        loss_fwd += gram_flops(batch_size, gram_patches, head.dim, model.backbone.embed_dim)
     backbone = 0 if cached else batch_size * backbone_forward_flops(model.backbone, num_tokens)
     unlocked = int(getattr(model.backbone, "trainable_blocks", 0) or 0)
     blocks = getattr(model.backbone.encoder, "blocks", None)

@@ -108,7 +108,7 @@ def train(cfg: DictConfig, resume: bool = False, trust_code: bool = False) -> Di
         holdout = holdout_validation(cfg, datamodule, run_dir, tokenizer)  # None when no pairs are held out
         system = DinoTxtSystem(model, cfg.optim, cfg.seed, cfg.trainer.backbone_autocast, zeroshot,
                                loss_block_size=cfg.loss.block_size, grad_cache=bool(cfg.data.global_batch),
-                               loss_kind=cfg.loss.kind)
+                               loss_kind=cfg.loss.kind, gram=cfg.loss.gram)
         trainer = build_trainer(cfg, run_dir, datamodule, tokenizer, validates=bool(val_dir),
                                 extra=[holdout] if holdout else [])
 

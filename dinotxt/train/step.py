@@ -34,3 +34,24 @@ def contrastive_loss(model, loss_fn, batch: Dict[str, torch.Tensor], backbone_au
     exponentiated temperature, as ``DinoTxt.forward`` returns it, and the model's logit bias, if any)."""
     return loss_fn(image_features(model, batch, backbone_autocast), model.encode_text(batch["text"]),
                    model.logit_scale.exp(), getattr(model, "logit_bias", None))
+
+
+def contrastive_and_gram_loss(model, loss_fn, batch: Dict[str, torch.Tensor], gram,
+                              backbone_autocast: Optional[str] = None):
+    """``(total loss, gram loss)``: the contrastive loss plus ``gram.weight`` x the Gram loss of the head's
+    output patch tokens against the frozen backbone's (``dinotxt.train.gram``), from one head forward pass."""
+    from .gram import gram_loss, gram_subset
+
+    if "pooled" in batch:
+        raise ValueError("loss.gram needs every patch token: a pooled feature cache has none (cache.tokens=all)")
+    tokens = at_least_fp32(batch["tokens"]) if "tokens" in batch else \
+        frozen_tokens(model.backbone, batch["image"], backbone_autocast)
+    head = model.vision_head
+    cls, patches = head.forward_tokens(tokens)
+    image = head.embed(cls, patches)
+    frozen = tokens[:, head.num_prefix_tokens:]
+    subset = gram_subset(frozen.shape[1], float(gram.patch_sampling_rate), device=frozen.device)
+    extra = gram_loss(patches, frozen, subset, bool(gram.normalize_patch_tokens))
+    contrastive = loss_fn(image, model.encode_text(batch["text"]), model.logit_scale.exp(),
+                          getattr(model, "logit_bias", None))
+    return contrastive + float(gram.weight) * extra, extra

@@ -37,7 +37,7 @@ from ..models.dinotxt import DinoTxt
 from ..utils.precision import backbone_autocast_dtype
 from .gradcache import gradcache_backward
 from .optim import build_optimizer
-from .step import contrastive_loss
+from .step import contrastive_and_gram_loss, contrastive_loss
 
 
 class DinoTxtSystem(L.LightningModule):
@@ -54,7 +54,7 @@ class DinoTxtSystem(L.LightningModule):
 
     def __init__(self, model: DinoTxt, optim, seed: int = 0, backbone_autocast: Optional[str] = None,
                  zeroshot: Optional[ZeroShotTask] = None, loss_block_size: Optional[int] = None,
-                 grad_cache: bool = False, loss_kind: str = "infonce"):
+                 grad_cache: bool = False, loss_kind: str = "infonce", gram=None):
         super().__init__()
         self.model = model
         self.optim = optim
@@ -64,6 +64,7 @@ class DinoTxtSystem(L.LightningModule):
         if loss_kind == "sigmoid" and model.logit_bias is None:
             raise ValueError("loss.kind=sigmoid needs a model with a logit_bias (model.init_logit_bias, SigLIP: -10)")
         self.loss_fn = build_loss(loss_kind, loss_block_size)
+        self.gram = gram if gram is not None and gram.enabled else None  # loss.gram (dinotxt/train/gram.py)
         self.automatic_optimization = not grad_cache  # gradient caching runs its own backward passes
         backbone_autocast_dtype(backbone_autocast)  # an unsupported value stops the run before it starts
         self.backbone_autocast = backbone_autocast
@@ -85,7 +86,11 @@ class DinoTxtSystem(L.LightningModule):
         # (whose RNG state is not in the checkpoint) draws the same masks as an uninterrupted one
         torch.manual_seed(mix_seed(self.seed, self.micro_batches, self.global_rank))
         self.micro_batches += 1
-        loss = contrastive_loss(self.model, self.loss_fn, batch, self.backbone_autocast)
+        if self.gram is not None:
+            loss, gram = contrastive_and_gram_loss(self.model, self.loss_fn, batch, self.gram, self.backbone_autocast)
+            self.log("train/gram_loss", gram, batch_size=batch["text"].shape[0])
+        else:
+            loss = contrastive_loss(self.model, self.loss_fn, batch, self.backbone_autocast)
         self._check_loss(loss)
         self._log_step(loss, batch["text"].shape[0], self.trainer.optimizers[0].param_groups[0]["lr"])
         return loss
