@@ -225,3 +225,18 @@ def test_a_training_step_with_the_gram_loss_adds_it_and_counts_its_flops(tiny_mo
     n = 16  # 56 px at patch 14: 16 patches; rate 0.5: 8
     with_gram = train_step_flops(model, 4, 17, 10, gram_patches=n // 2)["loss"]
     assert with_gram > train_step_flops(model, 4, 17, 10)["loss"]
+
+
+def test_a_head_trained_on_another_backbone_width_is_one_line_naming_both(tmp_path, tiny_model):
+    from omegaconf import OmegaConf
+
+    from test_checkpoint import CAPTIONS
+
+    tok = dinotxt.train_tokenizer(CAPTIONS * 4, vocab_size=100, context_length=16)
+    folder = dinotxt.save_checkpoint(tmp_path / "ckpt", tiny_model, tok)
+    cfg = OmegaConf.load(folder / "config.yaml")
+    width = int(cfg.model.backbone.kwargs.embed_dim)
+    cfg.model.backbone.kwargs.embed_dim = width * 2  # the config now names a wider backbone than the head saw
+    (folder / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
+    with pytest.raises(ValueError, match=rf"trained on a {width}-wide backbone, but model.backbone .* is {2 * width} wide"):
+        dinotxt.load(folder)

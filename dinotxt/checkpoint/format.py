@@ -135,7 +135,7 @@ def build_from_record(record: CheckpointRecord, device: Union[str, torch.device]
     """``(model, transform, tokenizer)`` of a checkpoint record: the model rebuilt from its config, the
     trainable weights loaded strictly, the frozen backbone from the weights it carries or the file it names."""
     from ..models.backbone import FrozenBackbone, names_code
-    from ..models.factory import create_model
+    from ..models.factory import create_backbone, create_model
     from ..models.transforms import model_eval_transform
     from ..utils.plugins import UntrustedCodeError
 
@@ -148,15 +148,17 @@ def build_from_record(record: CheckpointRecord, device: Union[str, torch.device]
     carried = record.backbone_state is not None and override is None
     recorded = mcfg.backbone.weights
     mcfg.backbone.weights = backbone_weights(mcfg, override, carried)
-    model = create_model(mcfg, trust_code=trust_code)
-    if carried:
-        b = mcfg.backbone
-        model.backbone = FrozenBackbone(b.name, weights=record.backbone_state, img_size=b.img_size,
-                                        init_seed=b.init_seed, trust_code=trust_code,
-                                        trainable_blocks=b.get("trainable_blocks", 0),
-                                        **OmegaConf.to_container(b.kwargs))
-        # the weights travel in the checkpoint; a config written from this model records the original file
-        model.backbone.weights_file, model.backbone.rebuild_problem = recorded, None
+    b = mcfg.backbone
+    if carried:  # the weights travel in the checkpoint
+        backbone = FrozenBackbone(b.name, weights=record.backbone_state, img_size=b.img_size, init_seed=b.init_seed,
+                                  trust_code=trust_code, trainable_blocks=b.get("trainable_blocks", 0),
+                                  **OmegaConf.to_container(b.kwargs))
+        # a config written from this model records the original file
+        backbone.weights_file, backbone.rebuild_problem = recorded, None
+    else:
+        backbone = create_backbone(b, trust_code=trust_code, trainable_blocks=b.get("trainable_blocks", 0))
+    check_head_fits_backbone(record, backbone)  # before the head is built around it
+    model = create_model(mcfg, trust_code=trust_code, frozen_backbone=backbone)
     try:
         model.load_trainable_state_dict(record.state)
     except (ValueError, RuntimeError, KeyError) as e:
@@ -168,5 +170,20 @@ def build_from_record(record: CheckpointRecord, device: Union[str, torch.device]
     return model, model_eval_transform(mcfg, image_size, crop_fraction), tokenizer
 
 
-__all__ = ["save_checkpoint", "save_single_file", "read_checkpoint", "read_single_file", "load", "load_single_file",
+def check_head_fits_backbone(record: CheckpointRecord, backbone) -> None:
+    """The vision head's weights were trained on a backbone of this width (one line naming both otherwise: a
+    ViT-B head on a ViT-L backbone, or --backbone-weights of another size)."""
+    norm = record.state.get("vision_head.ln_final.weight")
+    if norm is None:
+        norm = next((v for k, v in record.state.items() if k.startswith("vision_head.") and k.endswith("norm1.weight")),
+                    None)
+    width = int(backbone.embed_dim)
+    if norm is not None and norm.ndim == 1 and int(norm.shape[0]) != width:
+        b = record.model_config.backbone
+        raise ValueError(f"{record.where()}: the vision head was trained on a {int(norm.shape[0])}-wide backbone, but "
+                         f"model.backbone {b.name} ({b.weights or 'random init'}) is {width} wide: give the backbone "
+                         "the head was trained with (--backbone-weights PATH, or model.backbone in the config)")
+
+
+__all__ = ["check_head_fits_backbone", "save_checkpoint", "save_single_file", "read_checkpoint", "read_single_file", "load", "load_single_file",
            "build_from_record", "checkpoint_config"]
