@@ -260,7 +260,14 @@ class TrainerConfig:
     # behaviour: a preempted SLURM job requeued with the same command picks up where it stopped)
     auto_resume: bool = False
     val_every_n_steps: int = 1000
-    compile: bool = False  # torch.compile the text tower and the vision head
+    # torch.compile: true compiles the text tower and the vision head whole; blocks compiles each of their
+    # transformer blocks on its own (the official trainer's way: small graphs, quick to compile, state dict
+    # keys unchanged)
+    compile: Any = choice(False, False, True, "blocks")
+    # activation checkpointing of the trainable towers' blocks (overrides the per-tower grad_checkpointing):
+    # full recomputes each block; selective keeps the matmul and attention outputs and recomputes the rest
+    # (the official policy, dinotxt/models/layers/checkpointing.py)
+    activation_checkpointing: Optional[str] = choice(None, None, "full", "selective")
     deterministic: bool = False
     # run the frozen backbone under bf16 autocast even when the rest trains in fp32 (CPUs with
     # AMX / avx512_bf16, or GPUs): about 2x faster, NOT bit-exact (tokens differ by ~3e-3 relative)

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .layers import Attention, LayerScale
+from .layers.checkpointing import run_block
 
 POOLERS = ("argmax", "first", "last")  # where the text embedding is read (the official tokens_pooler_type)
 
@@ -70,11 +71,9 @@ class TextTransformer(nn.Module):
         if L > self.context_length:
             raise ValueError(f"text has {L} tokens; the context length is {self.context_length}")
         x = self.dropout(self.token_embedding(ids) + self.positional_embedding[:L])
+        mode = self.grad_checkpointing if self.training else None
         for block in self.blocks:
-            if self.grad_checkpointing and self.training:
-                x = torch.utils.checkpoint.checkpoint(block, x, use_reentrant=False)
-            else:
-                x = block(x)
+            x = run_block(block, x, mode)
         return self.ln_final(x)
 
 
@@ -139,8 +138,10 @@ class TextTower(nn.Module):
             nn.init.zeros_(block.feed_forward.fc2.bias)
         nn.init.normal_(self.head.linear_projection.weight, std=attn_std)
 
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        self.backbone.grad_checkpointing = enable
+    def set_grad_checkpointing(self, enable=True) -> None:
+        """True / ``full``: recompute each block in the backward pass; ``selective``: keep the matmul and
+        attention outputs, recompute the rest (``dinotxt.models.layers.checkpointing``); False: off."""
+        self.backbone.grad_checkpointing = "full" if enable is True else enable
 
     def config_dict(self) -> dict:
         """The ``TextConfig`` fields that rebuild this tower."""

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from .layers import Attention, LayerScale, StochasticResidual, SwiGLU, swiglu_hidden_dim
+from .layers.checkpointing import run_block
 
 
 class HeadBlock(nn.Module):
@@ -154,11 +155,9 @@ class VisionHead(nn.Module):
     def forward_tokens(self, tokens: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """Run the blocks; return (head CLS (B, D), head patch tokens (B, N, D))."""
         x = tokens
+        mode = self.grad_checkpointing if self.training else None
         for block in self.block_list:
-            if self.grad_checkpointing and self.training:
-                x = torch.utils.checkpoint.checkpoint(block, x, use_reentrant=False)
-            else:
-                x = block(x)
+            x = run_block(block, x, mode)
         x = self.ln_final(x)
         return x[:, 0], x[:, self.num_prefix_tokens:]
 

@@ -152,10 +152,24 @@ def build_model(cfg: DictConfig, backbone, init, datamodule: ImageTextDataModule
         log.info(f"training on the feature cache {cfg.cache.path} ({len(datamodule.cache.names)} shards, "
                  f"{datamodule.cache.views} view(s), tokens={datamodule.cache.spec['tokens']}): the backbone runs only "
                  "for validation")
-    if cfg.trainer.compile:
+    apply_speed_options(model, cfg.trainer)
+    return model
+
+
+def apply_speed_options(model, trainer_cfg: DictConfig) -> None:
+    """``trainer.activation_checkpointing`` (full / selective, on every trainable block) and
+    ``trainer.compile`` (true: each tower whole; blocks: each transformer block on its own, in place)."""
+    mode = trainer_cfg.get("activation_checkpointing")
+    if mode:
+        model.vision_head.grad_checkpointing = mode
+        model.text.set_grad_checkpointing(mode if hasattr(model.text, "backbone") else True)
+    if trainer_cfg.compile == "blocks":
+        blocks = list(model.vision_head.block_list) + list(getattr(getattr(model.text, "backbone", None), "blocks", []))
+        for block in blocks:
+            block.compile()  # nn.Module.compile: in place, the state dict keys stay
+    elif trainer_cfg.compile:
         model.text = torch.compile(model.text)
         model.vision_head = torch.compile(model.vision_head)
-    return model
 
 
 def holdout_validation(cfg: DictConfig, datamodule: ImageTextDataModule, run_dir: Path,
