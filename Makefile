@@ -12,7 +12,7 @@ NUMERICS := tests/test_models.py tests/test_speed_parity.py tests/test_loss.py t
 BASELINE_KERNELS := ATEN_CPU_CAPABILITY=default MKL_ENABLE_INSTRUCTIONS=SSE4_2 ONEDNN_MAX_CPU_ISA=SSE41
 AVX2_KERNELS     := ATEN_CPU_CAPABILITY=avx2 MKL_ENABLE_INSTRUCTIONS=AVX2 ONEDNN_MAX_CPU_ISA=AVX2
 
-.PHONY: demo demo-curation test test-fast test-kernels check-install setup clean
+.PHONY: demo demo-curation test test-fast test-kernels check-install setup clean gpu-check
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -52,3 +52,7 @@ check-install:
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
+
+# the GPU check (bench/gpu_check.py): the paper configuration on one CUDA device, every speed option, faiss-gpu
+gpu-check: $(STAMP)
+	$(BIN)/python bench/gpu_check.py
