@@ -302,3 +302,31 @@ def test_compiling_each_block_keeps_the_loss_gradients_and_state_dict_keys():
     torch.testing.assert_close(compiled[0], eager[0], rtol=1e-5, atol=1e-6)
     for name in eager[1]:
         torch.testing.assert_close(compiled[1][name], eager[1][name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_patch_tokens_from_the_nth_last_layer():
+    """model.backbone.patch_token_layer=n: the [CLS] token of the last layer, registers and patches of the
+    n-th last, each final-normed (the official get_intermediate_layers(n, norm=True) split), written out
+    block by block in float64; n=1 is the plain output."""
+    torch.manual_seed(0)
+    spec = {"img_size": 56, "kwargs": {"depth": 3, "embed_dim": 96, "num_heads": 2}}
+    text = {"width": 64, "depth": 1, "heads": 2, "vocab_size": 100, "context_length": 16}
+    model = dinotxt.create_model("dinotxt_demo", backbone={**spec, "patch_token_layer": 2}, text=text).double()
+    enc = model.backbone.encoder
+    x = torch.randn(2, 3, 56, 56, dtype=torch.float64)
+    with torch.no_grad():
+        h = enc.norm_pre(enc._pos_embed(enc.patch_embed(x)))
+        states = []
+        for blk in enc.blocks:
+            h = blk(h)
+            states.append(enc.norm(h))
+        expected = torch.cat([states[-1][:, :1], states[-2][:, 1:]], dim=1)  # CLS last; the rest 2nd last
+        got = model.backbone(x)
+    torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
+    assert model.config.backbone.patch_token_layer == 2
+    plain = dinotxt.create_model("dinotxt_demo", backbone=spec, text=text).double()
+    plain.backbone.load_state_dict(model.backbone.state_dict())
+    with torch.no_grad():
+        torch.testing.assert_close(plain.backbone(x), states[-1], rtol=1e-12, atol=1e-12)
+    with pytest.raises(ValueError, match="patch_token_layer=5 but the backbone has 3 blocks"):
+        dinotxt.create_model("dinotxt_demo", backbone={**spec, "patch_token_layer": 5}, text=text).backbone(x.float())

@@ -152,6 +152,7 @@ def build_from_record(record: CheckpointRecord, device: Union[str, torch.device]
     if carried:  # the weights travel in the checkpoint
         backbone = FrozenBackbone(b.name, weights=record.backbone_state, img_size=b.img_size, init_seed=b.init_seed,
                                   trust_code=trust_code, trainable_blocks=b.get("trainable_blocks", 0),
+                                  patch_token_layer=b.get("patch_token_layer", 1),
                                   **OmegaConf.to_container(b.kwargs))
         # a config written from this model records the original file
         backbone.weights_file, backbone.rebuild_problem = recorded, None

@@ -53,6 +53,10 @@ class BackboneConfig:
     # unlock the last K blocks (and the modules after them, e.g. the final norm): they train with optim.backbone_lr,
     # are checkpointed and exported; the rest stays frozen and in eval mode. 0 = all frozen (dino.txt / LiT)
     trainable_blocks: int = 0
+    # the layer the patch tokens (and registers) come from, counted from the end: 1 = the last (as released);
+    # n = the n-th last, final-normed, with the [CLS] token still from the last layer (the official
+    # vision_model_patch_token_layer; timm ViTs)
+    patch_token_layer: int = 1
     # extra constructor arguments for timm / the factory (e.g. depth=4 for tests)
     kwargs: Dict[str, Any] = field(default_factory=dict)
 

@@ -110,7 +110,8 @@ def cache_spec(cfg: DictConfig) -> Dict[str, Any]:
     return {
         "format": FORMAT_VERSION,
         "backbone": {"name": b.name, "weights": weights, "init_seed": None if b.weights else int(b.init_seed),
-                     "kwargs": OmegaConf.to_container(b.kwargs, resolve=True), "img_size": size},
+                     "kwargs": OmegaConf.to_container(b.kwargs, resolve=True), "img_size": size,
+                     **({"patch_token_layer": int(b.patch_token_layer)} if b.get("patch_token_layer", 1) != 1 else {})},
         "transform": transform,
         "views": int(c.views),
         "view_seed": int(cfg.seed),

@@ -86,10 +86,14 @@ class FrozenBackbone(nn.Module):
         init_seed: int = 0,
         trust_code: bool = False,
         trainable_blocks: int = 0,
+        patch_token_layer: int = 1,
         **kwargs: Any,
     ):
         super().__init__()
         self.name = name
+        self.patch_token_layer = int(patch_token_layer)
+        if self.patch_token_layer < 1:
+            raise ValueError(f"model.backbone.patch_token_layer={patch_token_layer}: 1 is the last layer, n the n-th last")
         self.img_size = img_size
         self.init_seed = int(init_seed)
         self.kwargs = dict(kwargs)
@@ -237,7 +241,8 @@ class FrozenBackbone(nn.Module):
             raise ValueError(f"backbone '{self.name}' cannot be described by a config because {self.rebuild_problem}; "
                              "build it by name (a timm architecture or an import path) with weights from a file")
         return {"name": self.name, "weights": self.weights_file, "img_size": int(self.img_size),
-                "init_seed": self.init_seed, "trainable_blocks": int(self.trainable_blocks), "kwargs": dict(self.kwargs)}
+                "init_seed": self.init_seed, "trainable_blocks": int(self.trainable_blocks),
+                "patch_token_layer": self.patch_token_layer, "kwargs": dict(self.kwargs)}
 
     def _read_state(self, weights: Union[str, Path, StateDict]):
         """(state in this encoder's loading layout, layout name) of a file or state dict."""
@@ -295,13 +300,30 @@ class FrozenBackbone(nn.Module):
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         # frozen: no autograd at all; unlocked blocks record their graph where gradients are enabled
         with torch.no_grad() if not self.trainable_blocks else contextlib.nullcontext():
-            if hasattr(self.encoder, "forward_features"):
+            if self.patch_token_layer > 1:
+                tokens = self._tokens_with_earlier_patches(images)
+            elif hasattr(self.encoder, "forward_features"):
                 tokens = self.encoder.forward_features(images)
             else:
                 tokens = self.encoder(images)
         if tokens.ndim != 3 or tokens.shape[-1] != self.embed_dim:
             raise ValueError(f"backbone returned {tuple(tokens.shape)}; expected (B, 1+R+N, {self.embed_dim}) tokens")
         return tokens
+
+    def _tokens_with_earlier_patches(self, images: torch.Tensor) -> torch.Tensor:
+        """[CLS of the last layer, registers and patches of the ``patch_token_layer``-th last layer], every
+        token final-normed, as the official ``get_intermediate_layers(n, norm=True)`` gives them."""
+        if not hasattr(self.encoder, "forward_intermediates"):
+            raise ValueError(f"model.backbone.patch_token_layer={self.patch_token_layer} needs a timm ViT "
+                             f"(forward_intermediates); backbone '{self.name}' has none")
+        depth = len(self.encoder.blocks)
+        if self.patch_token_layer > depth:
+            raise ValueError(f"model.backbone.patch_token_layer={self.patch_token_layer} but the backbone has {depth} "
+                             "blocks")
+        final, (inter,) = self.encoder.forward_intermediates(images, indices=[depth - self.patch_token_layer],
+                                                             return_prefix_tokens=True, norm=True, output_fmt="NLC")
+        patches, prefix = inter
+        return torch.cat([final[:, :1], prefix[:, 1:], patches], dim=1)
 
     def split_tokens(self, tokens: torch.Tensor):
         """(cls (B,D), registers (B,R,D), patches (B,N,D))."""

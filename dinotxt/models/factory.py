@@ -69,6 +69,7 @@ def create_backbone(bcfg: DictConfig, backbone_module: Optional[nn.Module] = Non
     """The frozen backbone of a model config alone (the feature cache and curation need nothing else; they
     embed with every block frozen, whatever ``bcfg.trainable_blocks`` says: ``create_model`` unlocks)."""
     return FrozenBackbone(bcfg.name, weights=bcfg.weights, img_size=bcfg.img_size, module=backbone_module,
+                          patch_token_layer=bcfg.get("patch_token_layer", 1),
                           init_seed=bcfg.init_seed, trust_code=trust_code, trainable_blocks=trainable_blocks,
                           **OmegaConf.to_container(bcfg.kwargs))
 
