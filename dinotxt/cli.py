@@ -672,6 +672,19 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def parse_command_line(argv: List[str]) -> argparse.Namespace:
+    """The parsed command: ``--quiet`` / ``-q`` / ``--debug`` accepted anywhere on the line, and ``key=value``
+    overrides after flags too (``train R --resume optim.max_steps=30``); anything else unknown is an error."""
+    argv = [a for a in argv if a not in ("--quiet", "-q", "--debug")]
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra and hasattr(args, "overrides") and all("=" in e and not e.startswith("-") for e in extra):
+        args.overrides = list(args.overrides) + extra
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    return args
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     import logging
 
@@ -680,15 +693,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     quiet = any(a in ("--quiet", "-q") for a in argv)  # accepted anywhere on the line
     debug = "--debug" in argv or bool(os.environ.get("DINOTXT_DEBUG"))  # errors as tracebacks
-    argv = [a for a in argv if a not in ("--quiet", "-q", "--debug")]
     setup_console(logging.WARNING if quiet else logging.INFO)
-    parser = build_parser()
-    args, extra = parser.parse_known_args(argv)
-    # key=value overrides may come after flags (``train R --resume optim.max_steps=30``)
-    if extra and hasattr(args, "overrides") and all("=" in e and not e.startswith("-") for e in extra):
-        args.overrides = list(args.overrides) + extra
-    elif extra:
-        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    args = parse_command_line(argv)
     if debug:
         return args.func(args)
     from curation.ranks import ProcessGroupError

@@ -160,23 +160,11 @@ PLACEHOLDER = re.compile(r"^[A-Z][A-Z0-9_]*$")  # RECIPE, CHECKPOINT, DIR, IMAGE
 STAND_IN = {"train": "demo", "cache": "demo", "curate": "curation/debug", "suite": "eval/demo_suite"}
 
 
-@functools.lru_cache(maxsize=None)
-def _parser():
-    from dinotxt.cli import build_parser
-
-    return build_parser()
-
-
 def parse(args):
     """``dinotxt ARGS`` through the real parser, as ``dinotxt.cli.main`` parses a command line."""
-    args = [a for a in args if a not in ("--quiet", "-q", "--debug")]
-    parser = _parser()
-    ns, extra = parser.parse_known_args(args)
-    if extra and hasattr(ns, "overrides") and all("=" in e and not e.startswith("-") for e in extra):
-        ns.overrides = list(ns.overrides) + extra
-    elif extra:
-        parser.error(f"unrecognized arguments: {' '.join(extra)}")
-    return ns
+    from dinotxt.cli import parse_command_line
+
+    return parse_command_line(list(args))
 
 
 def compose_config(ns):
