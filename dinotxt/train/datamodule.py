@@ -27,7 +27,7 @@ from omegaconf import DictConfig
 from torch.utils.data import DataLoader
 
 from ..data.folder import ImageFolderDataset
-from ..data.holdout import estimate_pairs, holdout_fraction
+from ..data.holdout import AUTO_MAX_PAIRS, estimate_pairs, holdout_fraction
 from ..data.sources import expand_shards, is_manifest, read_manifest
 from ..data.stream import ImageTextStream, collate_image_text
 from ..models.transforms import eval_transform, model_eval_transform, train_transform
@@ -67,14 +67,26 @@ class ImageTextDataModule(L.LightningDataModule):
             from ..data.feature_cache import FeatureCache
 
             self.cache = FeatureCache(cfg.cache.path)
-            pairs = len(self.cache)
         elif is_manifest(d.train):
             self.manifest = read_manifest(d.train, d.manifest_image_column, d.manifest_caption_column)
-            pairs = len(self.manifest)
         else:
             self.shards = expand_shards(d.train)
-            pairs = estimate_pairs(self.shards)
+        pairs = self._pair_count() if d.holdout == "auto" else None  # only auto depends on the size
         self.holdout = holdout_fraction(d.holdout, pairs)  # the share of pairs kept for validation
+
+    def _pair_count(self) -> Optional[int]:
+        """The training pairs, as far as ``data.holdout=auto`` needs them: a cache's shard counts are read only
+        until they pass ``AUTO_MAX_PAIRS`` (a large cache is not read at start-up); shards are estimated."""
+        if self.cache is not None:
+            total = 0
+            for name in self.cache.names:
+                total += int(self.cache.index(name)["count"])
+                if total > AUTO_MAX_PAIRS:
+                    break
+            return total
+        if self.manifest is not None:
+            return len(self.manifest)
+        return estimate_pairs(self.shards)
 
     def record(self, batch: Dict) -> None:
         """A consumed training batch: its readers' positions and its skip counts."""
