@@ -9,6 +9,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+import numpy as np
 import pytest
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
@@ -105,7 +106,10 @@ def test_wandb_offline_and_mlflow_file_store_log_the_training_loss(tmp_path, mon
     assert len(losses) == 3 and (run / "loss_curve.png").is_file()
 
     (run_file,) = (run / "logs" / "wandb").glob("offline-run-*/run-*.wandb")
-    assert _wandb_logged(run_file, "train/loss") == set(losses)
+    # the loss is a float32: compared at float32 resolution, since the two loggers' float64 texts of the same
+    # value were seen to differ in their last digit (2.911405324935914 vs ...913) in a full-suite run
+    as_f32 = lambda values: {float(np.float32(v)) for v in values}  # noqa: E731
+    assert as_f32(_wandb_logged(run_file, "train/loss")) == as_f32(losses)
     assert b"dinotxt-test" in run_file.read_bytes() and b"vocab_size" in run_file.read_bytes()  # project, config
 
     from mlflow.tracking import MlflowClient
