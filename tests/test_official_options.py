@@ -330,3 +330,81 @@ def test_patch_tokens_from_the_nth_last_layer():
         torch.testing.assert_close(plain.backbone(x), states[-1], rtol=1e-12, atol=1e-12)
     with pytest.raises(ValueError, match="patch_token_layer=5 but the backbone has 3 blocks"):
         dinotxt.create_model("dinotxt_demo", backbone={**spec, "patch_token_layer": 5}, text=text).backbone(x.float())
+
+
+def _official_head_embedding(head, tokens):
+    """The official VisionHead + VisionTower.forward (dinov3/eval/text/vision_tower.py) written out in float64
+    for a head of no blocks: ln_final on every token, the bias-free linear projection on every token, then
+    [CLS] || mean of the projected patch tokens (registers dropped)."""
+    import torch.nn.functional as F
+
+    x = tokens
+    if isinstance(head.ln_final, torch.nn.LayerNorm):
+        x = F.layer_norm(x, (x.shape[-1],), head.ln_final.weight, head.ln_final.bias, 1e-5)
+    x = x @ head.linear_projection.weight.t()
+    cls, patches = x[:, 0], x[:, head.num_prefix_tokens:]
+    return torch.cat([cls, patches.mean(1)], -1) if head.use_patch_tokens else cls
+
+
+@pytest.mark.parametrize("use_patch_tokens", [True, False])
+def test_the_linear_projection_equals_the_official_head_and_sets_the_embedding_width(use_patch_tokens):
+    """vision_head.embed_dim / linear_projection (the official embed_dim and use_linear_projection): a bias-free
+    D -> E/2 (or E) map on every token after ln_final, initialised N(0, 1/D); the embedding, the dense tokens,
+    the text width and the pooled-cache path all follow it."""
+    from dinotxt.models.vision_head import VisionHead
+
+    torch.manual_seed(0)
+    D, E = 32, 24
+    head = VisionHead(D, num_prefix_tokens=3, num_blocks=0, use_patch_tokens=use_patch_tokens, final_norm=False,
+                      embed_dim=E).double()
+    P = E // 2 if use_patch_tokens else E
+    assert head.linear_projection.weight.shape == (P, D) and head.output_dim == E and head.token_dim == P
+    tokens = torch.randn(4, 3 + 9, D, dtype=torch.float64)
+    torch.testing.assert_close(head(tokens), _official_head_embedding(head, tokens), rtol=1e-12, atol=1e-12)
+    # the pooled cache ([CLS, mean of patches]) gives the same embedding: the mean commutes with the linear map
+    torch.testing.assert_close(head.forward_pooled(head.pool_frozen_tokens(tokens)), head(tokens), rtol=1e-12, atol=1e-12)
+    cfg = head.config_dict()
+    assert cfg["embed_dim"] == E and cfg["linear_projection"] is True
+    # the official init: std 1/sqrt(D) (a 512 x 1024 map: the sample std within 3% of it)
+    big = VisionHead(1024, num_blocks=0, final_norm=False, use_patch_tokens=True, linear_projection=True)
+    assert big.output_dim == 2048 and abs(big.linear_projection.weight.std().item() * 1024 ** 0.5 - 1) < 0.03
+    # without either setting there is no projection (the release's layout, no extra key)
+    assert not VisionHead(D, num_blocks=0).has_projection
+
+
+def test_a_projected_model_trains_saves_loads_and_segments(tmp_path):
+    """A whole model with vision_head.embed_dim: the text tower follows the width, encode_patches returns projected
+    tokens that pair with dense_text's half, and a checkpoint reloads the projection strictly."""
+    from conftest import TINY_MODEL
+    from test_checkpoint import CAPTIONS
+
+    torch.manual_seed(0)
+    model = dinotxt.create_model("dinotxt_demo", **dict(TINY_MODEL, vision_head=dict(TINY_MODEL["vision_head"],
+                                                                                      embed_dim=48))).eval()
+    assert model.embed_dim == 48 and model.text.output_dim == 48
+    images = torch.randn(2, 3, 56, 56)
+    patches = model.encode_patches(images)
+    assert patches.shape == (2, 4, 4, 24)
+    text = model.encode_text(torch.tensor([[5, 6, 99, 0]]))
+    assert model.dense_text(text).shape == (1, 24)
+    # the embedding's patch half is the mean of the dense tokens
+    torch.testing.assert_close(model.encode_image(images)[:, 24:], patches.flatten(1, 2).mean(1), rtol=1e-5, atol=1e-5)
+    tok = dinotxt.train_tokenizer(CAPTIONS * 4, vocab_size=100, context_length=16)
+    folder = dinotxt.save_checkpoint(tmp_path / "ckpt", model, tok)
+    loaded, _, _ = dinotxt.load(folder)
+    assert torch.equal(loaded.vision_head.linear_projection.weight, model.vision_head.linear_projection.weight)
+    assert torch.equal(loaded.encode_image(images), model.encode_image(images))
+
+
+def test_embedding_widths_the_head_cannot_make_are_one_line():
+    from dinotxt.config import ConfigError, load_train_config
+
+    with pytest.raises(ConfigError, match=r"vision_head.embed_dim=47 must be a positive multiple of 2"):
+        load_train_config("debug", ["model.vision_head.embed_dim=47"])
+    from dinotxt.data.feature_cache import cache_spec
+
+    cfg = load_train_config("debug", ["model.vision_head.num_blocks=0", "model.vision_head.final_norm=false",
+                                      "model.vision_head.linear_projection=true", "model.vision_head.pooling=max",
+                                      "cache.tokens=pooled"])
+    with pytest.raises(ConfigError, match="projects each patch token before max pooling"):
+        cache_spec(cfg)

@@ -178,10 +178,14 @@ def check_head_fits_backbone(record: CheckpointRecord, backbone) -> None:
     if norm is None:
         norm = next((v for k, v in record.state.items() if k.startswith("vision_head.") and k.endswith("norm1.weight")),
                     None)
+    trained = int(norm.shape[0]) if norm is not None and norm.ndim == 1 else None
+    proj = record.state.get("vision_head.linear_projection.weight")  # (P, D): a head of 0 blocks without a norm
+    if trained is None and proj is not None and proj.ndim == 2:
+        trained = int(proj.shape[1])
     width = int(backbone.embed_dim)
-    if norm is not None and norm.ndim == 1 and int(norm.shape[0]) != width:
+    if trained is not None and trained != width:
         b = record.model_config.backbone
-        raise ValueError(f"{record.where()}: the vision head was trained on a {int(norm.shape[0])}-wide backbone, but "
+        raise ValueError(f"{record.where()}: the vision head was trained on a {trained}-wide backbone, but "
                          f"model.backbone {b.name} ({b.weights or 'random init'}) is {width} wide: give the backbone "
                          "the head was trained with (--backbone-weights PATH, or model.backbone in the config)")
 

@@ -15,6 +15,9 @@ backbone              ``dinov2_vitl14_reg4_pretrain.pth``   ``backbone.encoder``
                                                             ``dinotxt.models.backbone``)
 ``*_vision_head.pth`` ``block_list.{i}.*``                  ``vision_head.block_list.{i}.*``
 ``*_vision_head.pth`` ``ln_final.*``                        ``vision_head.ln_final.*``
+``*_vision_head.pth`` ``linear_projection.weight`` (a head  ``vision_head.linear_projection.weight``
+                      trained with use_linear_projection;
+                      not in the release)
 ``*_text_encoder.pth`` ``backbone.*``                       ``text.backbone.*``
 ``*_text_encoder.pth`` ``head.linear_projection.weight``    ``text.head.linear_projection.weight``
 (not shipped)                                               ``logit_scale`` = ln 100
@@ -28,6 +31,7 @@ official key                                dinotxt key
 ==========================================  ==========================================
 ``visual_model.head.blocks.{i}.*``          ``vision_head.block_list.{i}.*`` (``blocks``, not ``block_list``)
 ``visual_model.head.ln_final.*``            ``vision_head.ln_final.*``
+``visual_model.head.linear_projection.*``   ``vision_head.linear_projection.*`` (not in the release)
 ``text_model.backbone.*``                   ``text.backbone.*``
 ``text_model.head.linear_projection.weight`` ``text.head.linear_projection.weight``
 ``logit_scale`` (shape (1,), optional)      ``logit_scale`` (a scalar); ln 100 when absent
@@ -56,13 +60,15 @@ PathLike = Union[str, Path]
 # (official prefix, dinotxt prefix); a rule without a trailing dot names one exact key
 KEY_MAPS: Dict[str, Dict[str, List[Tuple[str, str]]]] = {
     "dinov2": {
-        "vision_head": [("block_list.", "vision_head.block_list."), ("ln_final.", "vision_head.ln_final.")],
+        "vision_head": [("block_list.", "vision_head.block_list."), ("ln_final.", "vision_head.ln_final."),
+                        ("linear_projection.", "vision_head.linear_projection.")],
         "text_encoder": [("backbone.", "text.backbone."), ("head.", "text.head.")],
     },
     "dinov3": {
         "weights": [
             ("visual_model.head.blocks.", "vision_head.block_list."),
             ("visual_model.head.ln_final.", "vision_head.ln_final."),
+            ("visual_model.head.linear_projection.", "vision_head.linear_projection."),
             ("text_model.backbone.", "text.backbone."),
             ("text_model.head.", "text.head."),
             ("logit_scale", "logit_scale"),

@@ -212,6 +212,12 @@ def check_train_config(cfg: DictConfig) -> DictConfig:
         raise ConfigError(f"optim.warmup_steps={o.warmup_steps} is longer than the run (optim.max_steps={o.max_steps}): "
                           f"the learning rate would never reach optim.lr={o.lr}; set optim.warmup_steps to at most "
                           f"{o.max_steps}")
+    h = m.vision_head
+    multiplier = 2 if h.use_patch_tokens else 1
+    if h.embed_dim is not None and (h.embed_dim < multiplier or h.embed_dim % multiplier):
+        raise ConfigError(f"model.vision_head.embed_dim={h.embed_dim} must be a positive multiple of {multiplier} "
+                          + ("(the embedding is [CLS] || patch average, two halves of equal width)" if multiplier == 2
+                             else ""))
     g = cfg.loss.gram
     if g.enabled:
         if not 0.0 < g.patch_sampling_rate <= 1.0:
@@ -249,7 +255,14 @@ def resolve_model_dims(cfg: DictConfig, embed_dim: int, backbone_heads: Optional
     if cfg.vision_head.num_heads is None:
         cfg.vision_head.num_heads = int(backbone_heads) if backbone_heads else max(1, embed_dim // 64)
     if cfg.text.output_dim is None:
-        cfg.text.output_dim = embed_dim * (2 if cfg.vision_head.use_patch_tokens else 1)
+        from ..models.vision_head import projection_width
+
+        h = cfg.vision_head
+        try:
+            width = projection_width(embed_dim, h.use_patch_tokens, h.get("embed_dim"), h.get("linear_projection", False))
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+        cfg.text.output_dim = (embed_dim if width is None else width) * (2 if h.use_patch_tokens else 1)
 
 
 def to_yaml(cfg: Any) -> str:

@@ -75,6 +75,10 @@ class VisionHeadConfig:
     gem_p: float = 3.0  # GeM exponent
     use_patch_tokens: bool = True  # False: CLS-only embedding (the LiT baseline)
     final_norm: bool = True  # LayerNorm over all head tokens (dino.txt's ln_final)
+    # the image embedding width (the official embed_dim): None = 2D with patch tokens, D for CLS only; another
+    # width adds a bias-free linear map D -> embed_dim / 2 (or embed_dim) on every token after ln_final
+    embed_dim: Optional[int] = None
+    linear_projection: bool = False  # that map even at the default width (the official use_linear_projection)
     attn_impl: str = choice("sdpa", "sdpa", "xformers")  # torch SDPA, or xformers (the [xformers] extra)
     grad_checkpointing: bool = False  # recompute head blocks in the backward pass (activation memory for compute)
 

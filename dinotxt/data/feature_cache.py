@@ -91,7 +91,8 @@ def cache_spec(cfg: DictConfig) -> Dict[str, Any]:
     if not c.augment and c.views != 1:
         raise ConfigError("cache.augment=false stores the single eval crop; set cache.views=1")
     if c.tokens == "pooled":
-        problem = pooled_tokens_problem(h.num_blocks, h.use_patch_tokens, h.final_norm)
+        problem = pooled_tokens_problem(h.num_blocks, h.use_patch_tokens, h.final_norm, h.pooling,
+                                        bool(h.linear_projection or h.embed_dim is not None))
         if problem:
             raise ConfigError(f"cache.tokens=pooled does not fit this model: {problem}; or use cache.tokens=all")
     weights = None

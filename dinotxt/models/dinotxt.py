@@ -89,7 +89,8 @@ class DinoTxt(nn.Module):
         return F.normalize(x, dim=-1) if normalize else x
 
     def encode_patches(self, images: torch.Tensor, normalize: bool = False) -> torch.Tensor:
-        """Dense head patch tokens (B, h, w, D), to be compared with ``dense_text(text)``."""
+        """Dense head patch tokens (B, h, w, P) (P = D, or the projection's width), to be compared with
+        ``dense_text(text)``."""
         tokens = self.backbone(images)
         _, patches = self.vision_head.forward_tokens(tokens)
         h, w = images.shape[-2] // self.patch_size, images.shape[-1] // self.patch_size
@@ -97,8 +98,9 @@ class DinoTxt(nn.Module):
         return F.normalize(patches, dim=-1) if normalize else patches
 
     def dense_text(self, text_features: torch.Tensor, normalize: bool = True) -> torch.Tensor:
-        """The half of the text embedding aligned with the patch tokens: ``text[:, D:]``."""
-        x = text_features[..., self.vision_head.dim:]
+        """The half of the text embedding aligned with the patch tokens: ``text[:, P:]`` (P = D, or the
+        head projection's width)."""
+        x = text_features[..., self.vision_head.token_dim:]
         return F.normalize(x, dim=-1) if normalize else x
 
     # ------------------------------------------------------------------ scoring

@@ -35,7 +35,7 @@ def create_model(arch: Union[str, DictConfig, dict], backbone_module: Optional[n
     h = cfg.vision_head
     head = VisionHead(backbone.embed_dim, backbone.num_prefix_tokens, h.num_blocks, h.num_heads, h.mlp_ratio,
                       h.drop_path, h.layer_scale_init, h.pooling, h.gem_p, h.use_patch_tokens, h.final_norm, h.attn_impl,
-                      h.drop_path_mode)
+                      h.drop_path_mode, h.get("embed_dim"), bool(h.get("linear_projection", False)))
     head.grad_checkpointing = bool(h.grad_checkpointing)
     text = create_text_tower(cfg.text)
     model = DinoTxt(backbone, head, text, cfg.init_logit_scale, cfg.max_logit_scale, cfg.init_logit_bias)

@@ -5,8 +5,11 @@ blocks at the backbone width over all frozen tokens ``[CLS, registers, patches]`
 (no qkv bias, SwiGLU FFN, LayerScale, stochastic depth), a final LayerNorm, then the
 image embedding ``concat(c', pool(f'))`` where ``c'`` is the head CLS token and
 ``f'`` are the head patch tokens (registers dropped). With ``use_patch_tokens=False``
-and no blocks it is the LiT baseline (CLS only). Module names follow the official
-release (``block_list``, ``ln_final``, ``mlp.w1/w2/w3``) so its weights map 1:1.
+and no blocks it is the LiT baseline (CLS only). An optional bias-free linear map after
+the final norm (the official ``use_linear_projection``, applied to every token, so the
+dense tokens are projected too) sets an embedding width other than 2D. Module names follow
+the official release (``block_list``, ``ln_final``, ``linear_projection``, ``mlp.w1/w2/w3``)
+so its weights map 1:1.
 """
 from __future__ import annotations
 
@@ -72,19 +75,44 @@ def pool_frozen_tokens(tokens: torch.Tensor, num_prefix_tokens: int, kind: str =
     return torch.stack([tokens[:, 0], pool_patches(tokens[:, num_prefix_tokens:], kind, p)], dim=1)
 
 
-def pooled_tokens_problem(num_blocks: int, use_patch_tokens: bool, final_norm: bool) -> Optional[str]:
+def pooled_tokens_problem(num_blocks: int, use_patch_tokens: bool, final_norm: bool, pooling: str = "mean",
+                          projection: bool = False) -> Optional[str]:
     """Why a head of this configuration cannot train on pooled ``[CLS, pool(patches)]`` tokens
     (the LiT feature cache), or None if it can.
 
     Pooling before the head is exact only when nothing mixes or normalises patch tokens
-    before the pooling: no head blocks, and no final LayerNorm on the pooled half.
+    before the pooling: no head blocks, no final LayerNorm on the pooled half, and a linear
+    projection only under mean pooling (a bias-free linear map commutes with the mean, not with
+    max or GeM).
     """
     if num_blocks:
         return f"the vision head has {num_blocks} blocks (pooled tokens need vision_head.num_blocks=0)"
     if use_patch_tokens and final_norm:
         return ("the head normalises each patch token before pooling (set vision_head.final_norm=false, "
                 "or vision_head.use_patch_tokens=false for CLS only)")
+    if use_patch_tokens and projection and pooling != "mean":
+        return (f"the head projects each patch token before {pooling} pooling (set vision_head.pooling=mean, "
+                "or no linear projection)")
     return None
+
+
+def projection_width(dim: int, use_patch_tokens: bool, embed_dim: Optional[int] = None,
+                     linear_projection: bool = False) -> Optional[int]:
+    """The output width of the head's linear projection per token, or None for no projection.
+
+    As the official head: a projection exists when asked for (``linear_projection``) or when the
+    image embedding width ``embed_dim`` differs from the unprojected one (2D with patch tokens, D
+    without); it maps D to ``embed_dim / 2`` (patch tokens) or ``embed_dim`` (CLS only).
+    """
+    multiplier = 2 if use_patch_tokens else 1
+    embed_dim = multiplier * dim if embed_dim is None else int(embed_dim)
+    if embed_dim < multiplier or embed_dim % multiplier:
+        raise ValueError(f"vision_head.embed_dim={embed_dim} must be a positive multiple of {multiplier} "
+                         f"(the embedding is [CLS] || patch average, two halves of equal width)"
+                         if multiplier == 2 else f"vision_head.embed_dim={embed_dim} must be positive")
+    if not linear_projection and embed_dim == multiplier * dim:
+        return None
+    return embed_dim // multiplier
 
 
 class VisionHead(nn.Module):
@@ -102,12 +130,18 @@ class VisionHead(nn.Module):
         gem_p: GeM exponent.
         use_patch_tokens: embedding = concat(CLS, pooled patches) (2D) if True, else CLS (D).
         final_norm: apply ``ln_final`` to all tokens after the blocks.
+        embed_dim: the image embedding width (None: 2D with patch tokens, D without); another width
+            adds the projection.
+        linear_projection: a bias-free linear map D -> embed_dim / 2 (or embed_dim, CLS only) on every
+            token after ``ln_final`` even at the default width (the official ``use_linear_projection``;
+            initialised N(0, 1/D) as there).
     """
 
     def __init__(self, dim: int, num_prefix_tokens: int = 1, num_blocks: int = 2, num_heads: Optional[int] = None,
                  mlp_ratio: float = 4.0, drop_path: float = 0.3, layer_scale_init: float = 1e-5,
                  pooling: str = "mean", gem_p: float = 3.0, use_patch_tokens: bool = True,
-                 final_norm: bool = True, attn_impl: str = "sdpa", drop_path_mode: str = "batch_subset"):
+                 final_norm: bool = True, attn_impl: str = "sdpa", drop_path_mode: str = "batch_subset",
+                 embed_dim: Optional[int] = None, linear_projection: bool = False):
         super().__init__()
         num_heads = num_heads or max(1, dim // 64)
         if pooling not in ("mean", "max", "gem"):
@@ -126,12 +160,21 @@ class VisionHead(nn.Module):
             for _ in range(num_blocks)
         )
         self.ln_final = nn.LayerNorm(dim, eps=1e-5) if final_norm else nn.Identity()
+        width = projection_width(dim, use_patch_tokens, embed_dim, linear_projection)
+        self.linear_projection = nn.Identity() if width is None else nn.Linear(dim, width, bias=False)
+        self.token_dim = dim if width is None else width  # the width of the head's output tokens
         self.grad_checkpointing = False
         self.apply(self._init_weights)
+        if width is not None:  # the official init of the projection (VisionHead.init_weights)
+            nn.init.normal_(self.linear_projection.weight, std=dim ** -0.5)
 
     @property
     def output_dim(self) -> int:
-        return self.dim * (2 if self.use_patch_tokens else 1)
+        return self.token_dim * (2 if self.use_patch_tokens else 1)
+
+    @property
+    def has_projection(self) -> bool:
+        return isinstance(self.linear_projection, nn.Linear)
 
     def config_dict(self) -> dict:
         """The ``VisionHeadConfig`` fields that rebuild this head (its width comes from the backbone)."""
@@ -140,6 +183,8 @@ class VisionHead(nn.Module):
                 "gem_p": float(self.gem_p), "use_patch_tokens": self.use_patch_tokens,
                 "final_norm": not isinstance(self.ln_final, nn.Identity), "attn_impl": self.attn_impl,
                 "drop_path_mode": self.drop_path_mode,
+                "embed_dim": self.output_dim if self.has_projection else None,
+                "linear_projection": self.has_projection,
                 "grad_checkpointing": bool(self.grad_checkpointing)}
 
     @staticmethod
@@ -153,13 +198,17 @@ class VisionHead(nn.Module):
             nn.init.zeros_(m.bias)
 
     def forward_tokens(self, tokens: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        """Run the blocks; return (head CLS (B, D), head patch tokens (B, N, D))."""
+        """Run the blocks, the final norm and the projection; return (head CLS (B, P), head patch tokens
+        (B, N, P)), P = ``token_dim`` (D without a projection). Registers are dropped before the projection."""
         x = tokens
         mode = self.grad_checkpointing if self.training else None
         for block in self.block_list:
             x = run_block(block, x, mode)
         x = self.ln_final(x)
-        return x[:, 0], x[:, self.num_prefix_tokens:]
+        cls, patches = x[:, 0], x[:, self.num_prefix_tokens:]
+        if not self.has_projection:
+            return cls, patches
+        return self.linear_projection(cls), self.linear_projection(patches)
 
     def embed(self, cls: torch.Tensor, patches: torch.Tensor) -> torch.Tensor:
         if not self.use_patch_tokens:
@@ -175,7 +224,7 @@ class VisionHead(nn.Module):
     def pooled_cache_problem(self) -> Optional[str]:
         """Why this head cannot train on pooled ``[CLS, pool(patches)]`` tokens, or None if it can."""
         return pooled_tokens_problem(len(self.block_list), self.use_patch_tokens,
-                                     not isinstance(self.ln_final, nn.Identity))
+                                     not isinstance(self.ln_final, nn.Identity), self.pooling, self.has_projection)
 
     def pool_frozen_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
         """Frozen tokens (B, 1+R+N, D) -> (B, 2, D) ``[CLS, pool(patches)]`` with this head's pooler."""
@@ -186,5 +235,6 @@ class VisionHead(nn.Module):
         problem = self.pooled_cache_problem()
         if problem:
             raise ValueError(f"cannot train on pooled cached tokens: {problem}; rebuild the cache with cache.tokens=all")
-        cls = self.ln_final(pooled[:, 0])
-        return torch.cat([cls, pooled[:, 1]], dim=-1) if self.use_patch_tokens else cls
+        cls = self.linear_projection(self.ln_final(pooled[:, 0]))
+        # mean pooling commutes with the bias-free projection: proj(mean(f)) = mean(proj(f))
+        return torch.cat([cls, self.linear_projection(pooled[:, 1])], dim=-1) if self.use_patch_tokens else cls

@@ -73,6 +73,9 @@ def train_step_flops(model, batch_size: int, num_tokens: int, text_len: int, glo
     global_batch = global_batch or batch_size
     head = model.vision_head
     head_fwd = sum(block_forward_flops(b, num_tokens, head.dim) for b in head.block_list)
+    if getattr(head, "has_projection", False):  # the linear projection of the [CLS] and patch tokens (not the registers)
+        proj_tokens = 2 if num_tokens <= 2 else num_tokens - head.num_prefix_tokens + 1  # 2: pooled [CLS, mean]
+        head_fwd += linear_flops(head.linear_projection, proj_tokens)
     # batch-subset stochastic depth (the official head) computes each branch on floor((1-p)B) rows only
     head_rows = batch_size
     if head.training and head.drop_path > 0 and head.drop_path_mode == "batch_subset" and len(head.block_list):
@@ -90,7 +93,7 @@ def train_step_flops(model, batch_size: int, num_tokens: int, text_len: int, glo
     if gram_patches:
         from .gram import gram_flops
 
-        loss_fwd += gram_flops(batch_size, gram_patches, head.dim, model.backbone.embed_dim)
+        loss_fwd += gram_flops(batch_size, gram_patches, getattr(head, "token_dim", head.dim), model.backbone.embed_dim)
     backbone = 0 if cached else batch_size * backbone_forward_flops(model.backbone, num_tokens)
     unlocked = int(getattr(model.backbone, "trainable_blocks", 0) or 0)
     blocks = getattr(model.backbone.encoder, "blocks", None)
