@@ -47,13 +47,15 @@ def checkpoint_config(model, tokenizer, train_config: Optional[DictConfig] = Non
     return cfg
 
 
-def save_checkpoint(directory: PathLike, model, tokenizer, train_config: Optional[DictConfig] = None) -> Path:
-    """Write a checkpoint folder (weights, config, tokenizer); ``tokenizer`` is any ``dinotxt.text`` tokenizer."""
+def save_checkpoint(directory: PathLike, model, tokenizer, train_config: Optional[DictConfig] = None,
+                    state: Optional[Dict[str, torch.Tensor]] = None) -> Path:
+    """Write a checkpoint folder (weights, config, tokenizer); ``tokenizer`` is any ``dinotxt.text`` tokenizer.
+    ``state``: the model's full state dict when its own tensors are shards (FSDP2: ``sharded_full_state``)."""
     from safetensors.torch import save_file
 
     directory = Path(directory)
     cfg = checkpoint_config(model, tokenizer, train_config)  # raises before anything is written
-    state = {k: v.detach().cpu().contiguous() for k, v in model.trainable_state_dict().items()}
+    state = {k: v.detach().cpu().contiguous() for k, v in model.trainable_state_dict(state).items()}
     directory.mkdir(parents=True, exist_ok=True)
     with atomic_output(directory / WEIGHTS_NAME) as tmp:
         save_file(state, str(tmp), metadata={"format": "dinotxt", "arch": str(cfg.model.arch)})

@@ -254,8 +254,9 @@ class TrainerConfig:
     accelerator: str = "auto"
     devices: Any = "auto"
     num_nodes: int = 1
-    # auto | ddp | fsdp | any Lightning strategy name; fsdp shards the text tower, the head blocks
-    # and the frozen backbone's blocks across GPUs, one FSDP unit per block (dinotxt/train/strategy.py)
+    # auto | ddp | fsdp | fsdp2 | any Lightning strategy name; fsdp (FSDP1) and fsdp2 (fully_shard, the official
+    # trainer's) shard the text tower, the head blocks and the frozen backbone's blocks across processes, one
+    # unit per block; under bf16 both keep bf16 parameters and reduce gradients in fp32 (dinotxt/train/strategy.py)
     strategy: str = "auto"
     # auto = bf16-mixed on GPU, 32-true on CPU; otherwise a Lightning precision
     precision: str = choice("auto", "auto", "32-true", "bf16-mixed", "16-mixed", "bf16-true", "16-true", "64-true")

@@ -331,6 +331,14 @@ class FrozenBackbone(nn.Module):
         return tokens[:, 0], tokens[:, 1:p], tokens[:, p:]
 
 
+def _fsdp2_sharded(module: torch.nn.Module) -> bool:
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # a torch without FSDP2
+        return False
+    return isinstance(module, FSDPModule)
+
+
 def frozen_tokens(backbone: torch.nn.Module, images: torch.Tensor, autocast: Optional[str] = None) -> torch.Tensor:
     """Output tokens of the frozen backbone, as an ordinary (at least fp32) tensor the head can train on.
     A backbone with unlocked blocks (``trainable_blocks``) keeps its autograd graph (no inference mode).
@@ -343,8 +351,9 @@ def frozen_tokens(backbone: torch.nn.Module, images: torch.Tensor, autocast: Opt
     dtype = backbone_autocast_dtype(autocast)
     cast = torch.autocast(images.device.type, dtype=dtype) if dtype else contextlib.nullcontext()
     unlocked = bool(getattr(backbone, "trainable_blocks", 0))
-    # frozen: no autograd bookkeeping at all; unlocked blocks need their graph
-    mode = contextlib.nullcontext if unlocked else torch.inference_mode
+    # frozen: no autograd bookkeeping at all; unlocked blocks need their graph. A backbone sharded by FSDP2
+    # gathers its weights into buffers it writes again at every call: those must not be inference tensors
+    mode = contextlib.nullcontext if unlocked else (torch.no_grad if _fsdp2_sharded(backbone) else torch.inference_mode)
     try:
         with mode(), cast:
             tokens = backbone(images)

@@ -128,12 +128,13 @@ class DinoTxt(nn.Module):
         return out
 
     # ------------------------------------------------------------------ weights
-    def trainable_state_dict(self) -> Dict[str, torch.Tensor]:
+    def trainable_state_dict(self, state: Optional[Dict[str, torch.Tensor]] = None) -> Dict[str, torch.Tensor]:
         """Everything except the frozen backbone (what checkpoints hold); unlocked backbone blocks
         (``trainable_blocks``) under ``unlocked_backbone.`` (never ``backbone.``, the prefix of a whole
-        backbone carried in a single file)."""
+        backbone carried in a single file). ``state``: read from this full state dict of the model instead of
+        its own (a model sharded by FSDP2 holds shards)."""
         out = {}
-        for k, v in self.state_dict().items():
+        for k, v in (self.state_dict() if state is None else state).items():
             if not k.startswith("backbone."):
                 out[k] = v
             elif self.backbone.is_unlocked(k[len("backbone."):]):

@@ -15,6 +15,7 @@ from lightning.pytorch.callbacks import Callback
 from omegaconf import DictConfig
 
 from ..checkpoint.format import save_checkpoint
+from .strategy import sharded_full_state
 
 log = logging.getLogger(__name__)
 
@@ -69,9 +70,10 @@ class PeriodicCheckpoint(Callback):
         tmp = path.with_name(f".last.ckpt.tmp{os.getpid()}")
         # the full training state (optimizer, loops, callbacks): what an exact --resume needs
         trainer.save_checkpoint(tmp, weights_only=False)
+        state = sharded_full_state(module.model)  # fsdp2: every rank takes part in gathering the weights
         if trainer.is_global_zero:
             os.replace(tmp, path)
-            save_checkpoint(self.run_dir / "checkpoint", module.model, self.tokenizer, self.cfg)
+            save_checkpoint(self.run_dir / "checkpoint", module.model, self.tokenizer, self.cfg, state=state)
             self.keep_step_copy(path, trainer.global_step)
 
     def keep_step_copy(self, last: Path, step: int) -> None:
@@ -156,8 +158,9 @@ class HoldoutValidation(Callback):
         score = (res["i2t_R@1"] + res["t2i_R@1"], -res["loss"])
         if self.best is None or score > (self.best["i2t_R@1"] + self.best["t2i_R@1"], -self.best["loss"]):
             self.best = row
+            state = sharded_full_state(module.model)
             if trainer.is_global_zero:
-                save_checkpoint(self.run_dir / "checkpoint_best", module.model, self.tokenizer, self.cfg)
+                save_checkpoint(self.run_dir / "checkpoint_best", module.model, self.tokenizer, self.cfg, state=state)
         if trainer.is_global_zero:
             log.info(f"held-out pairs ({len(self.pairs)}) at step {row['step']}: loss {res['loss']:.3f}, "
                      f"R@1 image->text {100 * res['i2t_R@1']:.1f}%, text->image {100 * res['t2i_R@1']:.1f}%")

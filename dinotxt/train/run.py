@@ -209,6 +209,9 @@ def build_trainer(cfg: DictConfig, run_dir: Path, datamodule: ImageTextDataModul
                   + list(extra) + diagnostics_callbacks(cfg, tokenizer, run_dir, validates=bool(val_every)),
         enable_checkpointing=False, deterministic=t.deterministic, default_root_dir=str(run_dir),
         enable_model_summary=False,
+        # FSDP2 gathers parameters into buffers it reuses: gathered under inference mode they could not be
+        # written again in training, so its validation runs under no_grad instead
+        inference_mode=t.strategy != "fsdp2",
     )
     if cfg.data.global_batch:  # the device count is known now: refuse a global batch they cannot split
         micro_batches_per_step(cfg.data.global_batch, cfg.data.batch_size, trainer.world_size)

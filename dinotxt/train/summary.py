@@ -29,6 +29,10 @@ def run_metrics(cfg: DictConfig, trainer, system, datamodule, val_dir: Optional[
             from ..evaluation.zeroshot import evaluate_zeroshot
             from ..models.transforms import model_eval_transform
 
+            if getattr(model, "fsdp2", False):  # its tensors are shards: the full weights of the final checkpoint
+                from ..checkpoint.format import load
+
+                model = load(Path(trainer.default_root_dir) / "checkpoint", device=system.device)[0]
             model.eval()
             res = evaluate_zeroshot(model, model_eval_transform(cfg.model), tokenizer, val_dir,
                                     zeroshot.classnames, zeroshot.templates, cfg.eval.batch_size, num_workers=0)

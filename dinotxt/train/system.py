@@ -38,6 +38,7 @@ from ..utils.precision import backbone_autocast_dtype
 from .gradcache import gradcache_backward
 from .optim import build_optimizer
 from .step import contrastive_and_gram_loss, contrastive_loss
+from .strategy import sync_replicated_grads
 
 
 class DinoTxtSystem(L.LightningModule):
@@ -77,6 +78,20 @@ class DinoTxtSystem(L.LightningModule):
 
     def forward(self, images: torch.Tensor, ids: torch.Tensor) -> Dict[str, torch.Tensor]:
         return self.model(images, ids)
+
+    def configure_model(self) -> None:
+        """``trainer.strategy=fsdp2``: shard the model with FSDP2 over the strategy's data-parallel mesh (Lightning's
+        ModelParallelStrategy calls this once, before the optimizer is built); nothing under other strategies."""
+        from lightning.pytorch.strategies import ModelParallelStrategy
+
+        from .strategy import apply_fsdp2
+
+        strategy = self.trainer.strategy
+        if isinstance(strategy, ModelParallelStrategy) and not getattr(self.model, "fsdp2", False):
+            apply_fsdp2(self.model, self.device_mesh["data_parallel"], getattr(strategy, "mp_precision", "32-true"))
+            # the strategy loads a resumed checkpoint itself, before on_load_checkpoint can put the frozen backbone
+            # back: its keys are absent by design (it is rebuilt from the config), so they may be missing there
+            self.strict_loading = False
 
     # ------------------------------------------------------------------ training
     def training_step(self, batch: Dict[str, Any], batch_idx: int) -> torch.Tensor:
@@ -134,15 +149,22 @@ class DinoTxtSystem(L.LightningModule):
     def on_before_optimizer_step(self, optimizer) -> None:
         # fp16 AMP skips steps with inf gradients by design; everywhere else a non-finite
         # gradient would poison the weights and the AdamW moments
+        sync_replicated_grads(self.model)  # fsdp2: the temperature's gradient, averaged like every other
         if not str(self.trainer.precision).startswith("16"):
             self._check_gradients()
         if not self.automatic_optimization and self.optim.grad_clip:  # Lightning clips automatic steps itself
             self.clip_gradients(optimizer, gradient_clip_val=self.optim.grad_clip, gradient_clip_algorithm="norm")
 
     def _check_gradients(self) -> None:
-        grads = [(n, p.grad) for n, p in self.model.named_parameters() if p.grad is not None]
-        if grads and not bool(torch.stack([g.isfinite().all() for _, g in grads]).all()):
-            bad = [n for n, g in grads if not g.isfinite().all()]
+        # FSDP2 gradients are shards (DTensors): each rank checks its own, and the ranks agree on the verdict
+        grads = [(n, p.grad.to_local() if hasattr(p.grad, "to_local") else p.grad)
+                 for n, p in self.model.named_parameters() if p.grad is not None]
+        finite = torch.stack([g.isfinite().all() for _, g in grads]).all() if grads else torch.tensor(True)
+        if getattr(self.model, "fsdp2", False):
+            finite = finite.to(torch.int32)
+            torch.distributed.all_reduce(finite, op=torch.distributed.ReduceOp.MIN)
+        if not bool(finite):
+            bad = [n for n, g in grads if not g.isfinite().all()] or ["a shard on another rank"]
             raise FloatingPointError(
                 f"non-finite gradient in {bad[0]} (and {len(bad) - 1} more tensors) at step {self.global_step}; "
                 "the weights were not updated. Lower optim.lr or set optim.grad_clip, then resume with --resume."
@@ -186,10 +208,11 @@ class DinoTxtSystem(L.LightningModule):
         checkpoint["dinotxt"] = {"micro_batches": self.micro_batches}
 
     def on_load_checkpoint(self, checkpoint: Dict[str, Any]) -> None:
-        # runs saved before the head attribute was named after its config section call it "visual"
-        sd = checkpoint["state_dict"]
-        for k in [k for k in sd if k.startswith("model.visual.")]:
-            sd["model.vision_head." + k[len("model.visual."):]] = sd.pop(k)
-        # the frozen backbone is rebuilt from its config, not stored: put the live weights back
-        checkpoint["state_dict"].update({f"model.{k}": v for k, v in self.model.backbone_state().items()})
+        sd = checkpoint.get("state_dict")  # fsdp2: the strategy has taken and loaded it already
+        if sd is not None:
+            # runs saved before the head attribute was named after its config section call it "visual"
+            for k in [k for k in sd if k.startswith("model.visual.")]:
+                sd["model.vision_head." + k[len("model.visual."):]] = sd.pop(k)
+            # the frozen backbone is rebuilt from its config, not stored: put the live weights back
+            sd.update({f"model.{k}": v for k, v in self.model.backbone_state().items()})
         self.micro_batches = int(checkpoint.get("dinotxt", {}).get("micro_batches", 0))
