@@ -4,12 +4,13 @@ speed option the official GPU runs rely on, plus faiss k-means on the GPU, in on
 On a GPU (default): ViT-L/14 reg4 frozen (random weights: the check times the computation, the weights do not
 change it), 2 head blocks, the official 1280 x 24 text tower, bf16 autocast, batch ``--batch``; each variant
 (plain, ``trainer.compile=blocks``, ``trainer.activation_checkpointing=selective``, both) under DDP with one
-process on NCCL; images/s, MFU (``dinotxt.train.flops``), peak memory, and the bf16 loss against the fp32 loss
+process on NCCL, and under FSDP2 (``trainer.strategy=fsdp2``: ``fully_shard`` per block and per tower, bf16
+parameters with fp32 gradient reduction), plain and with compile + selective checkpointing; images/s, MFU (``dinotxt.train.flops``), peak memory, and the bf16 loss against the fp32 loss
 of the same batch; then faiss-gpu k-means on 1M x 2048 (when faiss has GPUs).
 
 On a CPU (``--tiny``, and what the test suite runs so the script cannot rot): the same code at a tiny size
 (a 1-block ViT, a 2-layer text tower), DDP on gloo, fp32 and bf16 autocast on the CPU, faiss-cpu k-means on
-10k x 64. FSDP2 is not part of dinotxt yet (see the README's table of differences); it is not checked.
+10k x 64 (FSDP2 in fp32 there: the bf16 parameter policy is a GPU setting).
 
     python bench/gpu_check.py            # one CUDA device (make gpu-check)
     python bench/gpu_check.py --tiny     # anywhere, seconds
@@ -28,8 +29,10 @@ import torch.distributed as dist
 PAPER = {"arch": "dinotxt_vitl14_reg4", "backbone": {"img_size": 224}, "text": {"vocab_size": 49408}}
 TINY = {"arch": "dinotxt_demo", "backbone": {"img_size": 56, "kwargs": {"depth": 1, "embed_dim": 96, "num_heads": 2}},
         "text": {"width": 64, "depth": 2, "heads": 2, "vocab_size": 100, "context_length": 16}}
-VARIANTS = [("plain", None, False), ("compile blocks", None, "blocks"), ("selective AC", "selective", False),
-            ("compile + selective AC", "selective", "blocks")]
+# (name, trainer.activation_checkpointing, trainer.compile, trainer.strategy)
+VARIANTS = [("plain", None, False, "ddp"), ("compile blocks", None, "blocks", "ddp"),
+            ("selective AC", "selective", False, "ddp"), ("compile + selective AC", "selective", "blocks", "ddp"),
+            ("FSDP2", None, False, "fsdp2"), ("FSDP2 + compile + sel. AC", "selective", "blocks", "fsdp2")]
 
 
 def _free_port() -> int:
@@ -88,19 +91,24 @@ def peak_memory_mib(device: torch.device) -> float:
 
 
 def run_variant(name: str, spec: Dict, device: torch.device, batch: int, steps: int, warmup: int,
-                checkpointing: Optional[str], compile_mode) -> Dict:
-    """Time ``steps`` DDP steps of one variant; its bf16-vs-fp32 loss agreement on the first batch."""
+                checkpointing: Optional[str], compile_mode, strategy: str = "ddp") -> Dict:
+    """Time ``steps`` steps of one variant under DDP or FSDP2 (``strategy``); its bf16-vs-fp32 loss agreement on
+    the first batch (before any wrapping: the same weights in both)."""
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     from dinotxt.train.flops import mfu, peak_bf16_flops, train_step_flops
+    from dinotxt.train.strategy import apply_fsdp2, sync_replicated_grads
 
     model = build(spec, device, checkpointing, compile_mode)
     data = batch_for(model, batch, device)
     with torch.no_grad():
         fp32, bf16 = float(loss_of(model, data, False, device)), float(loss_of(model, data, True, device))
-    ddp = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     bf16_steps = device.type == "cuda"
+    if strategy == "fsdp2":  # the towers' own forwards run the shards' gathers: the model's forward reaches them
+        ddp = apply_fsdp2(model, precision="bf16-mixed" if bf16_steps else "32-true")
+    else:
+        ddp = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     times = []
@@ -108,6 +116,7 @@ def run_variant(name: str, spec: Dict, device: torch.device, batch: int, steps: 
         start = time.perf_counter()
         loss = loss_of(ddp, data, bf16_steps, device)
         loss.backward()
+        sync_replicated_grads(model)  # FSDP2: the temperature's gradient (DDP reduces it itself)
         opt.step()
         opt.zero_grad(set_to_none=True)
         if device.type == "cuda":
@@ -153,9 +162,10 @@ def main(argv: Optional[List[str]] = None) -> List[Dict]:
     steps = args.steps or (2 if tiny else 10)
     init_single_process(device)
     wanted = [v for v in VARIANTS if args.variants == "all" or v[0] in args.variants.split(",")]
-    rows = [run_variant(name, spec, device, batch, steps, 1 if tiny else 3, ac, comp) for name, ac, comp in wanted]
+    rows = [run_variant(name, spec, device, batch, steps, 1 if tiny else 3, ac, comp, strategy)
+            for name, ac, comp, strategy in wanted]
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
-    print(f"gpu-check on {where}: {spec['arch']}{' (tiny)' if tiny else ''}, batch {batch}, DDP on "
+    print(f"gpu-check on {where}: {spec['arch']}{' (tiny)' if tiny else ''}, batch {batch}, DDP / FSDP2 on "
           f"{dist.get_backend()}, {'bf16 autocast' if device.type == 'cuda' else 'fp32 steps'}")
     print(f"{'variant':<26}{'images/s':>10}{'s/step':>9}{'MFU':>7}{'peak MiB':>10}{'bf16 vs fp32 loss':>19}")
     for r in rows:

@@ -109,6 +109,10 @@ def test_strategies_from_the_recipe():
     assert isinstance(fsdp, FSDPStrategy)
     assert {TextBlock, HeadBlock} <= set(fsdp.kwargs["auto_wrap_policy"]._module_classes)
     assert build_strategy("auto") == "auto" and build_strategy("ddp_spawn") == "ddp_spawn"
+    from lightning.pytorch.strategies import ModelParallelStrategy
+
+    fsdp2 = build_strategy("fsdp2", "bf16-mixed")
+    assert isinstance(fsdp2, ModelParallelStrategy) and fsdp2.mp_precision == "bf16-mixed"
 
 
 def _fsdp2_worker(rank, world, port, out, pooled):

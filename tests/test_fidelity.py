@@ -113,6 +113,11 @@ def test_fsdp_under_bf16_keeps_bf16_parameters_and_reduces_gradients_in_fp32():
     mp = build_strategy("fsdp", "bf16-mixed").mixed_precision
     assert (mp.param_dtype, mp.reduce_dtype, mp.buffer_dtype) == (torch.bfloat16, torch.float32, torch.bfloat16)
     assert build_strategy("fsdp", "32-true").mixed_precision is None
+    from dinotxt.train.strategy import fsdp2_mixed_precision
+
+    mp2 = fsdp2_mixed_precision("bf16-mixed")  # FSDP2 (trainer.strategy=fsdp2): the same policy
+    assert (mp2.param_dtype, mp2.reduce_dtype) == (torch.bfloat16, torch.float32)
+    assert fsdp2_mixed_precision("32-true").param_dtype is None
 
 
 def test_resume_after_sigkill_still_replays_the_subsets():

@@ -15,12 +15,12 @@ def test_the_gpu_check_runs_on_a_cpu():
     # the compiled variants run the same function with trainer.compile=blocks, whose parity with the eager
     # pass tests/test_official_options.py checks; here they are left out to keep the suite's time
     out = subprocess.run([sys.executable, str(ROOT / "bench" / "gpu_check.py"), "--tiny", "--variants",
-                          "plain,selective AC"], capture_output=True, text=True, timeout=900, cwd=ROOT)
+                          "plain,selective AC,FSDP2"], capture_output=True, text=True, timeout=900, cwd=ROOT)
     assert out.returncode == 0, out.stderr[-3000:]
     table = out.stdout
-    for variant in ("plain", "selective AC"):
+    for variant in ("plain", "selective AC", "FSDP2"):
         assert f"\n{variant} " in table, table
-    assert "DDP on gloo" in table and "k-means" in table
+    assert "DDP / FSDP2 on gloo" in table and "k-means" in table
 
 
 @pytest.mark.slow
