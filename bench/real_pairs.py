@@ -13,6 +13,10 @@ average, 7 x 7 patch tokens). Arms (``--arms``, comma-separated, in this order i
                 learnable temperature, the symmetric InfoNCE at batch 1,024 (AdamW, 300 steps, about 90
                 epochs); the step and the weight decay are picked on the same 5% validation split
                 dinotxt's arms hold out (``data.holdout=auto``), never on the held-out test pairs
+  openclip      open_clip's LiT on the same frozen [CLS] features: the image tower locked (the embedding is the
+                frozen [CLS]), open_clip's TextTransformer from scratch (2 x 128, CLIP BPE, context 16) into
+                1,280 dimensions, open_clip's ClipLoss and its training defaults (AdamW (0.9, 0.98), lr 5e-4,
+                weight decay 0.2, warmup + cosine), batch 256, 300 steps, the best step on the validation split
   lit           ``recipes/own_pairs_cpu.yaml`` as shipped: dinotxt's LiT form ([CLS] only, no head
                 block, as the ``lit_vitl14_reg4`` entry), a 2 x 128 text tower from scratch
   cls_patch     the recipe with dino.txt's image embedding, [CLS] and the patch average, 0 head blocks
@@ -73,10 +77,13 @@ class Arm:
     what: str
     overrides: List[str] = field(default_factory=list)  # on top of the recipe; None for the BoW baseline
     bow: bool = False
+    kind: str = "dinotxt"  # dinotxt | openclip (bow=True: the bag of words)
 
 
 ARMS: Dict[str, Arm] = {a.name: a for a in [
     Arm("bow", "LiT baseline: frozen [CLS] + bag of words, 2 linear maps (plain torch)", bow=True),
+    Arm("openclip", "open_clip's LiT: locked image features, open_clip's text transformer (2x128, CLIP BPE), "
+        "ClipLoss, its optimizer defaults", kind="openclip"),
     Arm("lit", "recipe as shipped = dinotxt LiT: [CLS] only, 0 head blocks, text 2x128 from scratch"),
     Arm("cls_patch", "recipe + patch average: [CLS] and patch average, 0 head blocks",
         ["model.vision_head.use_patch_tokens=true"]),
@@ -303,6 +310,117 @@ def run_bow(root: Path, work: Path, dim: int = 128, steps: int = 300, lrs: Seque
                     f"{len(unknown)} of {len(task.classnames)} class names have no word in the vocabulary"}
 
 
+# --------------------------------------------------------------------------- open_clip's LiT on the same features
+
+
+class OpenClipLit(nn.Module):
+    """open_clip's LiT on cached features: the image tower is locked, so the image embedding is the frozen [CLS]
+    itself (open_clip's ``lock_image_tower`` freezes the projection too); open_clip's ``TextTransformer`` (causal,
+    argmax pooling on the end-of-text token, a linear projection into the image width) from scratch, and the
+    temperature of ``open_clip.CLIP``."""
+
+    def __init__(self, image_dim: int, context_length: int = 16, width: int = 128, layers: int = 2, heads: int = 2):
+        super().__init__()
+        from open_clip.transformer import TextTransformer
+
+        self.text = TextTransformer(context_length=context_length, vocab_size=49408, width=width, heads=heads,
+                                    layers=layers, output_dim=image_dim)
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
+
+    def encode_image(self, feats: torch.Tensor, normalize: bool = True) -> torch.Tensor:
+        return F.normalize(feats, dim=-1) if normalize else feats
+
+    def encode_text(self, ids: torch.Tensor, normalize: bool = False) -> torch.Tensor:
+        z = self.text(ids)
+        return F.normalize(z, dim=-1) if normalize else z
+
+
+class OpenClipTokenizer:
+    """open_clip's CLIP BPE tokenizer at a given context, called like dinotxt's tokenizers."""
+
+    def __init__(self, context_length: int = 16):
+        from open_clip.tokenizer import SimpleTokenizer
+
+        self.tok, self.context_length = SimpleTokenizer(context_length=context_length), context_length
+
+    def __call__(self, texts: Sequence[str]) -> torch.Tensor:
+        return self.tok(list(texts))
+
+
+def run_openclip(root: Path, work: Path, steps: int = 300, batch_size: int = 256, lr: float = 5e-4,
+                 weight_decay: float = 0.2, warmup: int = 30, eval_every: int = 30, holdout_seed: int = 0,
+                 templates: str = "imagenet", seed: int = 0) -> Dict:
+    """open_clip's LiT trained as open_clip's ``training/main.py`` would (AdamW betas (0.9, 0.98), eps 1e-6, lr
+    5e-4, weight decay 0.2 on >= 2-D weights, linear warmup then cosine, ``ClipLoss``, the temperature clamped to
+    ln 100 after each step) on the frozen [CLS] of one centre crop (the BoW baseline's features), the recipe's
+    batch and steps; the step with the best validation R@1 (the same 5% split) is kept, as for the BoW."""
+    from open_clip.loss import ClipLoss
+
+    from dinotxt.data.holdout import holdout_fraction, in_holdout
+    from dinotxt.evaluation.datasets import retrieval_dataset
+    from dinotxt.evaluation.retrieval import encode_texts, retrieval_recall
+    from dinotxt.evaluation.zeroshot import zeroshot_metrics, zeroshot_task
+    from dinotxt.inference.classifier import zero_shot_classifier
+
+    feats = bow_features(root, work)
+    keys, captions = feats["train_keys"], feats["train_captions"]
+    is_val = torch.tensor([in_holdout(k, holdout_seed, holdout_fraction("auto", len(keys))) for k in keys])
+    tok = OpenClipTokenizer()
+    ids = tok(captions)
+    fit_x, fit_t = feats["train"][~is_val], ids[~is_val]
+    val_x, val_t = feats["train"][is_val], ids[is_val]
+    torch.manual_seed(seed)
+    model = OpenClipLit(fit_x.shape[1])
+    decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embedding" not in n]
+    rest = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embedding" not in n)]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay}, {"params": rest, "weight_decay": 0.0}],
+                            lr=lr, betas=(0.9, 0.98), eps=1e-6)
+    from dinotxt.train.optim import warmup_cosine
+
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(warmup, steps))
+    loss_fn, g = ClipLoss(), torch.Generator().manual_seed(seed)
+    best, order, start, losses = {"step": 0, "r": -1.0, "state": None}, torch.empty(0, dtype=torch.long), time.time(), []
+    for step in range(1, steps + 1):
+        if len(order) < batch_size:
+            order = torch.randperm(len(fit_x), generator=g)
+        idx, order = order[:batch_size], order[batch_size:]
+        model.train()
+        loss = loss_fn(model.encode_image(fit_x[idx]), model.encode_text(fit_t[idx], normalize=True),
+                       model.logit_scale.exp())
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        with torch.no_grad():
+            model.logit_scale.clamp_(0, math.log(100))
+        losses.append(loss.item())
+        if step % eval_every == 0 or step == steps:
+            model.eval()
+            with torch.no_grad():
+                r = retrieval_recall(model.encode_image(val_x), model.encode_text(val_t, normalize=True),
+                                     torch.arange(len(val_x)), ks=(1,))
+            r = 0.5 * (r["image_to_text_R@1"] + r["text_to_image_R@1"])
+            if r > best["r"]:
+                best = {"step": step, "r": r, "state": {k: v.clone() for k, v in model.state_dict().items()}}
+    seconds = time.time() - start
+    model.load_state_dict(best["state"])
+    model.eval()
+    held = retrieval_dataset("shards", root / "heldout")
+    with torch.no_grad():
+        ret = retrieval_recall(model.encode_image(feats["heldout"]), encode_texts(model, tok, held.texts),
+                               torch.tensor(held.text_to_image))
+        ret.update(num_images=len(held), num_texts=len(held.texts), **{"chance_R@1": 1.0 / len(held)})
+        _, task = zeroshot_task(str(root / "zeroshot" / "classes"), tok, templates=templates)
+        classifier = zero_shot_classifier(model, tok, task.classnames, list(task.templates))
+        zs = zeroshot_metrics(model.encode_image(feats["zeroshot"]) @ classifier.t(), feats["zeroshot_labels"],
+                              task.classnames)
+    return {"zeroshot": zs, "retrieval": ret, "train_seconds": round(seconds, 1), "wall_seconds": round(seconds, 1),
+            "steps": best["step"], "val_R@1": best["r"], "final_train_loss": losses[-1],
+            "note": f"open_clip {__import__('open_clip').__version__}: step {best['step']} of {steps} kept (val R@1 "
+                    f"{100 * best['r']:.1f}%), final training loss {losses[-1]:.2f}; lr {lr:g}, weight decay "
+                    f"{weight_decay:g}, warmup {warmup}, batch {batch_size}"}
+
+
 # --------------------------------------------------------------------------- dinotxt's arms, by the command line
 
 
@@ -474,6 +592,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         try:
             if arm.bow:
                 res = run_bow(root, work, steps=args.bow_steps)
+            elif arm.kind == "openclip":
+                res = run_openclip(root, work)
             else:
                 res = run_dinotxt_arm(arm, root, work, Path(args.recipe), args.rerun, args.checkpoint, args.set,
                                       args.zeroshot_cli)

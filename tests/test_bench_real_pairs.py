@@ -69,10 +69,28 @@ def test_every_arm_composes_with_the_recipe():
     """Every named and sweep arm is a valid config on top of recipes/own_pairs_cpu.yaml (an unknown key is an error)."""
     from dinotxt.config import load_train_config
 
-    for arm in rp.parse_arms(",".join(a for a in rp.ARMS if a != "bow") + ",sweep"):
+    dinotxt_arms = [a for a, arm in rp.ARMS.items() if not arm.bow and arm.kind == "dinotxt"]
+    for arm in rp.parse_arms(",".join(dinotxt_arms) + ",sweep"):
         cfg = load_train_config(str(rp.RECIPE), ["data.train=/tmp/none", *arm.overrides])
         assert cfg.model.arch == rp.ARCH
     assert "cache_dinotxt_effnet_lite0_pooled_v2" in rp.cache_path(Path("/w"), rp.RECIPE, [])
+
+
+def test_open_clip_lit_embeds_clip_bpe_captions_into_the_image_width():
+    """The open_clip baseline: CLIP BPE ids at context 16, open_clip's text transformer into the frozen features'
+    width (the locked image tower: the image embedding is the feature itself), usable by the zero-shot classifier."""
+    from dinotxt.inference.classifier import zero_shot_classifier
+
+    tok = rp.OpenClipTokenizer()
+    ids = tok(["A pelican.", "a very long caption " * 10])
+    assert ids.shape == (2, 16) and ids[0, 0] == 49406 and int(ids[1, -1]) == 49407  # truncated, still ends in EOT
+    torch.manual_seed(0)
+    model = rp.OpenClipLit(image_dim=40)
+    assert model.encode_text(ids).shape == (2, 40)
+    feats = torch.randn(3, 40)
+    assert torch.allclose(model.encode_image(feats), torch.nn.functional.normalize(feats, dim=-1))
+    assert zero_shot_classifier(model, tok, ["bird", "car"], ["a {}"]).shape == (2, 40)
+    assert rp.parse_arms("openclip")[0].kind == "openclip"
 
 
 def test_table_formats_rows_chance_notes_and_failures():
