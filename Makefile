@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed
 NUMERICS := tests/test_models.py tests/test_speed_parity.py tests/test_loss.py tests/test_distributed.py \
             tests/test_cache.py tests/test_official.py tests/test_backbone_weights.py tests/test_segmentation.py \
             tests/test_checkpoint.py tests/test_transformers_dinov3.py tests/test_gradcache.py \
-            tests/test_dynamics.py tests/test_siglip.py tests/test_unlock.py
+            tests/test_dynamics.py tests/test_siglip.py tests/test_unlock.py tests/test_official_options.py
 # another CPU's kernels, emulated on this one: torch's own dispatch, MKL's and oneDNN's
 BASELINE_KERNELS := ATEN_CPU_CAPABILITY=default MKL_ENABLE_INSTRUCTIONS=SSE4_2 ONEDNN_MAX_CPU_ISA=SSE41
 AVX2_KERNELS     := ATEN_CPU_CAPABILITY=avx2 MKL_ENABLE_INSTRUCTIONS=AVX2 ONEDNN_MAX_CPU_ISA=AVX2
