@@ -113,6 +113,11 @@ def test_strategies_from_the_recipe():
 
     fsdp2 = build_strategy("fsdp2", "bf16-mixed")
     assert isinstance(fsdp2, ModelParallelStrategy) and fsdp2.mp_precision == "bf16-mixed"
+    from dinotxt.config import ConfigError, load_train_config
+
+    with pytest.raises(ConfigError, match="use trainer.compile=blocks with trainer.strategy=fsdp2"):
+        load_train_config("debug", ["trainer.strategy=fsdp2", "trainer.compile=true"])
+    assert load_train_config("debug", ["trainer.strategy=fsdp2", "trainer.compile=blocks"]).trainer.compile == "blocks"
 
 
 def _fsdp2_worker(rank, world, port, out, pooled):

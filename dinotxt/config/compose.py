@@ -212,6 +212,9 @@ def check_train_config(cfg: DictConfig) -> DictConfig:
         raise ConfigError(f"optim.warmup_steps={o.warmup_steps} is longer than the run (optim.max_steps={o.max_steps}): "
                           f"the learning rate would never reach optim.lr={o.lr}; set optim.warmup_steps to at most "
                           f"{o.max_steps}")
+    if cfg.trainer.strategy == "fsdp2" and cfg.trainer.compile is True:
+        raise ConfigError("trainer.compile=true compiles each tower whole, which FSDP2 cannot shard per block: "
+                          "use trainer.compile=blocks with trainer.strategy=fsdp2 (the official trainer's way)")
     h = m.vision_head
     multiplier = 2 if h.use_patch_tokens else 1
     if h.embed_dim is not None and (h.embed_dim < multiplier or h.embed_dim % multiplier):
