@@ -266,14 +266,32 @@ def bow_features(root: Path, work: Path, arch: str = ARCH) -> Dict:
     return feats
 
 
-def run_bow(root: Path, work: Path, dim: int = 128, steps: int = 300, lrs: Sequence[float] = (3e-3,),
-            weight_decays: Sequence[float] = (0.0, 0.1), holdout_seed: int = 0, templates: str = "imagenet") -> Dict:
-    """The BoW LiT baseline: features, a small grid picked on the 5% validation split, test numbers."""
-    from dinotxt.data.holdout import holdout_fraction, in_holdout
+def score_on_features(model, tokenizer, feats: Dict, root: Path, templates: str = "imagenet") -> Tuple[Dict, Dict, List[str]]:
+    """(zero-shot metrics, held-out retrieval, the class names) of a model over frozen features (``bow_features``): its
+    ``encode_image`` on the features, its ``encode_text`` on the tokenizer's output, dinotxt's evaluation code
+    (the zero-shot classifier with the same templates, ``retrieval_recall`` on the same held-out captions)."""
     from dinotxt.evaluation.datasets import retrieval_dataset
     from dinotxt.evaluation.retrieval import encode_texts, retrieval_recall
     from dinotxt.evaluation.zeroshot import zeroshot_metrics, zeroshot_task
     from dinotxt.inference.classifier import zero_shot_classifier
+
+    model.eval()
+    held = retrieval_dataset("shards", root / "heldout")
+    with torch.no_grad():
+        ret = retrieval_recall(model.encode_image(feats["heldout"]), encode_texts(model, tokenizer, held.texts),
+                               torch.tensor(held.text_to_image))
+        ret.update(num_images=len(held), num_texts=len(held.texts), **{"chance_R@1": 1.0 / len(held)})
+        _, task = zeroshot_task(str(root / "zeroshot" / "classes"), tokenizer, templates=templates)
+        classifier = zero_shot_classifier(model, tokenizer, task.classnames, list(task.templates))
+        zs = zeroshot_metrics(model.encode_image(feats["zeroshot"]) @ classifier.t(), feats["zeroshot_labels"],
+                              task.classnames)
+    return zs, ret, list(task.classnames)
+
+
+def run_bow(root: Path, work: Path, dim: int = 128, steps: int = 300, lrs: Sequence[float] = (3e-3,),
+            weight_decays: Sequence[float] = (0.0, 0.1), holdout_seed: int = 0, templates: str = "imagenet") -> Dict:
+    """The BoW LiT baseline: features, a small grid picked on the 5% validation split, test numbers."""
+    from dinotxt.data.holdout import holdout_fraction, in_holdout
 
     feats = bow_features(root, work)
     keys, captions = feats["train_keys"], feats["train_captions"]
@@ -292,22 +310,13 @@ def run_bow(root: Path, work: Path, dim: int = 128, steps: int = 300, lrs: Seque
             grid.append((info["val_R@1"], -info["best_step"], lr, wd, model, info))
     val_r1, _, lr, wd, model, info = max(grid, key=lambda g: g[:2])
     seconds = time.time() - start
-    model.eval()
-    held = retrieval_dataset("shards", root / "heldout")
-    with torch.no_grad():
-        ret = retrieval_recall(model.encode_image(feats["heldout"]), encode_texts(model, bow, held.texts),
-                               torch.tensor(held.text_to_image))
-        ret.update(num_images=len(held), num_texts=len(held.texts), **{"chance_R@1": 1.0 / len(held)})
-        _, task = zeroshot_task(str(root / "zeroshot" / "classes"), bow, templates=templates)
-        classifier = zero_shot_classifier(model, bow, task.classnames, list(task.templates))
-        zs = zeroshot_metrics(model.encode_image(feats["zeroshot"]) @ classifier.t(), feats["zeroshot_labels"],
-                              task.classnames)
-    unknown = [c for c in task.classnames if not any(w in bow.index for w in words(c))]
+    zs, ret, classnames = score_on_features(model, bow, feats, root, templates)
+    unknown = [c for c in classnames if not any(w in bow.index for w in words(c))]
     return {"zeroshot": zs, "retrieval": ret, "train_seconds": round(seconds, 1), "wall_seconds": round(seconds, 1),
             "steps": info["best_step"], "val_R@1": val_r1, "feature_seconds": feats.get("seconds"),
             "note": f"vocab {len(bow.index):,} words + 1 unknown-word count; picked lr {lr:g}, weight decay {wd:g}, step {info['best_step']} of "
                     f"{steps} (val R@1 {100 * val_r1:.1f}%, {int(is_val.sum())} val pairs) from {len(grid)} settings; "
-                    f"{len(unknown)} of {len(task.classnames)} class names have no word in the vocabulary"}
+                    f"{len(unknown)} of {len(classnames)} class names have no word in the vocabulary"}
 
 
 # --------------------------------------------------------------------------- open_clip's LiT on the same features
@@ -357,10 +366,7 @@ def run_openclip(root: Path, work: Path, steps: int = 300, batch_size: int = 256
     from open_clip.loss import ClipLoss
 
     from dinotxt.data.holdout import holdout_fraction, in_holdout
-    from dinotxt.evaluation.datasets import retrieval_dataset
-    from dinotxt.evaluation.retrieval import encode_texts, retrieval_recall
-    from dinotxt.evaluation.zeroshot import zeroshot_metrics, zeroshot_task
-    from dinotxt.inference.classifier import zero_shot_classifier
+    from dinotxt.evaluation.retrieval import retrieval_recall
 
     feats = bow_features(root, work)
     keys, captions = feats["train_keys"], feats["train_captions"]
@@ -404,16 +410,7 @@ def run_openclip(root: Path, work: Path, steps: int = 300, batch_size: int = 256
                 best = {"step": step, "r": r, "state": {k: v.clone() for k, v in model.state_dict().items()}}
     seconds = time.time() - start
     model.load_state_dict(best["state"])
-    model.eval()
-    held = retrieval_dataset("shards", root / "heldout")
-    with torch.no_grad():
-        ret = retrieval_recall(model.encode_image(feats["heldout"]), encode_texts(model, tok, held.texts),
-                               torch.tensor(held.text_to_image))
-        ret.update(num_images=len(held), num_texts=len(held.texts), **{"chance_R@1": 1.0 / len(held)})
-        _, task = zeroshot_task(str(root / "zeroshot" / "classes"), tok, templates=templates)
-        classifier = zero_shot_classifier(model, tok, task.classnames, list(task.templates))
-        zs = zeroshot_metrics(model.encode_image(feats["zeroshot"]) @ classifier.t(), feats["zeroshot_labels"],
-                              task.classnames)
+    zs, ret, _ = score_on_features(model, tok, feats, root, templates)
     return {"zeroshot": zs, "retrieval": ret, "train_seconds": round(seconds, 1), "wall_seconds": round(seconds, 1),
             "steps": best["step"], "val_R@1": best["r"], "final_train_loss": losses[-1],
             "note": f"open_clip {__import__('open_clip').__version__}: step {best['step']} of {steps} kept (val R@1 "
