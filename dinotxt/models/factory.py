@@ -59,7 +59,7 @@ def create_text_tower(t: DictConfig) -> nn.Module:
                                                    t.freeze_layers, t.pad_id)
     else:
         text = TextTower(t.vocab_size, t.context_length, t.width, t.depth, t.heads, t.mlp_ratio, t.output_dim,
-                         t.pooler, t.dropout, t.ls_init)
+                         t.pooler, t.dropout, t.ls_init, bool(t.get("linear_projection", True)))
     text.set_grad_checkpointing(t.grad_checkpointing)
     return text
 

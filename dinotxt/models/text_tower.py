@@ -56,7 +56,7 @@ class TextBlock(nn.Module):
 
 class TextTransformer(nn.Module):
     def __init__(self, vocab_size: int, context_length: int, width: int, depth: int, heads: int, mlp_ratio: float,
-                 dropout: float = 0.0, ls_init: Optional[float] = None):
+                 dropout: float = 0.0, ls_init: Optional[float] = None, linear_projection: bool = True):
         super().__init__()
         self.context_length = context_length
         self.token_embedding = nn.Embedding(vocab_size, width)
@@ -78,12 +78,18 @@ class TextTransformer(nn.Module):
 
 
 class TextHead(nn.Module):
-    def __init__(self, width: int, output_dim: int, pooler: str = "argmax"):
+    """The pooled token, projected. ``linear_projection=False`` (the official ``text_model_use_linear_projection``
+    off) keeps no projection where the tower's width already is the embedding width, as the official tower."""
+
+    def __init__(self, width: int, output_dim: int, pooler: str = "argmax", linear_projection: bool = True):
         super().__init__()
         if pooler not in POOLERS:
             raise ValueError(f"text pooler '{pooler}' is not one of {', '.join(POOLERS)}")
         self.pooler = pooler
-        self.linear_projection = nn.Linear(width, output_dim, bias=False)
+        if linear_projection or width != output_dim:
+            self.linear_projection = nn.Linear(width, output_dim, bias=False)
+        else:
+            self.linear_projection = nn.Identity()
 
     def forward(self, tokens: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         # project only the pooled token of each row: identical to projecting all tokens, then pooling
@@ -105,11 +111,13 @@ class TextTower(nn.Module):
         width, depth, heads: transformer size (dino.txt: 1280, 24, 20).
         mlp_ratio: MLP hidden width / width.
         output_dim: embedding width, 2D to match ``concat(CLS, pooled patches)``.
+        pooler, dropout, ls_init: the official tower's options (argmax | first | last, dropout, LayerScale init).
+        linear_projection: False drops the projection when ``width == output_dim`` (the official option).
     """
 
     def __init__(self, vocab_size: int = 49408, context_length: int = 77, width: int = 1280, depth: int = 24,
                  heads: int = 20, mlp_ratio: float = 4.0, output_dim: int = 2048, pooler: str = "argmax",
-                 dropout: float = 0.0, ls_init: Optional[float] = None):
+                 dropout: float = 0.0, ls_init: Optional[float] = None, linear_projection: bool = True):
         super().__init__()
         self.vocab_size = vocab_size
         self.context_length = context_length
@@ -117,7 +125,7 @@ class TextTower(nn.Module):
         self.output_dim = output_dim
         self.pooler, self.dropout, self.ls_init = pooler, float(dropout), ls_init
         self.backbone = TextTransformer(vocab_size, context_length, width, depth, heads, mlp_ratio, dropout, ls_init)
-        self.head = TextHead(width, output_dim, pooler)
+        self.head = TextHead(width, output_dim, pooler, linear_projection)
         self.init_weights()
 
     def init_weights(self) -> None:
@@ -136,7 +144,8 @@ class TextTower(nn.Module):
             nn.init.zeros_(block.feed_forward.fc1.bias)
             nn.init.normal_(block.feed_forward.fc2.weight, std=proj_std)
             nn.init.zeros_(block.feed_forward.fc2.bias)
-        nn.init.normal_(self.head.linear_projection.weight, std=attn_std)
+        if isinstance(self.head.linear_projection, nn.Linear):
+            nn.init.normal_(self.head.linear_projection.weight, std=attn_std)
 
     def set_grad_checkpointing(self, enable=True) -> None:
         """True / ``full``: recompute each block in the backward pass; ``selective``: keep the matmul and
@@ -148,7 +157,8 @@ class TextTower(nn.Module):
         return {"vocab_size": self.vocab_size, "context_length": self.context_length, "width": self.width,
                 "depth": self.depth, "heads": self.heads, "mlp_ratio": self.mlp_ratio, "output_dim": self.output_dim,
                 "grad_checkpointing": bool(self.backbone.grad_checkpointing), "pooler": self.pooler,
-                "dropout": self.dropout, "ls_init": self.ls_init}
+                "dropout": self.dropout, "ls_init": self.ls_init,
+                "linear_projection": isinstance(self.head.linear_projection, nn.Linear)}
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         if ids.numel() and int(ids.max()) >= self.vocab_size:
