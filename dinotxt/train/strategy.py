@@ -24,6 +24,7 @@ under every strategy.
 """
 from __future__ import annotations
 
+import functools
 import warnings
 from typing import Set, Type, Union
 
@@ -139,12 +140,15 @@ def build_strategy(name: str, precision: str = "32-true") -> Union[str, object]:
     return name
 
 
+@functools.lru_cache(maxsize=None)
 def _fsdp2_strategy_class():
+    """The class, built once on first use (Lightning is imported only by the training path)."""
     from lightning.pytorch.strategies import ModelParallelStrategy
 
     class FSDP2Strategy(ModelParallelStrategy):
-        """``ModelParallelStrategy`` as pure data parallelism: a mesh of (every process, 1), full state dicts in
-        Lightning checkpoints (one file, loads anywhere); ``mp_precision`` is what ``apply_fsdp2`` is given."""
+        """``ModelParallelStrategy`` as pure data parallelism: a mesh of (every process, 1) (its own "auto" would make
+        the processes of one node a tensor-parallel group), full state dicts in Lightning checkpoints (one file,
+        loads anywhere); ``mp_precision`` is what ``apply_fsdp2`` is given."""
 
         def __init__(self, precision: str = "32-true"):
             super().__init__(save_distributed_checkpoint=False)
@@ -157,5 +161,5 @@ def _fsdp2_strategy_class():
     return FSDP2Strategy
 
 
-def FSDP2Strategy(precision: str = "32-true"):  # noqa: N802 (a class built on first use: Lightning imported lazily)
+def FSDP2Strategy(precision: str = "32-true"):  # noqa: N802 (constructs the class above)
     return _fsdp2_strategy_class()(precision)
