@@ -80,29 +80,41 @@ class Arm:
     kind: str = "dinotxt"  # dinotxt | openclip (bow=True: the bag of words)
 
 
+# the text tower trained from scratch: the earlier recipe's (2 x 128, SentencePiece of 2,000 pieces on the captions)
+SCRATCH = ["model.text.pretrained=null", "model.text.freeze_layers=0", "model.text.width=128", "model.text.depth=2",
+           "model.text.heads=2", "tokenizer.vocab_size=2000"]
+# the pretrained all-MiniLM-L6-v2 text tower, lower 4 of its 6 layers frozen (what the recipe ships)
+MINILM_F4 = [f"model.text.pretrained={MINILM}", "model.text.freeze_layers=4"]
+HEAD1 = ["model.vision_head.num_blocks=1", "model.vision_head.use_patch_tokens=true", "model.vision_head.drop_path=0.3",
+         "model.vision_head.final_norm=true", "cache.tokens=all"]
+
 ARMS: Dict[str, Arm] = {a.name: a for a in [
     Arm("bow", "LiT baseline: frozen [CLS] + bag of words, 2 linear maps (plain torch)", bow=True),
     Arm("openclip", "open_clip's LiT: locked image features, open_clip's text transformer (2x128, CLIP BPE), "
         "ClipLoss, its optimizer defaults", kind="openclip"),
-    Arm("lit", "recipe as shipped = dinotxt LiT: [CLS] only, 0 head blocks, text 2x128 from scratch"),
-    Arm("cls_patch", "recipe + patch average: [CLS] and patch average, 0 head blocks",
-        ["model.vision_head.use_patch_tokens=true"]),
-    Arm("minilm_f4", "recipe + pretrained MiniLM-L6 text tower, lower 4 of 6 layers frozen",
-        [f"model.text.pretrained={MINILM}", "model.text.freeze_layers=4"]),
-    Arm("minilm_full", "recipe + pretrained MiniLM-L6 text tower, all layers trained",
+    Arm("lit", "dinotxt LiT: [CLS] only, 0 head blocks, text 2x128 from scratch", SCRATCH),
+    Arm("cls_patch", "dinotxt LiT + patch average: [CLS] || patch average, 0 head blocks, text 2x128 from scratch",
+        SCRATCH + ["model.vision_head.use_patch_tokens=true"]),
+    Arm("minilm_f4", "[CLS] only, pretrained MiniLM-L6 text tower, lower 4 of 6 layers frozen", MINILM_F4),
+    Arm("minilm_full", "[CLS] only, pretrained MiniLM-L6 text tower, all layers trained",
         [f"model.text.pretrained={MINILM}", "model.text.freeze_layers=0"]),
-    Arm("head1", "recipe + 1 trainable head block (1280 wide) over all cached tokens",
-        ["model.vision_head.num_blocks=1", "model.vision_head.use_patch_tokens=true", "model.vision_head.drop_path=0.3",
-         "model.vision_head.final_norm=true", "cache.tokens=all"]),
+    Arm("head1", "dino.txt's head: 1 trainable block (1280 wide) over all cached tokens, [CLS] || patch average, "
+        "MiniLM f4; batch 64 (2 cores)", MINILM_F4 + HEAD1 + ["data.batch_size=64"]),
+    Arm("recipe", "recipes/own_pairs_cpu.yaml as shipped", []),
 ]}
-DEFAULT_ARMS = "bow,lit,cls_patch"
+DEFAULT_ARMS = "bow,openclip,lit,cls_patch,minilm_f4,minilm_full,head1,recipe"
 
-# the recipe's next sweep rows (docs/own_pairs.md says which were measured): each is the recipe with these overrides
+# the sweep behind the recipe (docs/own_pairs.md has its table): each is the recipe with these overrides
 SWEEP: Dict[str, List[str]] = {
-    "sweep_dropout": ["model.text.dropout=0.2"],
-    "sweep_vocab500": ["tokenizer.vocab_size=500"],
-    "sweep_lr3e-3": ["optim.lr=3e-3"],
-    "sweep_steps150": ["optim.max_steps=150", "trainer.val_every_n_steps=75"],
+    "mf4_steps150": MINILM_F4 + ["optim.max_steps=150", "trainer.val_every_n_steps=75"],
+    "mf4_lr3e-4": MINILM_F4 + ["optim.lr=3e-4"],
+    "mf4_lr3e-3": MINILM_F4 + ["optim.lr=3e-3"],
+    "mf4_proj512": MINILM_F4 + ["model.vision_head.embed_dim=512"],
+    "mf5": [f"model.text.pretrained={MINILM}", "model.text.freeze_layers=5"],
+    "mf4_views4": MINILM_F4 + ["cache.views=4"],
+    "mf4_wd0.05": MINILM_F4 + ["optim.weight_decay=0.05"],
+    "mf4_warmup10": MINILM_F4 + ["optim.warmup_steps=10"],
+    "sweep_vocab500": SCRATCH + ["tokenizer.vocab_size=500"],
 }
 
 
@@ -437,8 +449,11 @@ def parse_arms(spec: str) -> List[Arm]:
             arms.append(Arm(name, " ".join(overrides), overrides))
         elif part in ARMS:
             arms.append(ARMS[part])
+        elif part in SWEEP:
+            arms.append(Arm(part, "sweep: " + " ".join(SWEEP[part]), list(SWEEP[part])))
         else:
-            raise SystemExit(f"unknown arm '{part}' (known: {', '.join(ARMS)}, sweep, or NAME=key=value;key=value)")
+            raise SystemExit(f"unknown arm '{part}' (known: {', '.join(ARMS)}, sweep or one of its rows "
+                             f"({', '.join(SWEEP)}), or NAME=key=value;key=value)")
     return arms
 
 

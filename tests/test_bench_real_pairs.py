@@ -58,7 +58,8 @@ def test_linear_lit_learns_the_toy_problem_well_above_chance():
 def test_arms_parse_named_custom_and_unknown():
     arms = rp.parse_arms("bow,lit,lr2e3=optim.lr=2e-3;optim.warmup_steps=10")
     assert [a.name for a in arms] == ["bow", "lit", "lr2e3"]
-    assert arms[0].bow and arms[1].overrides == []
+    assert arms[0].bow and arms[1].overrides == rp.SCRATCH and rp.parse_arms("recipe")[0].overrides == []
+    assert rp.parse_arms("mf4_views4")[0].overrides == rp.MINILM_F4 + ["cache.views=4"]  # one sweep row by name
     assert arms[2].overrides == ["optim.lr=2e-3", "optim.warmup_steps=10"]
     assert [a.name for a in rp.parse_arms("sweep")] == list(rp.SWEEP)
     with pytest.raises(SystemExit, match="unknown arm"):

@@ -32,8 +32,11 @@ def test_training_recipe_builds_its_model(name):
                                    "model.backbone.weights=null"])
     model = dinotxt.create_model(cfg.model)
     assert cnn or len(model.backbone.encoder.blocks) == 1
-    assert len(model.text.backbone.blocks) == 1
     assert model.text.output_dim == model.embed_dim == model.vision_head.output_dim
+    if cfg.model.text.pretrained:  # a pretrained text encoder keeps its own size (model.text.depth does not apply)
+        assert model.text.freeze_layers == cfg.model.text.freeze_layers and model.text.depth > 1
+        return
+    assert len(model.text.backbone.blocks) == 1
     assert model.config.text.width == load_train_config(name).model.text.width  # its own widths
 
 
