@@ -252,14 +252,31 @@ def check_train_config(cfg: DictConfig) -> DictConfig:
     return cfg
 
 
+def projection_width(dim: int, use_patch_tokens: bool, embed_dim: Optional[int] = None,
+                     linear_projection: bool = False) -> Optional[int]:
+    """The output width of the head's linear projection per token, or None for no projection.
+
+    As the official head: a projection exists when asked for (``linear_projection``) or when the
+    image embedding width ``embed_dim`` differs from the unprojected one (2D with patch tokens, D
+    without); it maps D to ``embed_dim / 2`` (patch tokens) or ``embed_dim`` (CLS only).
+    """
+    multiplier = 2 if use_patch_tokens else 1
+    embed_dim = multiplier * dim if embed_dim is None else int(embed_dim)
+    if embed_dim < multiplier or embed_dim % multiplier:
+        raise ValueError(f"vision_head.embed_dim={embed_dim} must be a positive multiple of {multiplier} "
+                         f"(the embedding is [CLS] || patch average, two halves of equal width)"
+                         if multiplier == 2 else f"vision_head.embed_dim={embed_dim} must be positive")
+    if not linear_projection and embed_dim == multiplier * dim:
+        return None
+    return embed_dim // multiplier
+
+
 def resolve_model_dims(cfg: DictConfig, embed_dim: int, backbone_heads: Optional[int] = None) -> None:
     """Fill derived model fields from the backbone: the head's attention heads (the backbone's own count, as
     the official head takes it; width // 64 for a backbone without heads, a CNN) and the text output width."""
     if cfg.vision_head.num_heads is None:
         cfg.vision_head.num_heads = int(backbone_heads) if backbone_heads else max(1, embed_dim // 64)
     if cfg.text.output_dim is None:
-        from ..models.vision_head import projection_width
-
         h = cfg.vision_head
         try:
             width = projection_width(embed_dim, h.use_patch_tokens, h.get("embed_dim"), h.get("linear_projection", False))

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from .layers import Attention, LayerScale, StochasticResidual, SwiGLU, swiglu_hidden_dim
+from ..config.compose import projection_width
 from .layers.checkpointing import run_block
 
 
@@ -94,25 +95,6 @@ def pooled_tokens_problem(num_blocks: int, use_patch_tokens: bool, final_norm: b
         return (f"the head projects each patch token before {pooling} pooling (set vision_head.pooling=mean, "
                 "or no linear projection)")
     return None
-
-
-def projection_width(dim: int, use_patch_tokens: bool, embed_dim: Optional[int] = None,
-                     linear_projection: bool = False) -> Optional[int]:
-    """The output width of the head's linear projection per token, or None for no projection.
-
-    As the official head: a projection exists when asked for (``linear_projection``) or when the
-    image embedding width ``embed_dim`` differs from the unprojected one (2D with patch tokens, D
-    without); it maps D to ``embed_dim / 2`` (patch tokens) or ``embed_dim`` (CLS only).
-    """
-    multiplier = 2 if use_patch_tokens else 1
-    embed_dim = multiplier * dim if embed_dim is None else int(embed_dim)
-    if embed_dim < multiplier or embed_dim % multiplier:
-        raise ValueError(f"vision_head.embed_dim={embed_dim} must be a positive multiple of {multiplier} "
-                         f"(the embedding is [CLS] || patch average, two halves of equal width)"
-                         if multiplier == 2 else f"vision_head.embed_dim={embed_dim} must be positive")
-    if not linear_projection and embed_dim == multiplier * dim:
-        return None
-    return embed_dim // multiplier
 
 
 class VisionHead(nn.Module):
