@@ -42,6 +42,7 @@ A finished arm's run folder is reused (``--rerun`` trains it again); so is the f
     python bench/real_pairs.py --arms bow,lit                   # two arms
     python bench/real_pairs.py --arms minilm_f4,minilm_full     # the pretrained text tower (slow on a CPU)
     python bench/real_pairs.py --arms sweep --work runs/real_pairs   # the recipe's sweep
+    python bench/real_pairs.py --arms bow,lit,sweep --table          # the table of finished arms, nothing run
 """
 from __future__ import annotations
 
@@ -586,18 +587,26 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                    help="score zero-shot by `dinotxt eval zeroshot` even where the run scored the final weights itself")
     p.add_argument("--bow-steps", type=int, default=300)
     p.add_argument("--fetch", action="store_true", help="build_real_pairs(fetch=True): apt-get download the packages")
+    p.add_argument("--table", action="store_true",
+                   help="print the table of the arms' saved results (WORK/results.json) without running anything")
     args = p.parse_args(argv)
+    work = Path(args.work).resolve()
+    results_path = work / "results.json"
+    if args.table:
+        saved = json.loads(results_path.read_text()) if results_path.is_file() else {}
+        rows = [{**saved[a.name], "what": a.what} if a.name in saved else
+                {"arm": a.name, "what": a.what, "error": "not run (no saved result)"} for a in parse_arms(args.arms)]
+        print(format_table(rows, cpu_name(), f"saved results of {results_path}; {time.strftime('%Y-%m-%d')}"))
+        return 0
 
     sys.path.insert(0, str(HERE))
     from real_pairs_data import build_real_pairs
 
-    root, work = Path(args.root).resolve(), Path(args.work).resolve()
+    root = Path(args.root).resolve()
     start = time.time()
     manifest = build_real_pairs(root, fetch=args.fetch)
     print(f"data: {root} ({manifest['counts']}) ready in {time.time() - start:.0f} s", flush=True)
     work.mkdir(parents=True, exist_ok=True)
-    results_path = work / "results.json"
-    saved = json.loads(results_path.read_text()) if results_path.is_file() else {}
     rows = []
     for arm in parse_arms(args.arms):
         print(f"arm {arm.name}: {arm.what}", flush=True)
@@ -614,9 +623,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             print(f"  {res['error'][:2000]}", flush=True)
         row = {"arm": arm.name, "what": arm.what, **res}
         rows.append(row)
+        # read again just before writing: another benchmark process may have added arms since this one started
+        saved = json.loads(results_path.read_text()) if results_path.is_file() else {}
         saved[arm.name] = {k: v for k, v in row.items() if k != "zeroshot"} | (
             {"zeroshot": {k: v for k, v in res["zeroshot"].items() if k != "confusion"}} if "zeroshot" in res else {})
-        results_path.write_text(json.dumps(saved, indent=1))
+        tmp = results_path.with_name(f".results.json.tmp{os.getpid()}")
+        tmp.write_text(json.dumps(saved, indent=1))
+        os.replace(tmp, results_path)
         if "error" not in res:
             print(f"  zero-shot top-1 {100 * res['zeroshot']['top1']:.1f}%, R@1 i->t "
                   f"{100 * res['retrieval']['image_to_text_R@1']:.1f}% t->i {100 * res['retrieval']['text_to_image_R@1']:.1f}%, "
