@@ -17,14 +17,18 @@ average, 7 x 7 patch tokens). Arms (``--arms``, comma-separated, in this order i
                 frozen [CLS]), open_clip's TextTransformer from scratch (2 x 128, CLIP BPE, context 16) into
                 1,280 dimensions, open_clip's ClipLoss and its training defaults (AdamW (0.9, 0.98), lr 5e-4,
                 weight decay 0.2, warmup + cosine), batch 256, 300 steps, the best step on the validation split
-  lit           ``recipes/own_pairs_cpu.yaml`` as shipped: dinotxt's LiT form ([CLS] only, no head
-                block, as the ``lit_vitl14_reg4`` entry), a 2 x 128 text tower from scratch
-  cls_patch     the recipe with dino.txt's image embedding, [CLS] and the patch average, 0 head blocks
-  minilm_f4     the recipe with the pretrained all-MiniLM-L6-v2 text tower (``model.text.pretrained``),
-                embeddings and lower 4 of 6 layers frozen
+  lit           dinotxt's LiT form ([CLS] only, no head block, as the ``lit_vitl14_reg4`` entry) with a
+                2 x 128 text tower from scratch and a SentencePiece vocabulary of 2,000 pieces (``SCRATCH``:
+                the recipe before the sweep)
+  cls_patch     the same with dino.txt's image embedding, [CLS] || patch average, 0 head blocks
+  minilm_f4     [CLS] only, the pretrained all-MiniLM-L6-v2 text tower (``model.text.pretrained``), its
+                embeddings and lower 4 of 6 layers frozen: the recipe as shipped (``MINILM_F4``)
   minilm_full   the same, all layers trained
-  head1         the recipe with dino.txt's trainable head block (1 block, 1280 wide, all cached tokens)
-  sweep         shorthand for the sweep arms of ``SWEEP`` (docs/own_pairs.md)
+  head1         dino.txt's trainable head block (1 block, 1280 wide, over all cached tokens, [CLS] || patch
+                average) with the MiniLM f4 text tower, at batch 64 (a 1280-wide block over 50 tokens at
+                batch 256 costs several seconds a step on 2 cores)
+  recipe        ``recipes/own_pairs_cpu.yaml`` with no override (the same configuration as minilm_f4)
+  sweep         the sweep rows of ``SWEEP`` (docs/own_pairs.md), or one of them by name
   NAME=k=v;k=v  any other arm: the recipe with these overrides (e.g. ``lr2e3=optim.lr=2e-3``)
 
 dinotxt's arms run the real command line: ``dinotxt cache`` once per cache layout, ``dinotxt train
@@ -38,9 +42,9 @@ whole ``dinotxt train`` command), the CPU named from /proc/cpuinfo.
 
 A finished arm's run folder is reused (``--rerun`` trains it again); so is the feature cache.
 
-    python bench/real_pairs.py                                  # bow,lit,cls_patch: about 40 min on 2 shared cores
+    python bench/real_pairs.py                                  # the table's arms: about 2 hours on 2 cores
     python bench/real_pairs.py --arms bow,lit                   # two arms
-    python bench/real_pairs.py --arms minilm_f4,minilm_full     # the pretrained text tower (slow on a CPU)
+    python bench/real_pairs.py --arms bow,openclip,recipe       # the baselines and the recipe: about 25 min
     python bench/real_pairs.py --arms sweep --work runs/real_pairs   # the recipe's sweep
     python bench/real_pairs.py --arms bow,lit,sweep --table          # the table of finished arms, nothing run
 """
