@@ -113,13 +113,12 @@ DEFAULT_ARMS = "bow,openclip,lit,cls_patch,minilm_f4,minilm_full,head1,recipe"
 SWEEP: Dict[str, List[str]] = {
     "mf4_steps150": MINILM_F4 + ["optim.max_steps=150", "trainer.val_every_n_steps=75"],
     "mf4_lr3e-4": MINILM_F4 + ["optim.lr=3e-4"],
-    "mf4_lr3e-3": MINILM_F4 + ["optim.lr=3e-3"],
     "mf4_proj512": MINILM_F4 + ["model.vision_head.embed_dim=512"],
     "mf5": [f"model.text.pretrained={MINILM}", "model.text.freeze_layers=5"],
     "mf4_views4": MINILM_F4 + ["cache.views=4"],
     "mf4_wd0.05": MINILM_F4 + ["optim.weight_decay=0.05"],
     "mf4_warmup10": MINILM_F4 + ["optim.warmup_steps=10"],
-    "sweep_vocab500": SCRATCH + ["tokenizer.vocab_size=500"],
+    "sweep_vocab500": [o for o in SCRATCH if not o.startswith("tokenizer.vocab_size=")] + ["tokenizer.vocab_size=500"],
 }
 
 
