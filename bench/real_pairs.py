@@ -542,6 +542,11 @@ def run_dinotxt_arm(arm: Arm, root: Path, work: Path, recipe: Path, rerun: bool 
 # --------------------------------------------------------------------------- the table
 
 
+def cell(text: str) -> str:
+    """Text for one markdown table cell (a '|' of its own, as in "[CLS] || patch average", would split it)."""
+    return str(text).replace("|", "\\|")
+
+
 def format_table(rows: Sequence[Dict], cpu: str, header: str = "") -> str:
     """One markdown table: zero-shot top-1 / top-5, held-out R@1 both ways, the validation split's R@1 (mean of both
     ways; the pairs carved from the training data, what a user without a test set sees), steps, training time."""
@@ -555,11 +560,11 @@ def format_table(rows: Sequence[Dict], cpu: str, header: str = "") -> str:
     lines.append("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r['arm']} | {r['what']} | failed: {r['error'][:80]} | | | | | | | |")
+            lines.append(f"| {r['arm']} | {cell(r['what'])} | failed: {cell(r['error'][:80])} | | | | | | | |")
             continue
         zs, ret = r["zeroshot"], r["retrieval"]
         val = f"{100 * r['val_R@1']:.1f}%" if r.get("val_R@1") is not None else "-"
-        lines.append(f"| {r['arm']} | {r['what']} | {100 * zs['top1']:.1f}% | {100 * zs['top5']:.1f}% | "
+        lines.append(f"| {r['arm']} | {cell(r['what'])} | {100 * zs['top1']:.1f}% | {100 * zs['top5']:.1f}% | "
                      f"{100 * ret['image_to_text_R@1']:.1f}% | {100 * ret['text_to_image_R@1']:.1f}% | "
                      f"{val} | {r['steps']:,} | {r['train_seconds']:.0f} | {r['wall_seconds']:.0f} |")
     done = [r for r in rows if "error" not in r]
