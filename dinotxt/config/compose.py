@@ -215,12 +215,9 @@ def check_train_config(cfg: DictConfig) -> DictConfig:
     if cfg.trainer.strategy == "fsdp2" and cfg.trainer.compile is True:
         raise ConfigError("trainer.compile=true compiles each tower whole, which FSDP2 cannot shard per block: "
                           "use trainer.compile=blocks with trainer.strategy=fsdp2 (the official trainer's way)")
-    h = m.vision_head
-    multiplier = 2 if h.use_patch_tokens else 1
-    if h.embed_dim is not None and (h.embed_dim < multiplier or h.embed_dim % multiplier):
-        raise ConfigError(f"model.vision_head.embed_dim={h.embed_dim} must be a positive multiple of {multiplier} "
-                          + ("(the embedding is [CLS] || patch average, two halves of equal width)" if multiplier == 2
-                             else ""))
+    problem = embed_dim_problem(m.vision_head.embed_dim, m.vision_head.use_patch_tokens)
+    if problem:
+        raise ConfigError(f"model.{problem}")
     g = cfg.loss.gram
     if g.enabled:
         if not 0.0 < g.patch_sampling_rate <= 1.0:
@@ -252,6 +249,17 @@ def check_train_config(cfg: DictConfig) -> DictConfig:
     return cfg
 
 
+def embed_dim_problem(embed_dim: Optional[int], use_patch_tokens: bool) -> Optional[str]:
+    """Why the head cannot make an image embedding of ``embed_dim`` (None: its default width), or None."""
+    multiplier = 2 if use_patch_tokens else 1
+    if embed_dim is None or (embed_dim >= multiplier and embed_dim % multiplier == 0):
+        return None
+    if multiplier == 1:
+        return f"vision_head.embed_dim={embed_dim} must be positive"
+    return (f"vision_head.embed_dim={embed_dim} must be a positive multiple of 2 "
+            "(the embedding is [CLS] || patch average, two halves of equal width)")
+
+
 def projection_width(dim: int, use_patch_tokens: bool, embed_dim: Optional[int] = None,
                      linear_projection: bool = False) -> Optional[int]:
     """The output width of the head's linear projection per token, or None for no projection.
@@ -260,12 +268,11 @@ def projection_width(dim: int, use_patch_tokens: bool, embed_dim: Optional[int] 
     image embedding width ``embed_dim`` differs from the unprojected one (2D with patch tokens, D
     without); it maps D to ``embed_dim / 2`` (patch tokens) or ``embed_dim`` (CLS only).
     """
+    problem = embed_dim_problem(embed_dim, use_patch_tokens)
+    if problem:
+        raise ValueError(problem)
     multiplier = 2 if use_patch_tokens else 1
     embed_dim = multiplier * dim if embed_dim is None else int(embed_dim)
-    if embed_dim < multiplier or embed_dim % multiplier:
-        raise ValueError(f"vision_head.embed_dim={embed_dim} must be a positive multiple of {multiplier} "
-                         f"(the embedding is [CLS] || patch average, two halves of equal width)"
-                         if multiplier == 2 else f"vision_head.embed_dim={embed_dim} must be positive")
     if not linear_projection and embed_dim == multiplier * dim:
         return None
     return embed_dim // multiplier

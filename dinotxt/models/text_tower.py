@@ -56,7 +56,7 @@ class TextBlock(nn.Module):
 
 class TextTransformer(nn.Module):
     def __init__(self, vocab_size: int, context_length: int, width: int, depth: int, heads: int, mlp_ratio: float,
-                 dropout: float = 0.0, ls_init: Optional[float] = None, linear_projection: bool = True):
+                 dropout: float = 0.0, ls_init: Optional[float] = None):
         super().__init__()
         self.context_length = context_length
         self.token_embedding = nn.Embedding(vocab_size, width)

@@ -12,8 +12,9 @@
   full (unsharded) state dicts in checkpoints so they load anywhere.
 - ``fsdp2``: the official trainer's form, FSDP2 (``torch.distributed.fsdp.fully_shard``, per-parameter
   DTensor shards): ``fully_shard`` on every transformer block (text tower, vision head, frozen backbone),
-  then on the whole model for what is left (embeddings, projections, the logit scale, so its gradient is
-  reduced like every other); under bf16 the official policy (bf16 parameters, fp32 gradient reduction).
+  then on each tower for what is left in it (embeddings, norms, projections); the temperature (and logit
+  bias) stay whole on every rank and their gradient is averaged before each step (``sync_replicated_grads``);
+  under bf16 the official policy (bf16 parameters, fp32 gradient reduction).
   Lightning's ``ModelParallelStrategy`` runs it (data parallel over every process, no tensor parallel);
   the system's ``configure_model`` applies ``apply_fsdp2``; checkpoints gather full weights.
 - anything else (``auto``, ``ddp_spawn``, ``deepspeed_stage_2`` ...) is passed to Lightning as is.
